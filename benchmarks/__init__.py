@@ -1,0 +1,55 @@
+"""The three task datasets (real or synthetic, same on-disk formats) and the Avalanche stream.
+
+Data root layout::
+
+    <root>/mini_coco_det/{train,val}/annotations.json + images/
+    <root>/mini_voc_seg/{train,val}/JPEGImages/*.jpg + SegmentationClass/*.png  [+ labels.txt]
+    <root>/imagenette_160/{train,val}/<class>/*.jpg
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from clbench.tasks import TaskSpec
+
+from .coco import CocoDetection
+from .imagefolder import ImageFolderClassification, class_folders
+from .voc import VocSegmentation, read_class_list
+
+TASK_DIRS = {"seg": "mini_voc_seg", "det": "mini_coco_det", "cls": "imagenette_160"}
+DATASET_NAMES = {"seg": "Mini-VOC-Seg", "det": "Mini-COCO-Det", "cls": "Imagenette-160"}
+
+
+@dataclass(frozen=True)
+class TaskData:
+    spec: TaskSpec
+    train: Dataset
+    test: Dataset
+
+
+def load_task(root: Path, kind: str, *, image_size: int) -> TaskData:
+    """One task's spec and its train (resized targets) / test (original-resolution targets) datasets."""
+    task_root = Path(root) / TASK_DIRS[kind]
+    if kind == "det":
+        train = CocoDetection(task_root / "train", image_size=image_size)
+        test = CocoDetection(task_root / "val", image_size=image_size)
+        spec = TaskSpec("det", "det", DATASET_NAMES[kind], train.class_names, train.category_ids)
+    elif kind == "seg":
+        classes = read_class_list(task_root)
+        train = VocSegmentation(task_root / "train", image_size=image_size, classes=classes, train=True)
+        test = VocSegmentation(task_root / "val", image_size=image_size, classes=classes, train=False)
+        spec = TaskSpec("seg", "seg", DATASET_NAMES[kind], classes)
+    else:
+        classes = class_folders(task_root / "train")
+        train = ImageFolderClassification(task_root / "train", image_size=image_size, classes=classes)
+        test = ImageFolderClassification(task_root / "val", image_size=image_size, classes=classes)
+        spec = TaskSpec("cls", "cls", DATASET_NAMES[kind], classes)
+    return TaskData(spec, train, test)
+
+
+def load_tasks(root: Path, order: tuple[str, ...], *, image_size: int) -> list[TaskData]:
+    return [load_task(root, kind, image_size=image_size) for kind in order]

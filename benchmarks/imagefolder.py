@@ -1,0 +1,39 @@
+"""Classification data as ImageFolder: ``<split>/<class name>/<image>``; train and val share the classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .images import list_images, read_image, resize_transform
+from clbench import ClbenchError
+
+
+def class_folders(split_dir: Path) -> tuple[str, ...]:
+    if not split_dir.is_dir():
+        raise ClbenchError(f"{split_dir}: folder not found")
+    return tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir()))
+
+
+class ImageFolderClassification(Dataset):
+    """Items: (image, class index)."""
+
+    def __init__(self, split_dir: Path, *, image_size: int, classes: tuple[str, ...]) -> None:
+        self.split_dir = Path(split_dir)
+        found = class_folders(self.split_dir)
+        if found != classes:
+            raise ClbenchError(f"{self.split_dir}: class folders {list(found)} differ from the training split's "
+                               f"{list(classes)}")
+        self.samples = [(path, i) for i, name in enumerate(classes) for path in list_images(self.split_dir / name)]
+        if not self.samples:
+            raise ClbenchError(f"{self.split_dir}: empty split, no images")
+        self.transform = resize_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(read_image(path)), label

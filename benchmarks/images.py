@@ -1,0 +1,58 @@
+"""Shared pieces of the three loaders: strict image reading, the resize transform, one collate function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+
+from clbench import ClbenchError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def read_image(path: Path) -> Image.Image:
+    """Open and fully decode an image as RGB; a missing, unreadable or truncated file is a ClbenchError."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise ClbenchError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ClbenchError(f"{path}: unreadable or truncated image ({exc})") from None
+
+
+def resize_transform(image_size: int) -> v2.Compose:
+    """Resize to a square input (boxes and masks follow via tv_tensors), scale to float, ImageNet-normalise."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize((image_size, image_size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def collate(items: list[tuple[Any, ...]]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """(image, target, task_label) items → stacked images, targets stacked where they can be, task labels."""
+    images, targets, task_labels = zip(*items)
+    return torch.stack(images), _collate_targets(list(targets)), torch.as_tensor(task_labels)
+
+
+def _collate_targets(targets: list[Any]) -> Any:
+    if isinstance(targets[0], int):
+        return torch.as_tensor(targets)
+    if isinstance(targets[0], torch.Tensor) and all(t.shape == targets[0].shape for t in targets):
+        return torch.stack(targets)
+    return targets  # detection dicts, or evaluation masks of different original sizes
+
+
+def list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise ClbenchError(f"{folder}: folder not found")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -1,0 +1,28 @@
+"""The only module that talks to Avalanche: task datasets → a stream of one experience per task.
+
+Imported lazily (``import avalanche`` takes seconds and patches ``Dataset.__add__`` globally).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch.utils.data import Dataset
+
+from .images import collate
+
+
+def build_stream(train: Sequence[Dataset], test: Sequence[Dataset]) -> Any:
+    """A benchmark whose experience k (train and test) is task k with task label k; items are (x, y, t)."""
+    from avalanche.benchmarks.scenarios import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.task_aware import with_task_labels
+    from avalanche.benchmarks.utils import AvalancheDataset
+    from avalanche.benchmarks.utils.data_attribute import TaskLabels
+    from avalanche.benchmarks.utils.flat_data import ConstantSequence
+
+    def wrap(ds: Dataset, task_label: int) -> AvalancheDataset:
+        labels = TaskLabels(ConstantSequence(task_label, len(ds)))
+        return AvalancheDataset([ds], data_attributes=[labels], collate_fn=collate)
+
+    return with_task_labels(benchmark_from_datasets(
+        train=[wrap(ds, k) for k, ds in enumerate(train)], test=[wrap(ds, k) for k, ds in enumerate(test)]))

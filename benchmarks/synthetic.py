@@ -1,0 +1,149 @@
+"""The synthetic twin of the three datasets (DESIGN §7), written in exactly the real on-disk formats.
+
+Deterministic from a seed. Each task has its own image statistics (dark noisy detection scenes, bright
+segmentation scenes, saturated striped classification images) so BatchNorm drift between stages is
+real, and content a small network learns in minutes on a CPU: the class is carried by colour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .voc import VOC_CLASSES
+
+FORMAT_VERSION = 1
+COCO_NAMES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light")
+IMAGENETTE_NAMES = ("tench", "English_springer", "cassette_player", "chain_saw", "church", "French_horn",
+                    "garbage_truck", "gas_pump", "golf_ball", "parachute")
+SEG_CLASSES = VOC_CLASSES[:6]
+PALETTE = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128)]
+# Ten well-separated colours; class k of detection and classification is drawn in COLOURS[k].
+COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (250, 250, 250), (128, 128, 0)]
+SEG_COLOURS = [(200, 30, 30), (30, 160, 40), (30, 60, 200), (220, 200, 20), (140, 40, 170)]
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    seed: int = 0
+    n_train: int = 160
+    n_val: int = 40
+    min_side: int = 96
+    max_side: int = 160
+
+
+def generate(out: Path, spec: SynthSpec = SynthSpec()) -> Path:
+    """Write mini_coco_det/, mini_voc_seg/, imagenette_160/ and synth.json under ``out``, atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        for split, n, offset in (("train", spec.n_train, 0), ("val", spec.n_val, 1)):
+            rng = lambda task: np.random.default_rng([spec.seed, offset, task])  # noqa: E731 — one stream per task
+            _write_det(tmp / "mini_coco_det" / split, n, spec, rng(0))
+            _write_seg(tmp / "mini_voc_seg" / split, n, spec, rng(1))
+            _write_cls(tmp / "imagenette_160" / split, n, spec, rng(2))
+        (tmp / "mini_voc_seg" / "labels.txt").write_text("\n".join(SEG_CLASSES) + "\n")
+        (tmp / "synth.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **asdict(spec)}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def cached(spec: SynthSpec = SynthSpec()) -> Path:
+    """The synthetic data root in the cache ($CLBENCH_CACHE or ~/.cache/clbench), generated on first use."""
+    cache = Path(os.environ.get("CLBENCH_CACHE", Path.home() / ".cache" / "clbench"))
+    root = cache / (f"synthetic-v{FORMAT_VERSION}-seed{spec.seed}-n{spec.n_train}-{spec.n_val}"
+                    f"-side{spec.min_side}-{spec.max_side}")
+    return root if (root / "synth.json").exists() else generate(root, spec)
+
+
+def _canvas(rng: np.random.Generator, spec: SynthSpec, mean: float, std: float) -> np.ndarray:
+    h, w = (int(v) for v in rng.integers(spec.min_side, spec.max_side + 1, size=2))
+    ramp = np.linspace(-20, 20, w)[None, :, None]
+    return np.clip(rng.normal(mean, std, size=(h, w, 3)) + ramp, 0, 255)
+
+
+def _random_box(rng: np.random.Generator, h: int, w: int, lo: float, hi: float) -> tuple[int, int, int, int]:
+    bw, bh = (int(max(6, s * rng.uniform(lo, hi))) for s in (w, h))
+    x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+    return x0, y0, bw, bh
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, ellipse: bool, box: tuple[int, int, int, int],
+                fill: int | tuple[int, ...], outline: int | None = None) -> None:
+    x0, y0, bw, bh = box
+    shape = draw.ellipse if ellipse else draw.rectangle
+    shape((x0, y0, x0 + bw - 1, y0 + bh - 1), fill=fill, outline=outline, width=2 if outline is not None else 0)
+
+
+def _voc_palette() -> list[int]:
+    """VOC's colours for our classes, VOC's cream (224, 224, 192) for the 255 'void' border."""
+    colours = PALETTE + [(0, 0, 0)] * (255 - len(PALETTE)) + [(224, 224, 192)]
+    return [v for rgb in colours for v in rgb]
+
+
+def _save_jpeg(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8)).save(path, quality=90)
+
+
+def _write_det(split_dir: Path, n: int, spec: SynthSpec, rng: np.random.Generator) -> None:
+    images, annotations = [], []
+    for i in range(n):
+        canvas = _canvas(rng, spec, mean=50, std=18)
+        h, w = canvas.shape[:2]
+        picture = Image.fromarray(canvas.astype(np.uint8))
+        draw = ImageDraw.Draw(picture)
+        count = 0 if i % 20 == 19 else int(rng.integers(1, 4))  # every 20th image has no object
+        for _ in range(count):
+            box, label = _random_box(rng, h, w, 0.15, 0.5), int(rng.integers(0, 10))
+            _draw_shape(draw, bool(rng.random() < 0.5), box, fill=COLOURS[label])
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label + 1,
+                                "bbox": [float(v) for v in box], "area": float(box[2] * box[3]), "iscrowd": 0})
+        images.append({"id": i + 1, "file_name": f"{i + 1:06d}.jpg", "width": w, "height": h})
+        _save_jpeg(np.asarray(picture), split_dir / "images" / f"{i + 1:06d}.jpg")
+    categories = [{"id": k + 1, "name": name, "supercategory": "synthetic"} for k, name in enumerate(COCO_NAMES)]
+    (split_dir / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": categories}, indent=1))
+
+
+def _write_seg(split_dir: Path, n: int, spec: SynthSpec, rng: np.random.Generator) -> None:
+    for i in range(n):
+        canvas = _canvas(rng, spec, mean=185, std=12)
+        h, w = canvas.shape[:2]
+        picture, mask = Image.fromarray(canvas.astype(np.uint8)), Image.new("P", (w, h), 0)
+        mask.putpalette(_voc_palette())
+        for _ in range(int(rng.integers(1, 4))):
+            box, label = _random_box(rng, h, w, 0.2, 0.6), int(rng.integers(1, len(SEG_CLASSES)))
+            ellipse = bool(rng.random() < 0.5)
+            _draw_shape(ImageDraw.Draw(picture), ellipse, box, fill=SEG_COLOURS[label - 1])
+            _draw_shape(ImageDraw.Draw(mask), ellipse, box, fill=label, outline=255)  # VOC-style void border
+        stem = f"{i + 1:06d}"
+        _save_jpeg(np.asarray(picture), split_dir / "JPEGImages" / f"{stem}.jpg")
+        (split_dir / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+        mask.save(split_dir / "SegmentationClass" / f"{stem}.png")
+
+
+def _write_cls(split_dir: Path, n: int, spec: SynthSpec, rng: np.random.Generator) -> None:
+    for i in range(n):
+        label = i % len(IMAGENETTE_NAMES)
+        canvas = _canvas(rng, spec, mean=120, std=25)
+        h, w = canvas.shape[:2]
+        period, vertical = int(rng.integers(8, 20)), rng.random() < 0.5
+        coord = np.arange(w)[None, :] if vertical else np.arange(h)[:, None]
+        stripes = ((coord // (period // 2)) % 2 == 0)
+        colour = np.array(COLOURS[label], dtype=np.float64)
+        canvas = np.where(np.broadcast_to(stripes, (h, w))[..., None], 0.35 * canvas + 0.65 * colour, canvas)
+        _save_jpeg(canvas, split_dir / IMAGENETTE_NAMES[label] / f"{i + 1:06d}.jpg")

@@ -1,0 +1,77 @@
+"""Evaluate one task's test set: predictions in original image coordinates, then clbench.metrics."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from clbench.decode import boxes_to_original, decode_detections, seg_labels
+from clbench.metrics import coco_detection_metrics, confusion_matrix, iou_from_confusion, topk_correct
+from clbench.tasks import TaskSpec
+
+Metrics = dict[str, tuple[float, int]]  # metric name → (value, n evaluated)
+
+
+@torch.no_grad()
+def evaluate_task(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device,
+                  coco_gt: dict[str, Any] | None = None) -> Metrics:
+    """Primary and secondary metrics of ``task``; the model is left in eval mode."""
+    model.eval()
+    if task.kind == "det":
+        return _evaluate_det(model, task, batches, device, coco_gt)
+    if task.kind == "seg":
+        return _evaluate_seg(model, task, batches, device)
+    return _evaluate_cls(model, task, batches, device)
+
+
+def detections_to_coco(task: TaskSpec, detections: list[dict[str, torch.Tensor]], targets: list[dict[str, Any]],
+                       input_hw: tuple[int, int]) -> list[dict[str, Any]]:
+    """COCO results entries: original image ids, original category ids, xywh in original pixels, plain floats."""
+    results = []
+    for det, target in zip(detections, targets):
+        boxes = boxes_to_original(det["boxes"].float().cpu(), input_hw, target["orig_size"])
+        for box, score, label in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            results.append({"image_id": int(target["image_id"]), "category_id": int(task.category_ids[label]),
+                            "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": float(score)})
+    return results
+
+
+def _evaluate_det(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device,
+                  coco_gt: dict[str, Any] | None) -> Metrics:
+    if coco_gt is None:
+        raise ValueError("detection evaluation needs the COCO ground truth")
+    results, n = [], 0
+    for images, targets, _ in batches:
+        raw = model(images.to(device, non_blocking=True))[task.name].float()
+        input_hw = tuple(images.shape[-2:])
+        anchors_px = model.anchors * raw.new_tensor([input_hw[1], input_hw[0]])
+        results += detections_to_coco(task, decode_detections(raw, anchors_px, model.head_stride), targets, input_hw)
+        n += len(targets)
+    stats = coco_detection_metrics(coco_gt, results)
+    return {name: (value, n) for name, value in stats.items()}
+
+
+def _evaluate_seg(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device) -> Metrics:
+    cm = torch.zeros(task.num_classes, task.num_classes, dtype=torch.long)
+    n = 0
+    for images, masks, _ in batches:
+        logits = model(images.to(device, non_blocking=True))[task.name].float()
+        for image_logits, mask in zip(logits, masks):
+            pred = seg_labels(image_logits, tuple(mask.shape)).cpu()
+            cm += confusion_matrix(pred, mask, task.num_classes)
+            n += 1
+    miou, _ = iou_from_confusion(cm)
+    pixel_acc = float(cm.diag().sum() / cm.sum().clamp(min=1))
+    return {"mIoU": (miou, n), "pixel_acc": (pixel_acc, n)}
+
+
+def _evaluate_cls(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device) -> Metrics:
+    top1 = top5 = n = 0
+    for images, labels, _ in batches:
+        logits = model(images.to(device, non_blocking=True))[task.name].float().cpu()
+        top1 += topk_correct(logits, labels, 1)
+        top5 += topk_correct(logits, labels, 5)
+        n += len(labels)
+    return {"top1": (top1 / n, n), "top5": (top5 / n, n)}

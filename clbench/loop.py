@@ -1,0 +1,100 @@
+"""The training loop: plain PyTorch with strategy hooks at fixed points (see ``clbench.strategy``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from tqdm import tqdm
+
+from clbench import ClbenchError
+from clbench.losses import cls_loss, det_loss, seg_loss
+from clbench.strategy import StageContext, Strategy
+from clbench.tasks import TaskSpec
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    epochs: int
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    amp: bool
+
+
+class NonFiniteLoss(ClbenchError):
+    pass
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move tensors (also inside lists and dicts) to ``device``; non-blocking from pinned memory on CUDA."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def task_loss(model: torch.nn.Module, task: TaskSpec, outputs: dict[str, torch.Tensor], targets: Any,
+              input_hw: tuple[int, int]) -> torch.Tensor:
+    """The task's own loss on the model's outputs for it."""
+    out = outputs[task.name]
+    if task.kind == "det":
+        anchors_px = model.anchors * out.new_tensor([input_hw[1], input_hw[0]])
+        return det_loss(out.float(), targets, anchors_px, model.head_stride)
+    if task.kind == "seg":
+        return seg_loss(out.float(), targets)
+    return cls_loss(out.float(), targets)
+
+
+def train_stage(ctx: StageContext, strategy: Strategy, settings: StageSettings, *, progress: bool = True) -> list[float]:
+    """Train one stage; returns the mean loss of every epoch."""
+    strategy.before_stage(ctx)
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    if not params:
+        raise ClbenchError(f"stage {ctx.stage} ({ctx.task.name}): strategy {strategy.name!r} left no trainable parameter")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings.amp and ctx.device.type == "cuda")
+    losses = []
+    for epoch in range(settings.epochs):
+        ctx.model.train()
+        strategy.before_epoch(ctx)
+        batches = tqdm(ctx.train_loader, desc=f"stage {ctx.stage} {ctx.task.name} epoch {epoch + 1}/{settings.epochs}",
+                       leave=False, disable=not progress, dynamic_ncols=True)
+        losses.append(train_epoch(ctx, strategy, batches, optimizer, scaler, settings, epoch))
+    strategy.after_stage(ctx)
+    return losses
+
+
+def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, settings: StageSettings, epoch: int) -> float:
+    """One pass over ``batches`` of (images, targets, task labels); returns the mean loss."""
+    total, steps = 0.0, 0
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for step, (images, targets, _) in enumerate(batches):
+        images, targets = to_device(images, ctx.device), to_device(targets, ctx.device)
+        with torch.autocast(ctx.device.type, enabled=scaler.is_enabled()):
+            outputs = ctx.model(images)
+            loss = ctx.task_loss(ctx.task, outputs, targets)
+            term = strategy.loss_term(ctx, images, outputs)
+            if term is not None:
+                loss = loss + term
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"stage {ctx.stage} ({ctx.task.name}), epoch {epoch + 1}, step {step + 1}: loss is "
+                                f"{value}; lower --lr or check the data (finished stages are kept)")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        strategy.after_step(ctx)
+        total, steps = total + value, steps + 1
+        if hasattr(batches, "set_postfix") and step % 5 == 0:
+            batches.set_postfix(loss=f"{value:.3f}")
+    return total / max(steps, 1)

@@ -1,0 +1,62 @@
+"""The numbers clbench reports (DESIGN §3): COCO mAP via the COCO API, mIoU from one confusion matrix, top-k."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+import numpy as np
+import torch
+
+COCO_STATS = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+
+
+def coco_detection_metrics(gt: dict[str, Any], detections: list[dict[str, Any]]) -> dict[str, float]:
+    """COCO bbox stats of ``detections`` (results format, original category ids) against a COCO ``gt`` dict.
+
+    Uses faster-coco-eval (its 12 stats equal pycocotools'). A stat COCO reports as -1 (no ground truth
+    in that area range) comes back as NaN, never as a number that could be averaged.
+    """
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(gt)
+        if not detections:
+            has_gt = any(not a.get("iscrowd", 0) for a in gt["annotations"])
+            return {k: (0.0 if has_gt else float("nan")) for k in COCO_STATS}
+        coco_dt = coco_gt.loadRes(detections)
+        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=lambda *a, **k: None)
+        evaluator.params.imgIds = sorted(img["id"] for img in gt["images"])
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {k: (float(v) if v >= 0 else float("nan")) for k, v in zip(COCO_STATS, evaluator.stats[:6])}
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) counts, rows = ground truth, columns = prediction; target pixels equal to 255 are ignored."""
+    valid = target != 255
+    index = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def iou_from_confusion(cm: torch.Tensor) -> tuple[float, list[float]]:
+    """mIoU and per-class IoU; a class absent from both ground truth and predictions is NaN and left out."""
+    cm = cm.double()
+    inter = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, float("nan")))
+    present = ~iou.isnan()
+    miou = float(iou[present].mean()) if present.any() else float("nan")
+    return miou, [float(v) for v in iou]
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """How many rows have their label among the k highest logits."""
+    k = min(k, logits.shape[1])
+    return int((logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum())
+
+
+def mean_or_nan(values: list[float]) -> float:
+    return float(np.nanmean(values)) if values and not all(np.isnan(values)) else float("nan")

@@ -1,0 +1,8 @@
+"""Naive fine-tuning: the lower bound every forgetting strategy is compared with."""
+
+from clbench.strategy import Strategy, register
+
+
+@register("naive")
+class Naive(Strategy):
+    """Fine-tune every parameter on the current task's loss only."""
