@@ -22,6 +22,10 @@ PACKAGES = ("torch", "torchvision", "timm", "avalanche-lib", "faster-coco-eval",
             "pillow", "clbench")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write to a temporary file beside ``path`` and rename it over: readers see the old or the new file, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +33,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

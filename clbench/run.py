@@ -54,7 +54,7 @@ def data_root(config: RunConfig) -> tuple[Path, str]:
         root = Path(config.data_root)
         if not root.is_dir():
             raise ClbenchError(f"--data-root {root}: folder not found")
-        return root, "custom"
+        return root, "synthetic" if (root / "synth.json").exists() else root.name
     from clbench.benchmarks import synthetic
     return synthetic.cached(synthetic.SynthSpec(seed=0, n_train=config.synth_train, n_val=config.synth_val)), "synthetic"
 

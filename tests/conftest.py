@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny synthetic benchmark and a fast run configuration (timm's test_efficientnet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clbench.benchmarks.synthetic import SynthSpec, generate
+from clbench.tasks import TaskSpec
+
+TINY = SynthSpec(seed=3, n_train=12, n_val=6, min_side=40, max_side=64)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never write to the user's ~/.cache."""
+    monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate(tmp_path_factory.mktemp("data") / "tiny", TINY)
+
+
+@pytest.fixture
+def tiny_args(tiny_root: Path, tmp_path: Path) -> dict:
+    """CLI-style settings for a 3-stage run that takes a few seconds."""
+    return {"data_root": str(tiny_root), "backbone": "test_efficientnet", "image_size": "64", "epochs": "1",
+            "batch_size": "4", "head_channels": "16", "out": str(tmp_path / "results"), "progress": "false",
+            "device": "cpu"}
+
+
+@pytest.fixture
+def specs() -> list[TaskSpec]:
+    return [TaskSpec("seg", "seg", "Mini-VOC-Seg", tuple(f"s{i}" for i in range(6))),
+            TaskSpec("det", "det", "Mini-COCO-Det", tuple(f"d{i}" for i in range(10)), tuple(range(1, 11))),
+            TaskSpec("cls", "cls", "Imagenette-160", tuple(f"c{i}" for i in range(10)))]
