@@ -5,6 +5,7 @@ Imported lazily (``import avalanche`` takes seconds and patches ``Dataset.__add_
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 from torch.utils.data import Dataset
@@ -14,11 +15,13 @@ from .images import collate
 
 def build_stream(train: Sequence[Dataset], test: Sequence[Dataset]) -> Any:
     """A benchmark whose experience k (train and test) is task k with task label k; items are (x, y, t)."""
-    from avalanche.benchmarks.scenarios import benchmark_from_datasets
-    from avalanche.benchmarks.scenarios.task_aware import with_task_labels
-    from avalanche.benchmarks.utils import AvalancheDataset
-    from avalanche.benchmarks.utils.data_attribute import TaskLabels
-    from avalanche.benchmarks.utils.flat_data import ConstantSequence
+    with warnings.catch_warnings():  # "no QP solver found": only GEM-style strategies would need one
+        warnings.simplefilter("ignore", UserWarning)
+        from avalanche.benchmarks.scenarios import benchmark_from_datasets
+        from avalanche.benchmarks.scenarios.task_aware import with_task_labels
+        from avalanche.benchmarks.utils import AvalancheDataset
+        from avalanche.benchmarks.utils.data_attribute import TaskLabels
+        from avalanche.benchmarks.utils.flat_data import ConstantSequence
 
     def wrap(ds: Dataset, task_label: int) -> AvalancheDataset:
         labels = TaskLabels(ConstantSequence(task_label, len(ds)))

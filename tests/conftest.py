@@ -9,7 +9,7 @@ import pytest
 from clbench.benchmarks.synthetic import SynthSpec, generate
 from clbench.tasks import TaskSpec
 
-TINY = SynthSpec(seed=3, n_train=12, n_val=6, min_side=40, max_side=64)
+TINY = SynthSpec(seed=3, n_train=12, n_val=10, min_side=40, max_side=64)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,88 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from clbench import ClbenchError
+from clbench.config import resolve
+from clbench.model import UniHeadNet
+from clbench.results import METRIC_COLUMNS
+from clbench.run import run
+from clbench.strategy import REGISTRY, Strategy, register
+
+
+def test_three_stage_run_writes_every_file_with_the_right_schema(tiny_args):
+    run_dir = run(resolve(None, {**tiny_args, "run_id": "r1"}))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "env.json", "metrics.csv"]
+    rows = pd.read_csv(run_dir / "metrics.csv")
+    assert tuple(rows.columns) == METRIC_COLUMNS
+    assert sorted(rows["stage"].unique()) == [0, 1, 2, 3]
+    assert rows.groupby("stage")["stage_task"].first().tolist() == ["none", "seg", "det", "cls"]
+    primary = rows[rows["metric"].isin(["mIoU", "mAP", "top1"])]
+    assert len(primary) == 4 * 3                      # every task after every stage
+    assert set(rows["direction"]) == {"higher"} and set(rows["n"]) == {10}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["backbone"] == "test_efficientnet" and saved["epochs"] == {"seg": 1, "det": 1, "cls": 1}
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["packages"]["torch"] and set(env["data"]) == {"seg", "det", "cls"} and len(env["data"]["det"]["sha256"]) == 64
+    assert env["seeding"]["torch"] == 0
+    ckpt = torch.load(run_dir / "checkpoints" / "stage3.pt", weights_only=True)
+    assert ckpt["stage"] == 3 and ckpt["task"] == "cls"
+    from clbench.benchmarks import load_tasks
+    specs = [t.spec for t in load_tasks(tiny_args["data_root"], ("seg", "det", "cls"), image_size=64)]
+    UniHeadNet(tasks=specs, backbone="test_efficientnet", head_channels=16).load_state_dict(ckpt["model"])
+
+
+def test_same_seed_gives_a_bit_identical_metrics_csv(tiny_args, tmp_path):
+    first = run(resolve(None, {**tiny_args, "run_id": "same", "out": str(tmp_path / "a")}))
+    second = run(resolve(None, {**tiny_args, "run_id": "same", "out": str(tmp_path / "b")}))
+    assert (first / "metrics.csv").read_bytes() == (second / "metrics.csv").read_bytes()
+    other = run(resolve(None, {**tiny_args, "run_id": "same", "seed": "1", "out": str(tmp_path / "c")}))
+    assert (first / "metrics.csv").read_bytes() != (other / "metrics.csv").read_bytes()
+
+
+def test_an_existing_run_folder_is_never_overwritten(tiny_args, tmp_path):
+    run_dir = tmp_path / "results" / "taken"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text("precious\n")
+    with pytest.raises(ClbenchError, match="taken: already exists"):
+        run(resolve(None, {**tiny_args, "run_id": "taken"}))
+    assert (run_dir / "metrics.csv").read_text() == "precious\n"
+
+
+@pytest.fixture
+def exploding_strategy():
+    @register("test_explodes_in_stage_2")
+    class Explodes(Strategy):
+        """Returns a NaN loss term in stage 2."""
+
+        def loss_term(self, ctx, images, outputs):
+            return torch.tensor(float("nan")) if ctx.stage == 2 else None
+
+    yield "test_explodes_in_stage_2"
+    REGISTRY.pop("test_explodes_in_stage_2")
+
+
+def test_non_finite_loss_fails_loudly_and_keeps_finished_stages(tiny_args, exploding_strategy):
+    with pytest.raises(ClbenchError, match=r"stage 2 \(det\), epoch 1, step 1: loss is nan"):
+        run(resolve(None, {**tiny_args, "run_id": "nan", "strategy": exploding_strategy}))
+    run_dir = Path(tiny_args["out"]) / "nan"
+    rows = pd.read_csv(run_dir / "metrics.csv")
+    assert sorted(rows["stage"].unique()) == [0, 1]
+    assert (run_dir / "checkpoints" / "stage1.pt").exists() and not (run_dir / "checkpoints" / "stage2.pt").exists()
+
+
+def test_cli_run_prints_the_report_table(tiny_args):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**tiny_args, "run_id": "cli"}.items()]
+    out = subprocess.run([sys.executable, "-m", "clbench", "run", *flags], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = [cell.strip() for cell in lines[0].split("|")[1:-1]]
+    assert header == ["Task", "Metric", "Stage 1", "Stage 2", "Stage 3", "Drop (%)"]
+    assert any(line.startswith("| Detection") and "mAP@[.5:.95]" in line for line in lines)
+    assert "n/a (trained last)" in out.stdout
