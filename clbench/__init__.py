@@ -4,8 +4,20 @@ Installed layout: ``clbench`` (core), ``clbench.strategies`` (the repository's `
 ``clbench.benchmarks`` (the repository's ``benchmarks/``).
 """
 
+from importlib.machinery import PathFinder
+from pathlib import Path
+
 __version__ = "0.1.0"
 
 
 class ClbenchError(Exception):
     """An error caused by the user's input; the CLI prints it as one line and exits non-zero."""
+
+
+# Imported straight from a source checkout (e.g. `python -m clbench` in the repository root, which
+# shadows a non-editable install), the two sibling folders are not yet under the clbench namespace:
+# let this package's path include the checkout root so `clbench.benchmarks` is `<root>/benchmarks`.
+_root = Path(__file__).resolve().parent.parent
+if (_root / "setup.cfg").is_file() and PathFinder.find_spec("benchmarks", [str(_root)]) is not None:
+    if PathFinder.find_spec("benchmarks", __path__) is None:  # noqa: F821 — __path__ is set for packages
+        __path__.append(str(_root))  # noqa: F821

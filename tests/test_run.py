@@ -77,9 +77,10 @@ def test_non_finite_loss_fails_loudly_and_keeps_finished_stages(tiny_args, explo
     assert (run_dir / "checkpoints" / "stage1.pt").exists() and not (run_dir / "checkpoints" / "stage2.pt").exists()
 
 
-def test_cli_run_prints_the_report_table(tiny_args):
+def test_cli_run_prints_the_report_table(tiny_args, tmp_path):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**tiny_args, "run_id": "cli"}.items()]
-    out = subprocess.run([sys.executable, "-m", "clbench", "run", *flags], capture_output=True, text=True, timeout=300)
+    script = Path(sys.executable).parent / "clbench"  # the installed console script, run outside the checkout
+    out = subprocess.run([str(script), "run", *flags], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     header = [cell.strip() for cell in lines[0].split("|")[1:-1]]
