@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", allow_abbrev=False, help="train seg -> det -> cls with one strategy, print the table")
     run.add_argument("--config", type=Path, default=None, help="YAML file; its keys mirror these flags")
     add_arguments(run)
+    sub.add_parser("strategies", help="list every strategy found, its origin and hyperparameters")
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", allow_abbrev=False, help="write the synthetic benchmark in the real formats")
     synth.add_argument("--out", type=Path, required=True)
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "strategies":
+            return _strategies()
         return _synth(args)
     except ClbenchError as exc:
         print(f"clbench: error: {exc}", file=sys.stderr)
@@ -61,6 +64,17 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = run(config)
     print(summary(run_dir))
     print(f"\nresults: {run_dir}")
+    return 0
+
+
+def _strategies() -> int:
+    from clbench.plugins import available
+    from clbench.strategy import hyperparameters
+    for name, found in sorted(available().items()):
+        print(f"{name}  [{found.origin}]\n    {found.cls.description}")
+        for hp in hyperparameters(found.cls).values():
+            default = ",".join(map(str, hp.default)) if isinstance(hp.default, tuple) else hp.default
+            print(f"    --set {name}.{hp.name}={default}")
     return 0
 
 

@@ -73,13 +73,30 @@ def _positive(cast: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse
 
 
+def _options(value: Any) -> dict[str, Any]:
+    """Strategy hyperparameters: ``--set lwf.lam=2`` (repeatable) or a YAML mapping {lwf.lam: 2}."""
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    items = [value] if isinstance(value, str) else list(value)
+    out = {}
+    for item in items:
+        key, sep, val = str(item).partition("=")
+        if not sep or not key:
+            raise ValueError("expected STRATEGY.PARAM=VALUE, e.g. ewc.lam=5000")
+        out[key.strip()] = val.strip()
+    return out
+
+
 def _optional_str(value: Any) -> str | None:
     return None if value in (None, "", "none", "None") else str(value)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    strategy: str = field(default="naive", metadata={"parse": str, "help": "strategy name (clbench strategies)"})
+    strategy: str = field(default="naive", metadata={"parse": str, "help": "a strategy (see `clbench strategies`), "
+                          "a combination a+b, or path/file.py:Class / package.module:Class"})
+    set: dict[str, Any] = field(default_factory=dict, metadata={"parse": _options, "append": True,
+                                "help": "strategy hyperparameter STRATEGY.PARAM=VALUE (repeatable)"})
     seed: int = field(default=0, metadata={"parse": int, "help": "seeds Python, NumPy, torch and the loaders"})
     device: str = field(default="auto", metadata={"parse": _choice("auto", "cpu", "cuda"), "help": "auto = cuda if available"})
     data_root: str | None = field(default=None, metadata={"parse": _optional_str,
@@ -157,7 +174,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field, defaulting to 'not given' so it never overrides YAML."""
     for name, f in FIELDS.items():
         flag = f"--{name.replace('_', '-')}"
-        if f.metadata["parse"] is _bool:
+        if f.metadata.get("append"):
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, action="append", metavar="KEY=VALUE",
+                                help=f.metadata["help"])
+        elif f.metadata["parse"] is _bool:
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, nargs="?", const="true", metavar="BOOL",
                                 help=f.metadata["help"])
         else:

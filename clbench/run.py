@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from clbench.loop import StageSettings, task_loss, train_stage
 from clbench.model import UniHeadNet
 from clbench.report import FOOTNOTE, stage_table, to_markdown
 from clbench.results import atomic_write, environment, save_checkpoint, to_json, write_metrics
-from clbench.strategy import StageContext, create_strategy
+from clbench.plugins import create
+from clbench.strategy import StageContext
 from clbench.tasks import PRIMARY_METRIC
 
 
@@ -85,7 +87,8 @@ def run(config: RunConfig) -> Path:
     from clbench.benchmarks import TASK_DIRS, load_tasks
     from clbench.benchmarks.stream import build_stream
     tasks = load_tasks(root, config.order, image_size=config.image_size)
-    strategy = create_strategy(config.strategy)
+    strategy, options = create(config.strategy, config.set)
+    config = dataclasses.replace(config, set=options)  # config.yaml records every resolved hyperparameter
     model = UniHeadNet(tasks=[t.spec for t in tasks], backbone=config.backbone, pretrained=config.pretrained,
                        pretrained_file=config.pretrained_file, head_channels=config.head_channels,
                        head_stride=config.head_stride).to(device)

@@ -22,9 +22,8 @@ first stage trains sets ``changes_first_stage = True`` (so a cached stage 1 is n
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import pkgutil
+import inspect
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -59,6 +58,8 @@ class Strategy:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     changes_first_stage: ClassVar[bool] = False
+    # Why this strategy cannot be combined with others (``a+b``); empty = it can.
+    not_combinable: ClassVar[str] = ""
 
     def before_stage(self, ctx: StageContext) -> None:
         """Before the optimizer is built: freezing here keeps parameters out of it."""
@@ -91,9 +92,13 @@ REGISTRY: dict[str, type[Strategy]] = {}
 def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
     """Class decorator: add a strategy under ``name``; a second class under the same name is an error."""
     def add(cls: type[Strategy]) -> type[Strategy]:
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise ClbenchError(f"strategy {name!r}: {cls!r} is not a subclass of clbench.strategy.Strategy")
         if name in REGISTRY and REGISTRY[name] is not cls:
-            raise ClbenchError(f"strategy name {name!r} registered twice: {REGISTRY[name].__module__} and "
-                               f"{cls.__module__}")
+            raise ClbenchError(f"strategy name {name!r} registered twice: by {REGISTRY[name].__module__}."
+                               f"{REGISTRY[name].__qualname__} and by {cls.__module__}.{cls.__qualname__}")
+        if "+" in name or not name:
+            raise ClbenchError(f"strategy name {name!r}: must be non-empty and must not contain '+'")
         cls.name = name
         cls.description = cls.description or (cls.__doc__ or "").strip().split("\n")[0]
         REGISTRY[name] = cls
@@ -101,18 +106,90 @@ def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
     return add
 
 
-def load_builtins() -> dict[str, type[Strategy]]:
-    """Import every module of ``clbench.strategies`` so their ``@register`` calls run."""
-    package = importlib.import_module("clbench.strategies")
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"clbench.strategies.{module.name}")
-    return REGISTRY
+@dataclass(frozen=True)
+class HyperParameter:
+    name: str
+    type: Any
+    default: Any
 
 
-def create_strategy(name: str) -> Strategy:
-    registry = load_builtins()
-    if name not in registry:
-        hint = difflib.get_close_matches(name, registry, n=1)
-        raise ClbenchError(f"strategy {name!r} not found" + (f"; did you mean {hint[0]!r}?" if hint else "") +
-                           f" (available: {', '.join(sorted(registry))})")
-    return registry[name]()
+def hyperparameters(cls: type[Strategy]) -> dict[str, HyperParameter]:
+    """The keyword-only, annotated constructor arguments of a strategy class."""
+    if cls.__init__ is object.__init__:
+        return {}
+    hints = typing.get_type_hints(cls.__init__)
+    out = {}
+    for param in inspect.signature(cls.__init__).parameters.values():
+        if param.name == "self":
+            continue
+        if param.kind is not param.KEYWORD_ONLY or param.default is param.empty or param.name not in hints:
+            raise ClbenchError(f"strategy {cls.name!r}: constructor argument {param.name!r} must be keyword-only, "
+                               "annotated and have a default")
+        out[param.name] = HyperParameter(param.name, hints[param.name], param.default)
+    return out
+
+
+def parse_value(hp: HyperParameter, value: Any, source: str) -> Any:
+    """Convert a CLI string or YAML value to the hyperparameter's annotated type."""
+    try:
+        return _convert(hp.type, value)
+    except (TypeError, ValueError) as exc:
+        raise ClbenchError(f"{source}: {hp.name} = {value!r}: expected {_type_name(hp.type)} ({exc})") from None
+
+
+def _convert(kind: Any, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        raise ValueError("not a boolean")
+    if typing.get_origin(kind) is tuple:
+        items = [v for v in value.split(",") if v] if isinstance(value, str) else list(value)
+        return tuple(_convert(typing.get_args(kind)[0], v) for v in items)
+    if kind in (int, float) and isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError("not a whole number")
+    return kind(value)
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", str(kind)) if typing.get_origin(kind) is not tuple else "a comma-separated list"
+
+
+class Composite(Strategy):
+    """Several strategies at once: every hook of each, in the order given; loss terms are summed."""
+
+    def __init__(self, parts: list[Strategy]) -> None:
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+        self.changes_first_stage = any(p.changes_first_stage for p in parts)
+
+    def before_stage(self, ctx: StageContext) -> None:
+        for part in self.parts:
+            part.before_stage(ctx)
+
+    def before_epoch(self, ctx: StageContext) -> None:
+        for part in self.parts:
+            part.before_epoch(ctx)
+
+    def loss_term(self, ctx: StageContext, images: torch.Tensor,
+                  outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        terms = [t for t in (p.loss_term(ctx, images, outputs) for p in self.parts) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def after_step(self, ctx: StageContext) -> None:
+        for part in self.parts:
+            part.after_step(ctx)
+
+    def after_stage(self, ctx: StageContext) -> None:
+        for part in self.parts:
+            part.after_stage(ctx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {p.name: p.state_dict() for p in self.parts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for part in self.parts:
+            part.load_state_dict(state.get(part.name, {}))

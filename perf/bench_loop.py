@@ -21,7 +21,8 @@ from clbench.benchmarks.images import collate
 from clbench.benchmarks.synthetic import SynthSpec, cached
 from clbench.loop import StageSettings, task_loss, to_device, train_epoch
 from clbench.model import UniHeadNet
-from clbench.strategy import StageContext, create_strategy
+from clbench.plugins import create
+from clbench.strategy import StageContext
 
 
 def bare_epoch(model, task, batches, optimizer, device, image_size, grad_clip):
@@ -55,7 +56,7 @@ def main() -> None:
     batches = [collate(items[i:i + args.batch_size]) for i in range(0, len(items), args.batch_size)]
     base = UniHeadNet(tasks=[data.spec]).to(device)
     settings = StageSettings(epochs=1, lr=1e-3, weight_decay=1e-4, grad_clip=10.0, amp=False)
-    strategy = create_strategy("naive")
+    strategy, _ = create("naive", {})
     times = {"clbench": [], "bare": []}
     for repeat in range(args.repeats + 1):  # the first round warms up both and is not counted
         for name in (("clbench", "bare") if repeat % 2 else ("bare", "clbench")):

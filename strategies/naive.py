@@ -6,3 +6,5 @@ from clbench.strategy import Strategy, register
 @register("naive")
 class Naive(Strategy):
     """Fine-tune every parameter on the current task's loss only."""
+
+    not_combinable = "naive is plain fine-tuning, so naive+X is just X: name X alone"

@@ -1,0 +1,164 @@
+"""Finding strategies: the built-ins, the ``clbench.strategies`` entry-point group, and references
+``path/to/file.py:ClassName`` or ``package.module:ClassName``; ``a+b`` combines them.
+
+A broken plugin is an error naming it; nothing ever falls back to another strategy.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from clbench import ClbenchError
+from clbench.strategy import REGISTRY, Composite, Strategy, hyperparameters, parse_value
+
+ENTRY_POINT_GROUP = "clbench.strategies"
+
+
+@dataclass(frozen=True)
+class Found:
+    cls: type[Strategy]
+    origin: str  # "built-in", "entry point <module:attr>", "file <path>", "module <name>"
+
+
+def registered() -> dict[str, Found]:
+    """The built-ins (importing every module of ``clbench.strategies`` runs their ``@register``), and any
+    class registered in this process by code that imported clbench."""
+    package = importlib.import_module("clbench.strategies")
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"clbench.strategies.{module.name}")
+    return {name: Found(cls, "built-in" if cls.__module__.startswith("clbench.strategies.")
+                        else f"registered by {cls.__module__}") for name, cls in REGISTRY.items()}
+
+
+def from_entry_points() -> dict[str, Found]:
+    found = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        cls = _checked(_load(lambda: ep.load(), f"entry point {ep.name!r} ({ep.value})"), f"entry point {ep.name!r}")
+        if ep.name != cls.name:
+            raise ClbenchError(f"entry point {ep.name!r} ({ep.value}): the class is registered as {cls.name!r}; "
+                               "the entry point must carry the same name")
+        found[ep.name] = Found(cls, f"entry point {ep.value}")
+    return found
+
+
+def available() -> dict[str, Found]:
+    """Every strategy that can be named on the command line, built-ins first."""
+    found = registered()
+    for name, item in from_entry_points().items():
+        if name in found and found[name].cls is not item.cls:
+            raise ClbenchError(f"entry point {name!r} ({item.origin}) uses the name of the {found[name].origin} "
+                               f"strategy {name!r}")
+        found[name] = item
+    return found
+
+
+def find(reference: str) -> Found:
+    """One strategy by name, ``file.py:Class`` or ``package.module:Class``."""
+    if ":" in reference:
+        return _from_reference(reference)
+    found = available()
+    if reference not in found:
+        hint = difflib.get_close_matches(reference, found, n=1)
+        raise ClbenchError(f"strategy {reference!r} not found" + (f"; did you mean {hint[0]!r}?" if hint else "") +
+                           f" (available: {', '.join(sorted(found))})")
+    return found[reference]
+
+
+def _from_reference(reference: str) -> Found:
+    target, _, attr = reference.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ClbenchError(f"strategy plugin {reference!r}: file {path} not found")
+        module = _load(lambda: _import_file(path), f"strategy plugin {reference!r}")
+        origin = f"file {path}"
+    else:
+        module = _load(lambda: importlib.import_module(target), f"strategy plugin {reference!r}")
+        origin = f"module {target}"
+    if not hasattr(module, attr):
+        raise ClbenchError(f"strategy plugin {reference!r}: {target} has no class {attr!r}")
+    return Found(_checked(getattr(module, attr), f"strategy plugin {reference!r}"), origin)
+
+
+def _import_file(path: Path) -> Any:
+    name = f"clbench_plugin_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _load(thunk: Any, what: str) -> Any:
+    try:
+        return thunk()
+    except ClbenchError as exc:
+        raise ClbenchError(f"{what}: {exc}") from None
+    except Exception as exc:  # a plugin's own import error, whatever it is
+        raise ClbenchError(f"{what}: import failed: {type(exc).__name__}: {exc}") from None
+
+
+def _checked(obj: Any, what: str) -> type[Strategy]:
+    if not (isinstance(obj, type) and issubclass(obj, Strategy)):
+        raise ClbenchError(f"{what}: {obj!r} is not a subclass of clbench.strategy.Strategy")
+    if not obj.name:  # a plain class not decorated with @register: named after itself
+        obj.name = obj.__name__.lower()
+        obj.description = obj.description or (obj.__doc__ or "").strip().split("\n")[0]
+    return obj
+
+
+def create(spec: str, options: dict[str, Any]) -> tuple[Strategy, dict[str, Any]]:
+    """Build ``a`` or ``a+b+…`` with ``options`` {"a.param": value}; returns it and every resolved option."""
+    parts = [find(ref.strip()) for ref in spec.split("+")]
+    names = [p.cls.name for p in parts]
+    if len(set(names)) != len(names):
+        raise ClbenchError(f"--strategy {spec}: {sorted(n for n in names if names.count(n) > 1)[0]!r} appears twice")
+    if len(parts) > 1:
+        for part in parts:
+            if part.cls.not_combinable:
+                raise ClbenchError(f"--strategy {spec}: {part.cls.name!r} cannot be combined: {part.cls.not_combinable}")
+    _check_option_owners(spec, names, options)
+    instances, resolved = [], {}
+    for part in parts:
+        params = hyperparameters(part.cls)
+        given = {key.split(".", 1)[1]: value for key, value in options.items() if key.split(".", 1)[0] == part.cls.name}
+        for key in given:
+            if key not in params:
+                hint = difflib.get_close_matches(key, params, n=1)
+                raise ClbenchError(f"--set {part.cls.name}.{key}: {part.cls.name!r} has no hyperparameter {key!r}" +
+                                   (f"; did you mean {hint[0]!r}?" if hint else "") +
+                                   f" (it has: {', '.join(params) or 'none'})")
+        values = {k: parse_value(hp, given[k], f"--set {part.cls.name}.{k}") if k in given else hp.default
+                  for k, hp in params.items()}
+        try:
+            instances.append(part.cls(**values))
+        except ValueError as exc:
+            raise ClbenchError(f"strategy {part.cls.name!r}: {exc}") from None
+        resolved.update({f"{part.cls.name}.{k}": list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+    return (instances[0] if len(instances) == 1 else Composite(instances)), resolved
+
+
+def _check_option_owners(spec: str, names: list[str], options: dict[str, Any]) -> None:
+    for key in options:
+        owner = key.split(".", 1)[0]
+        if "." not in key:
+            raise ClbenchError(f"--set {key}: expected STRATEGY.PARAM=VALUE, e.g. ewc.lam=5000")
+        if owner not in names:
+            hint = difflib.get_close_matches(owner, names, n=1)
+            raise ClbenchError(f"--set {key}: strategy {owner!r} is not part of --strategy {spec}" +
+                               (f"; did you mean {hint[0]!r}?" if hint else ""))

@@ -1,0 +1,47 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017); online EWC (Schwarz et al., ICML 2018)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from clbench.loop import to_device
+from clbench.regularization import diagonal_fisher, ewc_penalty, normalise_fisher, online_fisher
+from clbench.strategy import StageContext, Strategy, register
+
+
+@register("ewc")
+class EWC(Strategy):
+    """Penalise moving weights the earlier tasks' Fisher marks as important: λ/2 Σ F (θ − θ*)²."""
+
+    def __init__(self, *, lam: float = 10.0, fisher_batches: int = 8, online: bool = False, gamma: float = 1.0,
+                 normalize: bool = True) -> None:
+        if lam < 0 or fisher_batches < 1 or not 0 <= gamma <= 1:
+            raise ValueError("need lam >= 0, fisher_batches >= 1 and 0 <= gamma <= 1")
+        self.lam, self.fisher_batches, self.online, self.gamma, self.normalize = lam, fisher_batches, online, gamma, normalize
+        self.fisher: dict[str, dict[str, torch.Tensor]] = {}   # per task, or one "online" entry
+        self.anchor: dict[str, dict[str, torch.Tensor]] = {}   # θ* for each Fisher
+
+    def loss_term(self, ctx: StageContext, images: torch.Tensor, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if not self.fisher:
+            return None
+        penalty = sum(ewc_penalty(ctx.model, self.fisher[k], self.anchor[k]) for k in self.fisher)
+        return self.lam / 2 * penalty
+
+    def after_stage(self, ctx: StageContext) -> None:
+        ctx.model.eval()  # the Fisher must not move BatchNorm statistics
+        batches = ((to_device(x, ctx.device), to_device(y, ctx.device)) for x, y, _ in ctx.train_loader)
+        fisher = diagonal_fisher(ctx.model, batches, lambda x, y: ctx.task_loss(ctx.task, ctx.model(x), y),
+                                 self.fisher_batches)
+        fisher = normalise_fisher(fisher) if self.normalize else fisher
+        anchor = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if n in fisher}
+        key = "online" if self.online else ctx.task.name
+        self.fisher[key] = online_fisher(self.fisher.get(key), fisher, self.gamma) if self.online else fisher
+        self.anchor[key] = anchor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fisher": self.fisher, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fisher, self.anchor = dict(state["fisher"]), dict(state["anchor"])

@@ -1,0 +1,38 @@
+"""Learning without Forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2017)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from clbench.distill import distillation_loss
+from clbench.strategy import StageContext, Strategy, register
+
+
+@register("lwf")
+class LwF(Strategy):
+    """Distil earlier tasks' output slices from a frozen snapshot, on the current task's images."""
+
+    def __init__(self, *, lam: float = 1.0, temperature: float = 2.0) -> None:
+        if lam < 0 or temperature <= 0:
+            raise ValueError("lam must be >= 0 and temperature > 0")
+        self.lam = lam                  # λ_o in Li & Hoiem's eq. 1
+        self.temperature = temperature  # T in their eq. 2 (they use 2)
+        self.teacher: torch.nn.Module | None = None
+
+    def before_stage(self, ctx: StageContext) -> None:
+        self.teacher = None
+        if ctx.earlier_tasks:
+            self.teacher = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+
+    def loss_term(self, ctx: StageContext, images: torch.Tensor, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            targets = self.teacher(images)
+        terms = [distillation_loss(t.kind, outputs[t.name], targets[t.name], self.temperature) for t in ctx.earlier_tasks]
+        return self.lam * torch.stack(terms).sum()
+
+    def after_stage(self, ctx: StageContext) -> None:
+        self.teacher = None  # rebuilt from the current weights before the next stage

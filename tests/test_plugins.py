@@ -1,0 +1,128 @@
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from clbench import ClbenchError
+from clbench.cli import main
+from clbench.plugins import available, create, find
+from clbench.strategy import REGISTRY
+from clbench.testing import smoke_test
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.fixture
+def clean_registry():
+    """Plugins a test registers are gone afterwards (the built-ins are imported first, so they stay)."""
+    before = dict(registered_names())
+    yield
+    REGISTRY.clear()
+    REGISTRY.update(before)
+
+
+def registered_names():
+    from clbench.plugins import registered
+    registered()
+    return REGISTRY
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    return re.search(r"<!-- example-plugin -->\n```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_the_readme_example_plugin_is_short_and_passes_the_smoke_test(tmp_path, clean_registry):
+    source = readme_example()
+    assert len(source.strip().splitlines()) < 40
+    path = tmp_path / "my_l2.py"
+    path.write_text(source)
+    rows = smoke_test(f"{path}:L2Anchor", options={"l2_anchor.strength": "0.05"}, workdir=tmp_path)
+    assert set(rows["strategy"]) == {f"{path}:L2Anchor"}
+    assert find(f"{path}:L2Anchor").origin == f"file {path}"
+
+
+def test_package_module_reference(tmp_path, monkeypatch, clean_registry):
+    (tmp_path / "someplugins").mkdir()
+    (tmp_path / "someplugins" / "__init__.py").write_text("")
+    (tmp_path / "someplugins" / "mine.py").write_text(
+        "from clbench.strategy import Strategy\n\nclass Quiet(Strategy):\n    '''Does nothing, quietly.'''\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = find("someplugins.mine:Quiet")
+    assert found.origin == "module someplugins.mine" and found.cls.name == "quiet"
+
+
+def make_entry_point(tmp_path, monkeypatch, name, module_source, target="fakeplug:Thing"):
+    (tmp_path / "fakeplug.py").write_text(module_source)
+    dist = tmp_path / "fakeplug-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[clbench.strategies]\n{name} = {target}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fakeplug", raising=False)  # each test brings its own fakeplug
+    importlib.invalidate_caches()
+
+
+def test_entry_point_strategies_are_found_and_listed(tmp_path, monkeypatch, capsys, clean_registry):
+    make_entry_point(tmp_path, monkeypatch, "thing", "from clbench.strategy import Strategy, register\n\n"
+                     "@register('thing')\nclass Thing(Strategy):\n    '''A third-party strategy.'''\n\n"
+                     "    def __init__(self, *, knob: int = 3) -> None:\n        self.knob = knob\n")
+    assert available()["thing"].origin == "entry point fakeplug:Thing"
+    strategy, resolved = create("thing", {"thing.knob": "5"})
+    assert strategy.knob == 5 and resolved == {"thing.knob": 5}
+    assert main(["strategies"]) == 0
+    out = capsys.readouterr().out
+    assert "thing  [entry point fakeplug:Thing]" in out and "--set thing.knob=3" in out
+    assert "naive  [built-in]" in out and "--set ewc.lam=10.0" in out
+
+
+def test_a_broken_entry_point_is_an_error_naming_it(tmp_path, monkeypatch, clean_registry):
+    make_entry_point(tmp_path, monkeypatch, "broken", "import no_such_module_anywhere\n")
+    with pytest.raises(ClbenchError, match=r"entry point 'broken' \(fakeplug:Thing\): import failed: "
+                                           r"ModuleNotFoundError"):
+        create("naive", {})
+
+
+def test_an_entry_point_cannot_take_a_builtin_name(tmp_path, monkeypatch, clean_registry):
+    make_entry_point(tmp_path, monkeypatch, "naive", "from clbench.strategy import Strategy\n\n"
+                     "class Thing(Strategy):\n    name = 'naive'\n")
+    with pytest.raises(ClbenchError, match="entry point 'naive' .* uses the name of the built-in strategy 'naive'"):
+        create("naive", {})
+
+
+@pytest.mark.parametrize("source, ref, message", [
+    ("x = 1\n", "Nope", "has no class 'Nope'"),
+    ("x = 1\n", "x", "is not a subclass of clbench.strategy.Strategy"),
+    ("raise RuntimeError('boom')\n", "X", "import failed: RuntimeError: boom"),
+    ("from clbench.strategy import Strategy, register\n\n@register('naive')\nclass X(Strategy):\n    pass\n", "X",
+     "strategy name 'naive' registered twice"),
+])
+def test_broken_file_plugins_are_errors_naming_the_plugin(tmp_path, source, ref, message, clean_registry):
+    path = tmp_path / f"plug_{abs(hash(source))}.py"
+    path.write_text(source)
+    with pytest.raises(ClbenchError, match=re.escape(f"strategy plugin '{path}:{ref}'") + ".*" + re.escape(message)):
+        find(f"{path}:{ref}")
+
+
+@pytest.mark.parametrize("spec, options, message", [
+    ("lwf", {"lwf.lamb": "1"}, "'lwf' has no hyperparameter 'lamb'; did you mean 'lam'?"),
+    ("lwf", {"ewc.lam": "1"}, "--set ewc.lam: strategy 'ewc' is not part of --strategy lwf"),
+    ("lwf", {"lwf.lam": "abc"}, "--set lwf.lam: lam = 'abc': expected float"),
+    ("lwf", {"lam": "1"}, "expected STRATEGY.PARAM=VALUE"),
+    ("ewc", {"ewc.gamma": "2"}, "strategy 'ewc': need lam >= 0"),
+    ("naive+lwf", {}, "'naive' cannot be combined: naive is plain fine-tuning"),
+    ("lwf+lwf", {}, "'lwf' appears twice"),
+    ("lwff", {}, "strategy 'lwff' not found; did you mean 'lwf'?"),
+])
+def test_bad_strategy_options_are_clear_errors(spec, options, message):
+    with pytest.raises(ClbenchError, match=re.escape(message)):
+        create(spec, options)
+
+
+def test_composition_resolves_every_parts_options():
+    strategy, resolved = create("bn_frozen+lwf", {"lwf.temperature": "3"})
+    assert strategy.name == "bn_frozen+lwf"
+    assert resolved == {"bn_frozen.freeze_affine": False, "bn_frozen.from_stage": 2, "lwf.lam": 1.0,
+                        "lwf.temperature": 3.0}
