@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from clbench.decode import boxes_to_original, decode_detections, seg_labels
-from clbench.metrics import coco_detection_metrics, confusion_matrix, iou_from_confusion, topk_correct
+from clbench.metrics import coco_evaluation, confusion_matrix, iou_from_confusion, topk_correct
 from clbench.tasks import TaskSpec
 
-Metrics = dict[str, tuple[float, int]]  # metric name → (value, n evaluated)
+
+@dataclass
+class TaskEval:
+    """One task's evaluation: metric → (value, n evaluated); per-class values; detections (COCO results)."""
+
+    metrics: dict[str, tuple[float, int]]
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)   # metric → class name → value
+    detections: list[dict[str, Any]] | None = None
 
 
 @torch.no_grad()
 def evaluate_task(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device,
-                  coco_gt: dict[str, Any] | None = None) -> Metrics:
+                  coco_gt: dict[str, Any] | None = None) -> TaskEval:
     """Primary and secondary metrics of ``task``; the model is left in eval mode."""
     model.eval()
     if task.kind == "det":
@@ -39,7 +47,7 @@ def detections_to_coco(task: TaskSpec, detections: list[dict[str, torch.Tensor]]
 
 
 def _evaluate_det(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device,
-                  coco_gt: dict[str, Any] | None) -> Metrics:
+                  coco_gt: dict[str, Any] | None) -> TaskEval:
     if coco_gt is None:
         raise ValueError("detection evaluation needs the COCO ground truth")
     results, n = [], 0
@@ -49,11 +57,13 @@ def _evaluate_det(model: nn.Module, task: TaskSpec, batches: Iterable, device: t
         anchors_px = model.anchors * raw.new_tensor([input_hw[1], input_hw[0]])
         results += detections_to_coco(task, decode_detections(raw, anchors_px, model.head_stride), targets, input_hw)
         n += len(targets)
-    stats = coco_detection_metrics(coco_gt, results)
-    return {name: (value, n) for name, value in stats.items()}
+    stats, per_category = coco_evaluation(coco_gt, results)
+    names = dict(zip(task.category_ids, task.classes))
+    return TaskEval({name: (value, n) for name, value in stats.items()},
+                    {"AP": {names[c]: v for c, v in per_category.items()}}, results)
 
 
-def _evaluate_seg(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device) -> Metrics:
+def _evaluate_seg(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device) -> TaskEval:
     cm = torch.zeros(task.num_classes, task.num_classes, dtype=torch.long)
     n = 0
     for images, masks, _ in batches:
@@ -62,16 +72,16 @@ def _evaluate_seg(model: nn.Module, task: TaskSpec, batches: Iterable, device: t
             pred = seg_labels(image_logits, tuple(mask.shape)).cpu()
             cm += confusion_matrix(pred, mask, task.num_classes)
             n += 1
-    miou, _ = iou_from_confusion(cm)
+    miou, per_class = iou_from_confusion(cm)
     pixel_acc = float(cm.diag().sum() / cm.sum().clamp(min=1))
-    return {"mIoU": (miou, n), "pixel_acc": (pixel_acc, n)}
+    return TaskEval({"mIoU": (miou, n), "pixel_acc": (pixel_acc, n)}, {"IoU": dict(zip(task.classes, per_class))})
 
 
-def _evaluate_cls(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device) -> Metrics:
+def _evaluate_cls(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device) -> TaskEval:
     top1 = top5 = n = 0
     for images, labels, _ in batches:
         logits = model(images.to(device, non_blocking=True))[task.name].float().cpu()
         top1 += topk_correct(logits, labels, 1)
         top5 += topk_correct(logits, labels, 5)
         n += len(labels)
-    return {"top1": (top1 / n, n), "top5": (top5 / n, n)}
+    return TaskEval({"top1": (top1 / n, n), "top5": (top5 / n, n)})

@@ -52,7 +52,7 @@ def task_loss(model: torch.nn.Module, task: TaskSpec, outputs: dict[str, torch.T
 
 
 def train_stage(ctx: StageContext, strategy: Strategy, settings: StageSettings, *, progress: bool = True) -> list[float]:
-    """Train one stage; returns the mean loss of every epoch."""
+    """Train one stage's epochs (the caller runs ``strategy.after_stage``); returns each epoch's mean loss."""
     strategy.before_stage(ctx)
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     if not params:
@@ -66,7 +66,6 @@ def train_stage(ctx: StageContext, strategy: Strategy, settings: StageSettings, 
         batches = tqdm(ctx.train_loader, desc=f"stage {ctx.stage} {ctx.task.name} epoch {epoch + 1}/{settings.epochs}",
                        leave=False, disable=not progress, dynamic_ncols=True)
         losses.append(train_epoch(ctx, strategy, batches, optimizer, scaler, settings, epoch))
-    strategy.after_stage(ctx)
     return losses
 
 

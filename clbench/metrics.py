@@ -18,20 +18,39 @@ def coco_detection_metrics(gt: dict[str, Any], detections: list[dict[str, Any]])
     Uses faster-coco-eval (its 12 stats equal pycocotools'). A stat COCO reports as -1 (no ground truth
     in that area range) comes back as NaN, never as a number that could be averaged.
     """
+    return coco_evaluation(gt, detections)[0]
+
+
+def coco_evaluation(gt: dict[str, Any], detections: list[dict[str, Any]]) -> tuple[dict[str, float], dict[int, float]]:
+    """The COCO stats and the AP@[.5:.95] of every category id (NaN: no ground truth of that category)."""
     from faster_coco_eval import COCO, COCOeval_faster
 
+    category_ids = sorted(c["id"] for c in gt["categories"])
+    with_gt = {a["category_id"] for a in gt["annotations"] if not a.get("iscrowd", 0)}
+    if not detections:
+        stats = {k: (0.0 if with_gt else float("nan")) for k in COCO_STATS}
+        return stats, {c: (0.0 if c in with_gt else float("nan")) for c in category_ids}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(gt)
-        if not detections:
-            has_gt = any(not a.get("iscrowd", 0) for a in gt["annotations"])
-            return {k: (0.0 if has_gt else float("nan")) for k in COCO_STATS}
-        coco_dt = coco_gt.loadRes(detections)
-        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=lambda *a, **k: None)
+        evaluator = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), iouType="bbox",
+                                    print_function=lambda *a, **k: None)
         evaluator.params.imgIds = sorted(img["id"] for img in gt["images"])
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {k: (float(v) if v >= 0 else float("nan")) for k, v in zip(COCO_STATS, evaluator.stats[:6])}
+    stats = {k: (float(v) if v >= 0 else float("nan")) for k, v in zip(COCO_STATS, evaluator.stats[:6])}
+    return stats, per_category_ap(evaluator.eval["precision"], list(evaluator.params.catIds))
+
+
+def per_category_ap(precision: np.ndarray, category_ids: list[int]) -> dict[int, float]:
+    """AP@[.5:.95] per category from COCOeval's precision array [T, R, K, area, maxDets] (area all, 100 dets),
+    as detectron2 computes it: the mean of the entries that are not -1."""
+    out = {}
+    for k, cat in enumerate(category_ids):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        out[int(cat)] = float(values.mean()) if values.size else float("nan")
+    return out
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -57,6 +76,3 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     k = min(k, logits.shape[1])
     return int((logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum())
 
-
-def mean_or_nan(values: list[float]) -> float:
-    return float(np.nanmean(values)) if values and not all(np.isnan(values)) else float("nan")

@@ -18,6 +18,10 @@ import torch
 
 METRIC_COLUMNS = ("run_id", "benchmark", "strategy", "seed", "stage", "stage_task", "eval_task", "metric", "value",
                   "direction", "n")
+PER_CLASS_COLUMNS = ("run_id", "benchmark", "strategy", "seed", "stage", "stage_task", "eval_task", "class", "metric",
+                     "value")
+BN_COLUMNS = ("run_id", "benchmark", "strategy", "seed", "stage", "stage_task", "reference_stage", "layer",
+              "statistic", "distance")
 PACKAGES = ("torch", "torchvision", "timm", "avalanche-lib", "faster-coco-eval", "pycocotools", "pandas", "numpy",
             "pillow", "clbench")
 
@@ -40,8 +44,12 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         raise
 
 
+def write_table(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    atomic_write(path, pd.DataFrame(rows, columns=list(columns)).to_csv(index=False, lineterminator="\n"))
+
+
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write(path, pd.DataFrame(rows, columns=list(METRIC_COLUMNS)).to_csv(index=False, lineterminator="\n"))
+    write_table(path, rows, METRIC_COLUMNS)
 
 
 def read_metrics(path: Path) -> pd.DataFrame:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -16,14 +17,18 @@ from torch.utils.data import DataLoader
 
 from clbench import ClbenchError
 from clbench.config import RunConfig
+from clbench.bn_audit import batchnorm_stats_from, bn_drift
 from clbench.evaluate import evaluate_task
+from clbench.freezing import batchnorm_state
 from clbench.loop import StageSettings, task_loss, train_stage
 from clbench.model import UniHeadNet
 from clbench.report import FOOTNOTE, stage_table, to_markdown
-from clbench.results import atomic_write, environment, save_checkpoint, to_json, write_metrics
+from clbench.resources import budget_checks, device_name, latency_ms, peak_memory_mb
+from clbench.results import (BN_COLUMNS, PER_CLASS_COLUMNS, atomic_write, environment, save_checkpoint, to_json,
+                             write_metrics, write_table)
 from clbench.plugins import create
 from clbench.strategy import StageContext
-from clbench.tasks import PRIMARY_METRIC
+from clbench.tasks import TaskSpec
 
 
 def seed_everything(seed: int) -> None:
@@ -71,69 +76,163 @@ def new_run_dir(config: RunConfig) -> Path:
 
 @dataclass
 class Run:
-    """A run's state while it trains; ``rows`` are the tidy metrics rows written so far."""
+    """A run's state while it trains: the rows of every results table written so far."""
 
     config: RunConfig
     run_dir: Path
     benchmark: str
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]] = field(default_factory=list)        # metrics.csv
+    per_class: list[dict[str, Any]] = field(default_factory=list)   # per_class.csv
+    bn_rows: list[dict[str, Any]] = field(default_factory=list)     # bn_drift.csv
+    bn_stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # stage → BN statistics after it
+    resources: dict[str, Any] = field(default_factory=lambda: {"stages": {}})
+
+    def base(self, stage: int, stage_task: str) -> dict[str, Any]:
+        return {"run_id": self.run_dir.name, "benchmark": self.benchmark, "strategy": self.config.strategy,
+                "seed": self.config.seed, "stage": stage, "stage_task": stage_task}
 
 
-def run(config: RunConfig) -> Path:
-    """Train and evaluate every stage; returns the run folder. Finished stages stay on disk if a later one fails."""
+def build_model(config: RunConfig, specs: list[TaskSpec], device: torch.device) -> UniHeadNet:
+    model = UniHeadNet(tasks=specs, backbone=config.backbone, pretrained=config.pretrained,
+                       pretrained_file=config.pretrained_file, head_channels=config.head_channels,
+                       head_stride=config.head_stride).to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def run(config: RunConfig, *, stage1_cache: Path | None = None,
+        on_stage: Callable[[int, str], None] | None = None) -> Path:
+    """Train and evaluate every stage; returns the run folder. Finished stages stay on disk if a later one fails.
+
+    ``stage1_cache``: a file holding the model right after stage-1 training for exactly this configuration
+    (but the strategy); used if present and the strategy does not change stage 1, written if absent.
+    ``on_stage(stage, task)`` is called before each stage (progress displays).
+    """
     seed_everything(config.seed)
     device = resolve_device(config.device)
     root, benchmark = data_root(config)
     from clbench.benchmarks import TASK_DIRS, load_tasks
     from clbench.benchmarks.stream import build_stream
     tasks = load_tasks(root, config.order, image_size=config.image_size)
+    specs = tuple(t.spec for t in tasks)
     strategy, options = create(config.strategy, config.set)
     config = dataclasses.replace(config, set=options)  # config.yaml records every resolved hyperparameter
-    model = UniHeadNet(tasks=[t.spec for t in tasks], backbone=config.backbone, pretrained=config.pretrained,
-                       pretrained_file=config.pretrained_file, head_channels=config.head_channels,
-                       head_stride=config.head_stride).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(config, list(specs), device)
     stream = build_stream([t.train for t in tasks], [t.test for t in tasks])
-    state = Run(config, new_run_dir(config), benchmark, [])
+    state = Run(config, new_run_dir(config), benchmark)
     state.run_dir.mkdir(parents=True)
     atomic_write(state.run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    atomic_write(state.run_dir / "env.json", to_json({**environment(device, {t: root / TASK_DIRS[t] for t in config.order}),
-                                                      "counts": model.parameter_counts(),
-                                                      "seeding": {"python": config.seed, "numpy": config.seed,
-                                                                  "torch": config.seed,
-                                                                  "loader_generator": "seed + 1000 * stage"}}))
-    specs = tuple(t.spec for t in tasks)
+    atomic_write(state.run_dir / "env.json", to_json({
+        **environment(device, {t: root / TASK_DIRS[t] for t in config.order}), "counts": model.parameter_counts(),
+        "seeding": {"python": config.seed, "numpy": config.seed, "torch": config.seed,
+                    "loader_generator": "seed + 1000 * stage"}}))
     test_loaders = [loader(exp.dataset, batch_size=32, shuffle=False, seed=config.seed, workers=config.workers,
                            device=device) for exp in stream.test_stream]
     evaluate_all(state, model, tasks, test_loaders, device, stage=0, stage_task="none")
     for stage, experience in enumerate(stream.train_stream, start=1):
         spec = specs[stage - 1]
-        settings = StageSettings(epochs=config.epochs[spec.name], lr=config.lr[spec.name],
-                                 weight_decay=config.weight_decay, grad_clip=config.grad_clip, amp=config.amp)
+        if on_stage:
+            on_stage(stage, spec.name)
         ctx = StageContext(model=model, stage=stage, task=spec, tasks=specs, device=device,
                            train_loader=loader(experience.dataset, batch_size=config.batch_size[spec.name], shuffle=True,
                                                seed=config.seed + 1000 * stage, workers=config.workers, device=device),
                            task_loss=lambda task, out, y, m=model: task_loss(m, task, out, y, (config.image_size,) * 2))
-        train_stage(ctx, strategy, settings, progress=config.progress)
+        cache = stage1_cache if stage == 1 and not strategy.changes_first_stage else None
+        seconds = train_or_restore(ctx, strategy, config, cache)
+        strategy.after_stage(ctx)
+        state.resources["stages"][stage] = {"task": spec.name, "train_seconds": seconds,
+                                            "parameters": model.parameter_counts()}
         evaluate_all(state, model, tasks, test_loaders, device, stage=stage, stage_task=spec.name)
-        save_checkpoint(state.run_dir / "checkpoints" / f"stage{stage}.pt",
-                        {"model": model.state_dict(), "strategy": strategy.state_dict(), "stage": stage,
-                         "task": spec.name})
+        save_checkpoint(state.run_dir / "checkpoints" / f"stage{stage}.pt", {
+            "model": model.state_dict(), "strategy": strategy.state_dict(), "stage": stage, "task": spec.name,
+            "model_config": model_config(config), "tasks": [dataclasses.asdict(t) for t in specs]})
+    write_resources(state, model, specs, device)
     return state.run_dir
+
+
+def model_config(config: RunConfig) -> dict[str, Any]:
+    """What `clbench eval` needs to rebuild the network of a checkpoint."""
+    return {"backbone": config.backbone, "head_channels": config.head_channels, "head_stride": config.head_stride,
+            "image_size": config.image_size, "order": list(config.order)}
+
+
+def train_or_restore(ctx: StageContext, strategy: Any, config: RunConfig, cache: Path | None) -> float:
+    """Train the stage's epochs (not its after_stage hook); from/to ``cache`` when given. Returns seconds."""
+    settings = StageSettings(epochs=config.epochs[ctx.task.name], lr=config.lr[ctx.task.name],
+                             weight_decay=config.weight_decay, grad_clip=config.grad_clip, amp=config.amp)
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, map_location=ctx.device, weights_only=True)
+        ctx.model.load_state_dict(saved["model"])
+        torch.set_rng_state(saved["rng"])
+        return 0.0
+    start = time.perf_counter()
+    train_stage(ctx, strategy, settings, progress=config.progress)
+    seconds = time.perf_counter() - start
+    if cache is not None:
+        save_checkpoint(cache, {"model": ctx.model.state_dict(), "rng": torch.get_rng_state(), "seconds": seconds})
+    return seconds
 
 
 def evaluate_all(state: Run, model: torch.nn.Module, tasks: list[Any], test_loaders: list[DataLoader],
                  device: torch.device, *, stage: int, stage_task: str) -> None:
-    """Evaluate every task, append the rows, rewrite metrics.csv atomically."""
+    """Evaluate every task, audit BN drift, rewrite the results tables atomically."""
+    start = time.perf_counter()
     for task, test_loader in zip(tasks, test_loaders):
         coco_gt = task.test.coco if task.spec.kind == "det" else None
-        for metric, (value, n) in evaluate_task(model, task.spec, test_loader, device, coco_gt).items():
-            state.rows.append({"run_id": state.run_dir.name, "benchmark": state.benchmark,
-                               "strategy": state.config.strategy, "seed": state.config.seed, "stage": stage,
-                               "stage_task": stage_task, "eval_task": task.spec.name, "metric": metric,
+        result = evaluate_task(model, task.spec, test_loader, device, coco_gt)
+        for metric, (value, n) in result.metrics.items():
+            state.rows.append({**state.base(stage, stage_task), "eval_task": task.spec.name, "metric": metric,
                                "value": value, "direction": task.spec.direction, "n": n})
+        for metric, values in result.per_class.items():
+            state.per_class += [{**state.base(stage, stage_task), "eval_task": task.spec.name, "class": name,
+                                 "metric": metric, "value": value} for name, value in values.items()]
+        if result.detections is not None:
+            atomic_write(state.run_dir / "predictions" / f"stage{stage}_{task.spec.name}.json",
+                         json.dumps(result.detections))
+    if stage > 0:
+        audit_batchnorm(state, model, tasks, test_loaders, device, stage=stage, stage_task=stage_task)
+        state.resources["stages"][stage]["eval_seconds"] = time.perf_counter() - start
     write_metrics(state.run_dir / "metrics.csv", state.rows)
+    write_table(state.run_dir / "per_class.csv", state.per_class, PER_CLASS_COLUMNS)
+    write_table(state.run_dir / "bn_drift.csv", state.bn_rows, BN_COLUMNS)
+
+
+def audit_batchnorm(state: Run, model: torch.nn.Module, tasks: list[Any], test_loaders: list[DataLoader],
+                    device: torch.device, *, stage: int, stage_task: str) -> None:
+    """Drift of every BN layer since the end of each earlier stage, and each earlier task re-evaluated
+    with the BN statistics of its own stage (metric ``<primary>_own_bn``): the part of a drop BN explains."""
+    current = batchnorm_state(model)
+    state.bn_stats[stage] = current
+    for ref_stage, reference in state.bn_stats.items():
+        if ref_stage < stage:
+            state.bn_rows += [{**state.base(stage, stage_task), "reference_stage": ref_stage, "layer": layer,
+                               "statistic": stat, "distance": d} for layer, stat, d in bn_drift(current, reference)]
+    for own_stage, (task, test_loader) in enumerate(zip(tasks[: stage - 1], test_loaders), start=1):
+        with batchnorm_stats_from(model, state.bn_stats[own_stage]):
+            coco_gt = task.test.coco if task.spec.kind == "det" else None
+            value, n = evaluate_task(model, task.spec, test_loader, device, coco_gt).metrics[task.spec.metric]
+        state.rows.append({**state.base(stage, stage_task), "eval_task": task.spec.name,
+                           "metric": f"{task.spec.metric}_own_bn", "value": value, "direction": "higher", "n": n})
+
+
+_LATENCY: dict[tuple, dict[str, dict[int, float]]] = {}  # per process: latency does not depend on the weights
+
+
+def write_resources(state: Run, model: UniHeadNet, specs: tuple[TaskSpec, ...], device: torch.device) -> None:
+    """resources.json: parameters and times per stage, evaluation share, latency, peak memory, budgets."""
+    key = (state.config.backbone, state.config.head_channels, state.config.head_stride,
+           tuple((t.name, t.num_classes) for t in specs), str(device))
+    if key not in _LATENCY:
+        _LATENCY[key] = {t.name: {size: latency_ms(model, t, size, device) for size in (256, 512)} for t in specs}
+    stages = state.resources["stages"]
+    train = sum(s["train_seconds"] for s in stages.values())
+    evaluation = sum(s.get("eval_seconds", 0.0) for s in stages.values())
+    name = device_name(device)
+    atomic_write(state.run_dir / "resources.json", to_json({
+        "device": name, "stages": stages, "train_seconds": train, "eval_seconds": evaluation,
+        "eval_share_of_stage_time": evaluation / (train + evaluation) if train + evaluation else None,
+        "latency_ms": _LATENCY[key], "memory": peak_memory_mb(device),
+        "budgets": budget_checks(model.parameter_counts()["total"], {t: v[512] for t, v in _LATENCY[key].items()}, name),
+    }))
 
 
 def summary(run_dir: Path) -> str:

@@ -53,4 +53,11 @@ def test_unknown_strategy_lists_what_exists(tiny_args, capsys):
     args = ["run"] + [f"--{k.replace('_', '-')}={v}" for k, v in tiny_args.items()] + ["--strategy", "naiv"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "strategy 'naiv' not found; did you mean 'naive'?" in err and "available: naive" in err
+    assert "strategy 'naiv' not found; did you mean 'naive'?" in err and "naive, replay)" in err
+
+
+def test_repeated_set_flags_reach_the_strategy(tiny_args, capsys):
+    args = ["run"] + [f"--{k.replace('_', '-')}={v}" for k, v in tiny_args.items()]
+    assert main(args + ["--strategy", "lwf", "--set", "lwf.lam=2", "--set", "lwf.lamb=3"]) == 2
+    assert "--set lwf.lamb: 'lwf' has no hyperparameter 'lamb'; did you mean 'lam'?" in capsys.readouterr().err
+    assert resolve(None, {"set": ["lwf.lam=2", "lwf.temperature=3"]}).set == {"lwf.lam": "2", "lwf.temperature": "3"}

@@ -18,7 +18,8 @@ from clbench.strategy import REGISTRY, Strategy, register
 
 def test_three_stage_run_writes_every_file_with_the_right_schema(tiny_args):
     run_dir = run(resolve(None, {**tiny_args, "run_id": "r1"}))
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "env.json", "metrics.csv"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["bn_drift.csv", "checkpoints", "config.yaml", "env.json",
+                                                         "metrics.csv", "per_class.csv", "predictions", "resources.json"]
     rows = pd.read_csv(run_dir / "metrics.csv")
     assert tuple(rows.columns) == METRIC_COLUMNS
     assert sorted(rows["stage"].unique()) == [0, 1, 2, 3]
@@ -36,6 +37,41 @@ def test_three_stage_run_writes_every_file_with_the_right_schema(tiny_args):
     from clbench.benchmarks import load_tasks
     specs = [t.spec for t in load_tasks(tiny_args["data_root"], ("seg", "det", "cls"), image_size=64)]
     UniHeadNet(tasks=specs, backbone="test_efficientnet", head_channels=16).load_state_dict(ckpt["model"])
+    assert sorted(p.name for p in (run_dir / "predictions").iterdir()) == [f"stage{k}_det.json" for k in range(4)]
+
+
+def test_saved_predictions_rescore_to_the_reported_map_with_pycocotools(tiny_args):
+    import contextlib, io
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    run_dir = run(resolve(None, {**tiny_args, "run_id": "rescore", "epochs": "det=3,seg=1,cls=1"}))
+    rows = pd.read_csv(run_dir / "metrics.csv")
+    reported = rows[(rows.stage == 2) & (rows.eval_task == "det") & (rows.metric == "mAP")]["value"].item()
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(Path(tiny_args["data_root"]) / "mini_coco_det" / "val" / "annotations.json"))
+        ev = COCOeval(gt, gt.loadRes(str(run_dir / "predictions" / "stage2_det.json")), iouType="bbox")
+        ev.evaluate(); ev.accumulate(); ev.summarize()
+    assert reported == pytest.approx(ev.stats[0], abs=1e-12)
+    per_class = pd.read_csv(run_dir / "per_class.csv")
+    ap = per_class[(per_class.stage == 2) & (per_class.metric == "AP")]
+    assert len(ap) == 10 and set(per_class[per_class.metric == "IoU"]["class"]) == {
+        "background", "aeroplane", "bicycle", "bird", "boat", "bottle"}
+
+
+def test_bn_audit_and_resource_report(tiny_args):
+    run_dir = run(resolve(None, {**tiny_args, "run_id": "audit"}))
+    drift = pd.read_csv(run_dir / "bn_drift.csv")
+    assert set(zip(drift.stage, drift.reference_stage)) == {(2, 1), (3, 1), (3, 2)}
+    assert (drift.distance >= 0).all() and (drift.distance > 0).any()
+    rows = pd.read_csv(run_dir / "metrics.csv")
+    own = rows[rows.metric.str.endswith("_own_bn")]
+    assert set(zip(own.stage, own.eval_task, own.metric)) == {(2, "seg", "mIoU_own_bn"), (3, "seg", "mIoU_own_bn"),
+                                                               (3, "det", "mAP_own_bn")}
+    report = json.loads((run_dir / "resources.json").read_text())
+    assert set(report["latency_ms"]) == {"seg", "det", "cls"} and report["latency_ms"]["det"]["512"] > 0
+    assert report["stages"]["1"]["parameters"]["total"] == report["stages"]["3"]["parameters"]["total"]
+    assert 0 < report["eval_share_of_stage_time"] < 1
+    assert report["budgets"][0]["pass"] is True and report["memory"]["process_peak_rss_mb"] > 0
 
 
 def test_same_seed_gives_a_bit_identical_metrics_csv(tiny_args, tmp_path):
