@@ -1,4 +1,4 @@
-"""The `clbench` command line: run, data synth."""
+"""The `clbench` command line: run, compare, table, plot, eval, strategies, data synth."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from pathlib import Path
 from clbench import ClbenchError, __version__
 from clbench.config import add_arguments, resolve
 
+BUILTIN_ORDER = "naive,freeze_restore,lwf,bn_frozen,ewc,replay"
+DEFINITIONS = ("drop", "abs", "forgetting", "reference")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clbench", allow_abbrev=False,
@@ -19,6 +22,19 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", allow_abbrev=False, help="train seg -> det -> cls with one strategy, print the table")
     run.add_argument("--config", type=Path, default=None, help="YAML file; its keys mirror these flags")
     add_arguments(run)
+    _compare_parser(sub)
+    table = sub.add_parser("table", allow_abbrev=False, help="the drop table of a run or comparison folder")
+    table.add_argument("folder", type=Path)
+    table.add_argument("--format", choices=("md", "csv", "latex"), default="md")
+    table.add_argument("--definition", choices=DEFINITIONS, default="drop")
+    table.add_argument("--threshold", type=float, default=None, help="mark pass/fail at this allowed drop")
+    plot = sub.add_parser("plot", allow_abbrev=False, help="PNG plots of a run or comparison folder")
+    plot.add_argument("folder", type=Path)
+    evaluate = sub.add_parser("eval", allow_abbrev=False, help="evaluate a checkpoint: mAP, mIoU, Top-1")
+    evaluate.add_argument("--weights", type=Path, required=True, help="a checkpoints/stage{k}.pt of a run")
+    evaluate.add_argument("--data-root", type=Path, default=None, help="default: the synthetic benchmark")
+    evaluate.add_argument("--tasks", default="all", help="all, or some of seg,det,cls")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     sub.add_parser("strategies", help="list every strategy found, its origin and hyperparameters")
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", allow_abbrev=False, help="write the synthetic benchmark in the real formats")
@@ -27,6 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n-train", type=int, default=160)
     synth.add_argument("--n-val", type=int, default=40)
     return parser
+
+
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    compare = sub.add_parser("compare", allow_abbrev=False,
+                             help="strategy x seed grid on one benchmark; prints the summary drop table")
+    compare.add_argument("--strategies", default=BUILTIN_ORDER, help=f"comma-separated (default {BUILTIN_ORDER})")
+    compare.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    compare.add_argument("--reference", choices=("none", "single-task"), default="none",
+                         help="also train each task alone (same budget, seed) for the drop vs single-task")
+    compare.add_argument("--definition", choices=DEFINITIONS, default=None,
+                         help="summary column: drop (default), abs, forgetting, reference")
+    compare.add_argument("--threshold", type=float, default=None, help="allowed drop for pass/fail (e.g. 5)")
+    compare.add_argument("--threshold-mode", choices=("relative", "absolute"), default="relative",
+                         help="relative: on drop %%; absolute: on the change in percentage points")
+    compare.add_argument("--name", default=None, help="comparison folder name (default: compare-<settings hash>)")
+    compare.add_argument("--config", type=Path, default=None, help="YAML run options shared by every cell")
+    add_arguments(compare, exclude=("strategy", "seed", "run_id"))
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -43,31 +76,99 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, sys.argv[1:] if argv is None else argv)
+    commands = {"run": _run, "compare": _compare, "table": _table, "plot": _plot, "eval": _eval,
+                "strategies": _strategies, "data": _synth}
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "strategies":
-            return _strategies()
-        return _synth(args)
+        return commands[args.command](args)
     except ClbenchError as exc:
         print(f"clbench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("clbench: interrupted; finished stages are kept in the run folder", file=sys.stderr)
+        print("clbench: interrupted; finished stages and cells are kept (rerun the command to resume a comparison)",
+              file=sys.stderr)
         return 130
 
 
+def _run_options(args: argparse.Namespace, skip: tuple[str, ...]) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
 def _run(args: argparse.Namespace) -> int:
-    from clbench.run import run, summary
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    config = resolve(args.config, given)
-    run_dir = run(config)
+    from clbench.run import summary
+    from clbench.run import run as run_one
+    config = resolve(args.config, _run_options(args, ("command", "config")))
+    run_dir = run_one(config)
     print(summary(run_dir))
     print(f"\nresults: {run_dir}")
     return 0
 
 
-def _strategies() -> int:
+def _compare(args: argparse.Namespace) -> int:
+    from clbench.compare import CompareSettings, compare, write_summary
+    skip = ("command", "config", "strategies", "seeds", "reference", "definition", "threshold", "threshold_mode", "name")
+    base = resolve(args.config, _run_options(args, skip))
+    definition = _definition(args.definition, args.threshold_mode, args.reference == "single-task")
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise ClbenchError(f"--seeds {args.seeds}: expected comma-separated integers") from None
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    settings = CompareSettings(strategies=strategies, seeds=seeds, reference=args.reference == "single-task", base=base)
+    folder = compare(settings, out=Path(base.out), name=args.name, progress=base.progress)
+    print(write_summary(folder, definition, args.threshold))
+    print(f"results: {folder}")
+    return 0
+
+
+def _definition(definition: str | None, mode: str, has_reference: bool) -> str:
+    if definition is None:
+        return "abs" if mode == "absolute" else "drop"
+    if definition == "reference" and not has_reference:
+        raise ClbenchError("--definition reference needs --reference single-task")
+    if mode == "absolute" and definition in ("drop", "reference"):
+        raise ClbenchError(f"--threshold-mode absolute applies to --definition abs or forgetting, not {definition}")
+    return definition
+
+
+def _table(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from clbench.report import DEFINITIONS as NOTES, comparison_table, render, stage_table
+    folder = args.folder
+    if (folder / "compare.yaml").exists():
+        from clbench.compare import load_comparison
+        rows, references = load_comparison(folder)
+        if args.definition == "reference" and not references:
+            raise ClbenchError(f"{folder}: --definition reference needs a comparison run with --reference single-task")
+        import yaml
+        strategies = yaml.safe_load((folder / "compare.yaml").read_text())["strategies"]
+        table, note = comparison_table(rows, args.definition, references, args.threshold, strategies)
+    elif (folder / "metrics.csv").exists():
+        if args.definition == "reference":
+            raise ClbenchError("--definition reference needs a comparison folder (clbench compare --reference single-task)")
+        table, note = stage_table(pd.read_csv(folder / "metrics.csv"), args.definition), NOTES[args.definition][1]
+    else:
+        raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
+    print(render(table, args.format).rstrip("\n"))
+    if args.format == "md":
+        print("\n" + note)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from clbench.plots import plot_folder
+    for path in plot_folder(args.folder):
+        print(path)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from clbench.checkpoint import evaluate_checkpoint
+    for task, metrics in evaluate_checkpoint(args.weights, args.data_root, args.tasks, args.device).items():
+        print(f"{task}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+    return 0
+
+
+def _strategies(args: argparse.Namespace) -> int:
     from clbench.plugins import available
     from clbench.strategy import hyperparameters
     for name, found in sorted(available().items()):

@@ -40,9 +40,10 @@ def _per_task(cast: Callable[[str], Any]) -> Callable[[Any], dict[str, Any]]:
 
 
 def _order(value: Any) -> tuple[str, ...]:
+    """The stages' tasks: a permutation of seg,det,cls (or a subset, as single-task reference runs use)."""
     order = tuple(value.split(",") if isinstance(value, str) else value)
-    if sorted(order) != sorted(TASK_NAMES):
-        raise ValueError(f"expected a permutation of {','.join(TASK_NAMES)}")
+    if not order or len(set(order)) != len(order) or not set(order) <= set(TASK_NAMES):
+        raise ValueError(f"expected a permutation of {','.join(TASK_NAMES)} (or some of them, each once)")
     return order
 
 
@@ -170,9 +171,11 @@ def resolve(yaml_path: Path | None, cli: dict[str, Any]) -> RunConfig:
     return RunConfig(**values)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     """One flag per RunConfig field, defaulting to 'not given' so it never overrides YAML."""
     for name, f in FIELDS.items():
+        if name in exclude:
+            continue
         flag = f"--{name.replace('_', '-')}"
         if f.metadata.get("append"):
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, action="append", metavar="KEY=VALUE",

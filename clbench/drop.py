@@ -62,3 +62,14 @@ def bwt(R: pd.DataFrame, trained: dict[str, int]) -> float:
     last_task = max(trained, key=trained.get)
     changes = [v for t, v in absolute_change(R, trained).items() if t != last_task]
     return sum(changes) / len(changes) if changes else math.nan
+
+
+def reference_drop(R: pd.DataFrame, trained: dict[str, int], reference: dict[str, float]) -> dict[str, float]:
+    """Drop vs a single-task reference: 100 (R[S,t] − R_ref[t]) / R_ref[t], R_ref[t] = task t trained alone
+    with the same budget and seed. Defined for the task trained last too; NaN when R_ref is 0 or missing."""
+    out = {}
+    for task, s_t in trained.items():
+        _, final = _base_and_final(R, task, s_t)
+        base = reference.get(task, math.nan)
+        out[task] = math.nan if base == 0 or math.isnan(base) else 100.0 * (final - base) / base
+    return out

@@ -162,3 +162,9 @@ def _check_option_owners(spec: str, names: list[str], options: dict[str, Any]) -
             hint = difflib.get_close_matches(owner, names, n=1)
             raise ClbenchError(f"--set {key}: strategy {owner!r} is not part of --strategy {spec}" +
                                (f"; did you mean {hint[0]!r}?" if hint else ""))
+
+
+def options_for(spec: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``options`` that belongs to the strategies of ``spec`` (a comparison shares one --set)."""
+    names = {find(ref.strip()).cls.name for ref in spec.split("+")}
+    return {key: value for key, value in options.items() if key.split(".", 1)[0] in names}

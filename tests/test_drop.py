@@ -3,8 +3,8 @@ import math
 import pandas as pd
 import pytest
 
-from clbench.drop import absolute_change, bwt, drop_percent, forgetting, metric_matrix, trained_at
-from clbench.report import stage_table
+from clbench.drop import absolute_change, bwt, drop_percent, forgetting, metric_matrix, reference_drop, trained_at
+from clbench.report import aggregate, comparison_table, paired_difference, run_measures, stage_table
 
 PRIMARY = {"seg": "mIoU", "det": "mAP", "cls": "top1"}
 
@@ -77,7 +77,50 @@ def test_missing_cells_give_nan_not_a_number():
 
 def test_report_table_has_the_original_layout():
     table = stage_table(rows_from(MATRIX))
-    assert list(table.columns) == ["Task", "Metric", "Stage 1", "Stage 2", "Stage 3", "Drop (%)"]
+    assert list(table.columns) == ["Task", "Metric", "Stage 1", "Stage 2", "Stage 3", "Strategy", "Drop (%)"]
     assert table["Task"].tolist() == ["Segmentation", "Detection", "Classification"]
-    assert table.iloc[1].tolist() == ["Detection", "mAP@[.5:.95]", "-", "0.400", "0.100", "-75.00%"]
+    assert table.iloc[1].tolist() == ["Detection", "mAP@[.5:.95]", "-", "0.400", "0.100", "s", "-75.00%"]
     assert table.iloc[2]["Drop (%)"] == "n/a (trained last)"
+
+
+def test_reference_drop_is_defined_for_the_task_trained_last():
+    rows = rows_from(MATRIX)
+    R, trained = metric_matrix(rows, PRIMARY), trained_at(rows)
+    ref = reference_drop(R, trained, {"seg": 0.5, "det": 0.4, "cls": 1.0})
+    assert ref["seg"] == pytest.approx(40.0) and ref["det"] == pytest.approx(-75.0) and ref["cls"] == pytest.approx(-10.0)
+    assert math.isnan(reference_drop(R, trained, {"seg": 0.0})["seg"]) and math.isnan(reference_drop(R, trained, {})["det"])
+
+
+def comparison_rows():
+    """naive and lwf, seeds 0..2, with hand-picked final detection mAPs (base 0.40 everywhere)."""
+    frames = []
+    for strategy, finals in (("naive", (0.10, 0.20, 0.30)), ("lwf", (0.20, 0.30, 0.30))):
+        for seed, final in enumerate(finals):
+            m = {s: dict(v) for s, v in MATRIX.items()}
+            m[3]["det"] = final
+            frame = rows_from(m)
+            frame["strategy"], frame["seed"], frame["run_id"] = strategy, seed, f"{strategy}{seed}"
+            frames.append(frame)
+    return pd.concat(frames)
+
+
+def test_comparison_statistics_by_hand():
+    measures = run_measures(comparison_rows(), "drop")
+    stats = aggregate(measures).set_index(["strategy", "task"])
+    naive = stats.loc[("naive", "det")]
+    # drops: -75, -50, -25 → mean -50, sample std 25, 95% CI half-width t(0.975, 2) · 25/√3 = 4.3027 · 14.434
+    assert naive["mean"] == pytest.approx(-50.0) and naive["std"] == pytest.approx(25.0) and naive["n"] == 3
+    assert naive["ci_high"] - naive["mean"] == pytest.approx(4.302653 * 25 / math.sqrt(3), rel=1e-5)
+    diff = paired_difference(measures).set_index(["strategy", "task"])
+    assert diff.loc[("lwf", "det"), "mean_diff"] == pytest.approx((25 + 25 + 0) / 3)
+    assert math.isnan(stats.loc[("naive", "cls"), "mean"])   # trained last: no drop
+
+
+def test_comparison_table_marks_pass_and_fail_and_states_its_definition():
+    table, note = comparison_table(comparison_rows(), "drop", threshold=60)
+    det = table.set_index("Strategy")["Detection (mAP@[.5:.95])"]
+    assert det["naive"].startswith("-50.00% ± 25.00 [") and det["naive"].endswith(" pass")
+    assert "Δ naive +16.67" in det["lwf"]
+    assert note.startswith("Drop (%) = 100 x (R[S,t] - R[s(t),t])") and "within 60 %" in note
+    table, _ = comparison_table(comparison_rows(), "abs", threshold=15)   # naive: -30, -20, -10 pp → mean -20
+    assert table.set_index("Strategy").loc["naive", "Detection (mAP@[.5:.95])"].endswith("FAIL")

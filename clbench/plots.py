@@ -1,0 +1,111 @@
+"""`clbench plot`: PNGs made from the CSVs alone — metric across stages, drop bars, BN drift per layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from clbench import ClbenchError
+from clbench.report import LABELS, primary_metrics, run_measures
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def load_rows(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """metrics and BN-drift rows of a run folder or of every finished run of a comparison."""
+    if (folder / "compare.yaml").exists():
+        runs = [d for d in sorted((folder / "runs").glob("*")) if (d / "done.json").exists()]
+    elif (folder / "metrics.csv").exists():
+        runs = [folder]
+    else:
+        raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
+    if not runs:
+        raise ClbenchError(f"{folder}: no finished run to plot")
+    metrics = pd.concat([pd.read_csv(d / "metrics.csv") for d in runs], ignore_index=True)
+    drift = pd.concat([pd.read_csv(d / "bn_drift.csv") for d in runs if (d / "bn_drift.csv").exists()],
+                      ignore_index=True)
+    return metrics, drift
+
+
+def plot_folder(folder: Path) -> list[Path]:
+    metrics, drift = load_rows(folder)
+    out = folder / "plots"
+    out.mkdir(exist_ok=True)
+    paths = [plot_stages(metrics, out / "metric_by_stage.png"), plot_drops(metrics, out / "drop_percent.png")]
+    if not drift.empty:
+        paths.append(plot_bn_drift(drift, out / "bn_drift.png"))
+    return paths
+
+
+def plot_stages(metrics: pd.DataFrame, path: Path) -> Path:
+    """Each task's primary metric after every stage, one line per strategy (mean over seeds)."""
+    plt = _pyplot()
+    primary = primary_metrics(metrics)
+    tasks = [t for t in ("seg", "det", "cls") if t in primary]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    rows = metrics[metrics["metric"] == metrics["eval_task"].map(primary)]
+    for ax, task in zip(axes[0], tasks):
+        for strategy, group in rows[rows.eval_task == task].groupby("strategy", sort=False):
+            mean = group.groupby("stage")["value"].mean()
+            ax.plot(mean.index, mean.values, marker="o", label=strategy)
+        ax.set_title(f"{LABELS[task][0]}: {LABELS[task][1]}")
+        ax.set_xlabel("after stage (0 = before training)")
+        ax.set_xticks(sorted(rows["stage"].unique()))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("metric")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_drops(metrics: pd.DataFrame, path: Path) -> Path:
+    """Drop % per task and strategy, mean with sample-std error bars over seeds."""
+    plt = _pyplot()
+    measures = run_measures(metrics, "drop").dropna(subset=["value"])
+    stats = measures.groupby(["task", "strategy"], sort=False)["value"].agg(["mean", "std"]).reset_index()
+    tasks = [t for t in ("seg", "det", "cls") if t in set(stats["task"])]
+    strategies = list(dict.fromkeys(metrics["strategy"]))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(strategies) * max(len(tasks), 1) / 2, 3.6))
+    width = 0.8 / max(len(strategies), 1)
+    for i, strategy in enumerate(strategies):
+        part = stats[stats.strategy == strategy].set_index("task").reindex(tasks)
+        xs = [k + i * width for k in range(len(tasks))]
+        ax.bar(xs, part["mean"], width, yerr=part["std"].fillna(0), capsize=3, label=strategy)
+    ax.set_xticks([k + width * (len(strategies) - 1) / 2 for k in range(len(tasks))])
+    ax.set_xticklabels([LABELS[t][0] for t in tasks])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("drop % (negative = forgot)")
+    ax.set_title("Drop % = 100 (R[last] − R[own stage]) / R[own stage]")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bn_drift(drift: pd.DataFrame, path: Path) -> Path:
+    """Relative drift of every BN layer's running mean/var at the last stage since the end of stage 1."""
+    plt = _pyplot()
+    last = drift[(drift.stage == drift.stage.max()) & (drift.reference_stage == 1)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=False)
+    for ax, stat in zip(axes, ("running_mean", "running_var")):
+        for strategy, group in last[last.statistic == stat].groupby("strategy", sort=False):
+            mean = group.groupby("layer", sort=False)["distance"].mean()
+            ax.plot(range(len(mean)), mean.values, label=strategy, linewidth=1.2)
+        ax.set_title(f"{stat}: ‖s − s(stage 1)‖ / ‖s(stage 1)‖ after the last stage")
+        ax.set_xlabel("BN layer (input → output)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("relative drift")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
