@@ -163,12 +163,14 @@ def train_or_restore(ctx: StageContext, strategy: Any, config: RunConfig, cache:
         saved = torch.load(cache, map_location=ctx.device, weights_only=True)
         ctx.model.load_state_dict(saved["model"])
         torch.set_rng_state(saved["rng"])
+        ctx.train_loader.generator.set_state(saved["loader_rng"])  # as if its epochs had drawn their shuffles
         return 0.0
     start = time.perf_counter()
     train_stage(ctx, strategy, settings, progress=config.progress)
     seconds = time.perf_counter() - start
     if cache is not None:
-        save_checkpoint(cache, {"model": ctx.model.state_dict(), "rng": torch.get_rng_state(), "seconds": seconds})
+        save_checkpoint(cache, {"model": ctx.model.state_dict(), "rng": torch.get_rng_state(),
+                                "loader_rng": ctx.train_loader.generator.get_state(), "seconds": seconds})
     return seconds
 
 

@@ -1,0 +1,119 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clbench.cli import main
+from clbench.config import resolve
+from clbench.run import run
+
+
+def flags(tiny_args, **extra):
+    return [f"--{k.replace('_', '-')}={v}" for k, v in {**tiny_args, **extra}.items()]
+
+
+def compare_folder(tiny_args):
+    folders = list(Path(tiny_args["out"]).glob("compare-*")) + list(Path(tiny_args["out"]).glob("named*"))
+    assert len(folders) == 1
+    return folders[0]
+
+
+def test_compare_runs_the_grid_and_shares_stage_1_bit_identically(tiny_args, tmp_path, capsys):
+    assert main(["compare", "--strategies", "naive,ewc", "--seeds", "0,1", *flags(tiny_args)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| Strategy") and "Δ naive" in out and "Drop (%) = 100 x" in out
+    folder = compare_folder(tiny_args)
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == ["ewc-seed0", "ewc-seed1", "naive-seed0", "naive-seed1"]
+    assert len(list((folder / "cache").glob("stage1-*.pt"))) == 2          # one per seed
+    stage1 = lambda cell: json.loads((folder / "runs" / cell / "resources.json").read_text())["stages"]["1"]
+    assert stage1("naive-seed0")["train_seconds"] > 0 and stage1("ewc-seed0")["train_seconds"] == 0.0
+    alone = run(resolve(None, {**tiny_args, "strategy": "ewc", "run_id": "ewc-seed0", "out": str(tmp_path / "alone")}))
+    assert (alone / "metrics.csv").read_bytes() == (folder / "runs" / "ewc-seed0" / "metrics.csv").read_bytes()
+    assert (folder / "summary.md").read_text().startswith("| Strategy")
+
+
+def test_a_strategy_that_changes_stage_1_is_not_served_from_the_cache(tiny_args):
+    args = ["compare", "--strategies", "naive,bn_frozen", "--set", "bn_frozen.from_stage=1", *flags(tiny_args)]
+    assert main(args) == 0
+    folder = compare_folder(tiny_args)
+    resources = json.loads((folder / "runs" / "bn_frozen-seed0" / "resources.json").read_text())
+    assert resources["stages"]["1"]["train_seconds"] > 0
+
+
+def test_reopening_a_comparison_with_other_settings_is_refused(tiny_args, capsys):
+    assert main(["compare", "--strategies", "naive", "--name", "named", *flags(tiny_args)]) == 0
+    assert main(["compare", "--strategies", "naive", "--name", "named", *flags(tiny_args, epochs=2)]) == 2
+    assert "holds a comparison with other settings" in capsys.readouterr().err
+
+
+def test_an_option_no_strategy_of_the_grid_has_is_an_error(tiny_args, capsys):
+    assert main(["compare", "--strategies", "naive,ewc", "--set", "lwf.lam=2", *flags(tiny_args)]) == 2
+    assert "--set lwf.lam: no strategy of --strategies naive,ewc has it" in capsys.readouterr().err
+
+
+def test_kill_9_then_rerun_resumes_and_keeps_finished_cells(tiny_args):
+    script = Path(sys.executable).parent / "clbench"
+    command = [str(script), "compare", "--strategies", "naive,ewc,lwf", "--name", "killed", *flags(tiny_args)]
+    folder = Path(tiny_args["out"]) / "killed"
+    first_done = folder / "runs" / "naive-seed0" / "done.json"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not first_done.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first_done.exists()
+    stamp = first_done.stat().st_mtime_ns
+    unfinished = [d.name for d in (folder / "runs").iterdir() if not (d / "done.json").exists()]
+    for d in (folder / "runs").iterdir():          # whatever was written is whole: CSVs parse
+        if (d / "metrics.csv").exists():
+            pd.read_csv(d / "metrics.csv")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert first_done.stat().st_mtime_ns == stamp                # not redone
+    assert all((folder / "runs" / f"{s}-seed0" / "done.json").exists() for s in ("naive", "ewc", "lwf"))
+    assert unfinished == [] or all((folder / "runs" / name / "done.json").exists() for name in unfinished)
+
+
+def test_reference_runs_give_a_drop_for_every_task(tiny_args, capsys):
+    assert main(["compare", "--strategies", "naive", "--reference", "single-task", "--definition", "reference",
+                 *flags(tiny_args)]) == 0
+    folder = compare_folder(tiny_args)
+    assert sorted(p.name for p in (folder / "reference").iterdir()) == ["cls-seed0", "det-seed0", "seg-seed0"]
+    table = pd.read_csv(folder / "summary.csv")
+    assert "n/a" not in table.iloc[0]["Classification (Top-1)"]
+    capsys.readouterr()
+    assert main(["table", str(folder), "--definition", "reference", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("Strategy,Segmentation (mIoU)")
+
+
+def test_table_plot_and_eval_on_a_run_folder(tiny_args, capsys):
+    run_dir = run(resolve(None, {**tiny_args, "run_id": "one"}))
+    assert main(["table", str(run_dir), "--format", "latex"]) == 0
+    assert "\\begin{tabular}" in capsys.readouterr().out
+    assert main(["table", str(run_dir), "--definition", "reference"]) == 2
+    assert main(["plot", str(run_dir)]) == 0
+    pngs = sorted((run_dir / "plots").glob("*.png"))
+    assert [p.name for p in pngs] == ["bn_drift.png", "drop_percent.png", "metric_by_stage.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    capsys.readouterr()
+    assert main(["eval", "--weights", str(run_dir / "checkpoints" / "stage3.pt"), "--data-root",
+                 tiny_args["data_root"], "--tasks", "all", "--device", "cpu"]) == 0
+    printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
+    rows = pd.read_csv(run_dir / "metrics.csv")
+    final = rows[rows.stage == 3].set_index(["eval_task", "metric"])["value"]
+    assert printed["det"] == f"mAP {final[('det', 'mAP')]:.4f}" and printed["cls"] == f"top1 {final[('cls', 'top1')]:.4f}"
+    assert printed["seg"] == f"mIoU {final[('seg', 'mIoU')]:.4f}"
+
+
+def test_eval_rejects_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    bogus = tmp_path / "w.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    assert main(["eval", "--weights", str(bogus)]) == 2
+    assert "w.pt: not a loadable checkpoint" in capsys.readouterr().err
