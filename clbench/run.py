@@ -96,7 +96,7 @@ def build_model(config: RunConfig, specs: list[TaskSpec], device: torch.device) 
     model = UniHeadNet(tasks=specs, backbone=config.backbone, pretrained=config.pretrained,
                        pretrained_file=config.pretrained_file, head_channels=config.head_channels,
                        head_stride=config.head_stride).to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    return model.to_channels_last()
 
 
 def run(config: RunConfig, *, stage1_cache: Path | None = None,

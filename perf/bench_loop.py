@@ -54,7 +54,7 @@ def main() -> None:
     data = load_task(cached(SynthSpec()), args.task, image_size=args.image_size)
     items = [(*data.train[i], 0) for i in range(args.batches * args.batch_size)]
     batches = [collate(items[i:i + args.batch_size]) for i in range(0, len(items), args.batch_size)]
-    base = UniHeadNet(tasks=[data.spec]).to(device)
+    base = UniHeadNet(tasks=[data.spec]).to(device).to_channels_last()  # as clbench.run builds it
     settings = StageSettings(epochs=1, lr=1e-3, weight_decay=1e-4, grad_clip=10.0, amp=False)
     strategy, _ = create("naive", {})
     times = {"clbench": [], "bare": []}

@@ -31,8 +31,8 @@ def test_unknown_yaml_key_is_an_error_with_a_suggestion(tmp_path):
 
 def test_bad_yaml_value_names_the_file_and_key(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("order: seg,det\n")
-    with pytest.raises(ClbenchError, match="c.yaml: order = 'seg,det': expected a permutation"):
+    cfg.write_text("order: seg,det,seg\n")
+    with pytest.raises(ClbenchError, match="c.yaml: order = .seg,det,seg.: expected a permutation"):
         resolve(cfg, {})
 
 
