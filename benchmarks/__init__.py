@@ -31,25 +31,27 @@ class TaskData:
     test: Dataset
 
 
-def load_task(root: Path, kind: str, *, image_size: int) -> TaskData:
-    """One task's spec and its train (resized targets) / test (original-resolution targets) datasets."""
+def load_task(root: Path, kind: str, *, image_size: int, augment: bool = False) -> TaskData:
+    """One task's spec and its train (resized targets, optionally augmented) / test (original-resolution
+    targets, never augmented) datasets."""
     task_root = Path(root) / TASK_DIRS[kind]
     if kind == "det":
-        train = CocoDetection(task_root / "train", image_size=image_size)
-        test = CocoDetection(task_root / "val", image_size=image_size)
+        train = CocoDetection(task_root, "train", image_size=image_size, augment=augment)
+        test = CocoDetection(task_root, "val", image_size=image_size)
         spec = TaskSpec("det", "det", DATASET_NAMES[kind], train.class_names, train.category_ids)
     elif kind == "seg":
         classes = read_class_list(task_root)
-        train = VocSegmentation(task_root / "train", image_size=image_size, classes=classes, train=True)
-        test = VocSegmentation(task_root / "val", image_size=image_size, classes=classes, train=False)
+        train = VocSegmentation(task_root, "train", image_size=image_size, classes=classes, train=True, augment=augment)
+        test = VocSegmentation(task_root, "val", image_size=image_size, classes=classes, train=False)
         spec = TaskSpec("seg", "seg", DATASET_NAMES[kind], classes)
     else:
         classes = class_folders(task_root / "train")
-        train = ImageFolderClassification(task_root / "train", image_size=image_size, classes=classes)
+        train = ImageFolderClassification(task_root / "train", image_size=image_size, classes=classes, augment=augment)
         test = ImageFolderClassification(task_root / "val", image_size=image_size, classes=classes)
         spec = TaskSpec("cls", "cls", DATASET_NAMES[kind], classes)
     return TaskData(spec, train, test)
 
 
-def load_tasks(root: Path, order: tuple[str, ...], *, image_size: int) -> list[TaskData]:
-    return [load_task(root, kind, image_size=image_size) for kind in order]
+def load_tasks(root: Path, order: tuple[str, ...], *, image_size: int,
+               augment: dict[str, bool] | None = None) -> list[TaskData]:
+    return [load_task(root, kind, image_size=image_size, augment=(augment or {}).get(kind, False)) for kind in order]

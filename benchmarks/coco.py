@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .images import read_image, resize_transform
+from .images import read_image, resize_transform, train_transform
 from clbench import ClbenchError
 
 
@@ -47,15 +47,29 @@ def _check_annotations(path: Path, data: dict[str, Any]) -> None:
                                f"{image['width']}x{image['height']} image")
 
 
+def coco_split_files(task_root: Path, split: str) -> tuple[Path, Path]:
+    """(annotation JSON, images folder) of a split. Accepted layouts, first match wins:
+    ``<split>/annotations.json`` or ``<split>/instances_<split>.json`` or ``annotations/instances_<split>.json`` or
+    ``<split>.json``; images in ``<split>/images/``, ``<split>/JPEGImages/`` or ``<split>/`` itself."""
+    task_root = Path(task_root)
+    candidates = [task_root / split / "annotations.json", task_root / split / f"instances_{split}.json",
+                  task_root / "annotations" / f"instances_{split}.json", task_root / f"{split}.json"]
+    annotation = next((p for p in candidates if p.is_file()), None)
+    if annotation is None:
+        raise ClbenchError(f"{task_root}: no annotation file for split {split!r} (looked for "
+                           f"{', '.join(str(p.relative_to(task_root)) for p in candidates)})")
+    folders = [task_root / split / "images", task_root / split / "JPEGImages", task_root / split]
+    return annotation, next(p for p in folders if p.is_dir() or p == folders[-1])
+
+
 class CocoDetection(Dataset):
     """Items: (image, {boxes xyxy in input pixels, labels 0..C-1, image_id, orig_size (h, w)}).
 
     Crowd boxes are not training targets (COCO's evaluation ignores detections matched to them).
     """
 
-    def __init__(self, split_dir: Path, *, image_size: int) -> None:
-        self.split_dir = Path(split_dir)
-        self.annotation_file = self.split_dir / "annotations.json"
+    def __init__(self, task_root: Path, split: str, *, image_size: int, augment: bool = False) -> None:
+        self.annotation_file, self.images_dir = coco_split_files(task_root, split)
         self.coco = load_coco_json(self.annotation_file)
         self.category_ids = tuple(sorted(c["id"] for c in self.coco["categories"]))
         self.class_names = tuple(c["name"] for c in sorted(self.coco["categories"], key=lambda c: c["id"]))
@@ -65,19 +79,21 @@ class CocoDetection(Dataset):
         for ann in self.coco["annotations"]:
             if not ann.get("iscrowd", 0):
                 self._anns[ann["image_id"]].append(ann)
-        self.transform = resize_transform(image_size)
+        if not self.images:
+            raise ClbenchError(f"{self.annotation_file}: empty split, no images")
+        self.transform = train_transform(image_size) if augment else resize_transform(image_size)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         info = self.images[index]
-        image = read_image(self.split_dir / "images" / info["file_name"])
+        image = read_image(self.images_dir / info["file_name"])
         anns = self._anns[info["id"]]
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes = tv_tensors.BoundingBoxes(torch.cat((xywh[:, :2], xywh[:, :2] + xywh[:, 2:]), 1), format="XYXY",
                                          canvas_size=(image.height, image.width))
-        x, boxes = self.transform(image, boxes)
         labels = torch.tensor([self._label[a["category_id"]] for a in anns], dtype=torch.long)
-        return x, {"boxes": boxes.as_subclass(torch.Tensor), "labels": labels, "image_id": info["id"],
-                   "orig_size": (image.height, image.width)}
+        x, target = self.transform(image, {"boxes": boxes, "labels": labels})
+        return x, {"boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"],
+                   "image_id": info["id"], "orig_size": (image.height, image.width)}

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .images import list_images, read_image, resize_transform
+from .images import list_images, read_image, resize_transform, train_transform
 from clbench import ClbenchError
 
 
@@ -20,7 +20,7 @@ def class_folders(split_dir: Path) -> tuple[str, ...]:
 class ImageFolderClassification(Dataset):
     """Items: (image, class index)."""
 
-    def __init__(self, split_dir: Path, *, image_size: int, classes: tuple[str, ...]) -> None:
+    def __init__(self, split_dir: Path, *, image_size: int, classes: tuple[str, ...], augment: bool = False) -> None:
         self.split_dir = Path(split_dir)
         found = class_folders(self.split_dir)
         if found != classes:
@@ -29,7 +29,7 @@ class ImageFolderClassification(Dataset):
         self.samples = [(path, i) for i, name in enumerate(classes) for path in list_images(self.split_dir / name)]
         if not self.samples:
             raise ClbenchError(f"{self.split_dir}: empty split, no images")
-        self.transform = resize_transform(image_size)
+        self.transform = train_transform(image_size) if augment else resize_transform(image_size)
 
     def __len__(self) -> int:
         return len(self.samples)

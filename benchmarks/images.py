@@ -38,6 +38,21 @@ def resize_transform(image_size: int) -> v2.Compose:
     ])
 
 
+def train_transform(image_size: int) -> v2.Compose:
+    """Training augmentation; boxes (with their labels) and masks follow every geometric step:
+    random resized crop (scale 0.5-1), horizontal flip, colour jitter; boxes cropped away are dropped."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop((image_size, image_size), scale=(0.5, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+        v2.ClampBoundingBoxes(),
+        v2.SanitizeBoundingBoxes(min_size=1.0),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
 def collate(items: list[tuple[Any, ...]]) -> tuple[torch.Tensor, Any, torch.Tensor]:
     """(image, target, task_label) items → stacked images, targets stacked where they can be, task labels."""
     images, targets, task_labels = zip(*items)

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .images import list_images, read_image, resize_transform
+from .images import list_images, read_image, resize_transform, train_transform
 from clbench import ClbenchError
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -52,19 +52,29 @@ def read_mask(path: Path, num_classes: int, image_size: tuple[int, int]) -> np.n
     return array
 
 
+def voc_split_dirs(task_root: Path, split: str) -> tuple[Path, Path]:
+    """(images, masks) folders of a split: ``JPEGImages/`` or ``images/``, ``SegmentationClass/`` or ``masks/``."""
+    base = Path(task_root) / split
+    images = next((base / n for n in ("JPEGImages", "images") if (base / n).is_dir()), base / "JPEGImages")
+    masks = next((base / n for n in ("SegmentationClass", "masks") if (base / n).is_dir()), base / "SegmentationClass")
+    return images, masks
+
+
 class VocSegmentation(Dataset):
     """Items: (image, mask). Training masks are resized (nearest) to the input; evaluation masks stay
     at the original resolution so mIoU is computed there."""
 
-    def __init__(self, split_dir: Path, *, image_size: int, classes: tuple[str, ...], train: bool) -> None:
-        self.split_dir = Path(split_dir)
+    def __init__(self, task_root: Path, split: str, *, image_size: int, classes: tuple[str, ...], train: bool,
+                 augment: bool = False) -> None:
+        images_dir, masks_dir = voc_split_dirs(task_root, split)
         self.classes = classes
         self.train = train
-        self.images = list_images(self.split_dir / "JPEGImages")
+        self.images = list_images(images_dir)
         if not self.images:
-            raise ClbenchError(f"{self.split_dir / 'JPEGImages'}: empty split, no images")
-        self.masks = [self.split_dir / "SegmentationClass" / f"{p.stem}.png" for p in self.images]
-        self.transform = resize_transform(image_size)
+            raise ClbenchError(f"{images_dir}: empty split, no images")
+        self.masks = [masks_dir / f"{p.stem}.png" for p in self.images]
+        self.transform = train_transform(image_size) if augment and train else resize_transform(image_size)
+        self.eval_transform = resize_transform(image_size)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -73,6 +83,6 @@ class VocSegmentation(Dataset):
         image = read_image(self.images[index])
         mask = torch.from_numpy(read_mask(self.masks[index], len(self.classes), (image.height, image.width)))
         if not self.train:
-            return self.transform(image), mask
+            return self.eval_transform(image), mask
         x, resized = self.transform(image, tv_tensors.Mask(mask))
         return x, resized.as_subclass(torch.Tensor)

@@ -109,6 +109,9 @@ class RunConfig:
                                  metadata={"parse": _per_task(_positive(float)), "help": "AdamW learning rate, per task"})
     batch_size: dict[str, int] = field(default_factory=lambda: {"seg": 16, "det": 16, "cls": 16},
                                        metadata={"parse": _per_task(_positive(int)), "help": "training batch size, per task"})
+    augment: dict[str, bool] = field(default_factory=lambda: {"seg": False, "det": False, "cls": False},
+                                     metadata={"parse": _per_task(_bool), "help": "training augmentation per task: "
+                                               "random resized crop, flip, colour jitter (true|false|seg=true,...)"})
     weight_decay: float = field(default=1e-4, metadata={"parse": float, "help": "AdamW weight decay"})
     grad_clip: float = field(default=10.0, metadata={"parse": _positive(float), "help": "max gradient norm"})
     image_size: int = field(default=128, metadata={"parse": _positive(int),

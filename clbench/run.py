@@ -66,6 +66,18 @@ def data_root(config: RunConfig) -> tuple[Path, str]:
     return synthetic.cached(synthetic.SynthSpec(seed=0, n_train=config.synth_train, n_val=config.synth_val)), "synthetic"
 
 
+_VERIFIED: set[Path] = set()
+
+
+def verify_once(root: Path) -> None:
+    """The full data check of `clbench data verify`, once per data root and process: a bad dataset fails
+    in seconds, before any training."""
+    from clbench.benchmarks.verify import verify
+    if root.resolve() not in _VERIFIED:
+        verify(root)
+        _VERIFIED.add(root.resolve())
+
+
 def new_run_dir(config: RunConfig) -> Path:
     run_id = config.run_id or f"{config.strategy}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(config.out) / run_id
@@ -112,7 +124,8 @@ def run(config: RunConfig, *, stage1_cache: Path | None = None,
     root, benchmark = data_root(config)
     from clbench.benchmarks import TASK_DIRS, load_tasks
     from clbench.benchmarks.stream import build_stream
-    tasks = load_tasks(root, config.order, image_size=config.image_size)
+    verify_once(root)
+    tasks = load_tasks(root, config.order, image_size=config.image_size, augment=config.augment)
     specs = tuple(t.spec for t in tasks)
     strategy, options = create(config.strategy, config.set)
     config = dataclasses.replace(config, set=options)  # config.yaml records every resolved hyperparameter
