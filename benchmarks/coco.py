@@ -81,7 +81,7 @@ class CocoDetection(Dataset):
                 self._anns[ann["image_id"]].append(ann)
         if not self.images:
             raise ClbenchError(f"{self.annotation_file}: empty split, no images")
-        self.transform = train_transform(image_size) if augment else resize_transform(image_size)
+        self.transform = train_transform(image_size, boxes=True) if augment else resize_transform(image_size)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -38,16 +38,17 @@ def resize_transform(image_size: int) -> v2.Compose:
     ])
 
 
-def train_transform(image_size: int) -> v2.Compose:
-    """Training augmentation; boxes (with their labels) and masks follow every geometric step:
-    random resized crop (scale 0.5-1), horizontal flip, colour jitter; boxes cropped away are dropped."""
+def train_transform(image_size: int, *, boxes: bool = False) -> v2.Compose:
+    """Training augmentation; boxes and masks follow every geometric step: random resized crop (scale
+    0.5-1), horizontal flip, colour jitter. With ``boxes`` the input is (image, {"boxes", "labels", ...})
+    and boxes cropped away are dropped together with their labels."""
+    box_steps = [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=2.0)] if boxes else []
     return v2.Compose([
         v2.ToImage(),
         v2.RandomResizedCrop((image_size, image_size), scale=(0.5, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(min_size=1.0),
+        *box_steps,
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])

@@ -42,6 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--n-train", type=int, default=160)
     synth.add_argument("--n-val", type=int, default=40)
+    prep = data.add_parser("prepare", allow_abbrev=False,
+                           help="the mini subsets from the official downloads (folders or archives)")
+    prep.add_argument("--coco", type=Path, required=True, help="folder with val2017/ + annotations/, or the zips")
+    prep.add_argument("--voc", type=Path, required=True, help="VOCdevkit or VOC2012 folder, or the tar")
+    prep.add_argument("--imagenette", type=Path, required=True, help="imagenette2-160 folder, or the tgz")
+    prep.add_argument("--out", type=Path, required=True)
+    prep.add_argument("--counts", default="240,60", help="TRAIN,VAL images per task (default 240,60)")
+    prep.add_argument("--classes", default=None, help="COCO classes by name or id (default ids 1-10)")
+    prep.add_argument("--seed", type=int, default=0)
+    down = data.add_parser("download", allow_abbrev=False, help="fetch the official archives (resumable, checked)")
+    down.add_argument("--out", type=Path, required=True)
+    down.add_argument("--only", default="coco,voc,imagenette", help="some of coco,coco-train,voc,imagenette")
+    down.add_argument("--mirror", default=None, help="base URL serving the same file names")
+    verify = data.add_parser("verify", allow_abbrev=False, help="check a data root and count images per class")
+    verify.add_argument("root", type=Path)
     return parser
 
 
@@ -77,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, sys.argv[1:] if argv is None else argv)
     commands = {"run": _run, "compare": _compare, "table": _table, "plot": _plot, "eval": _eval,
-                "strategies": _strategies, "data": _synth}
+                "strategies": _strategies, "data": _data}
     try:
         return commands[args.command](args)
     except ClbenchError as exc:
@@ -179,8 +194,27 @@ def _strategies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _synth(args: argparse.Namespace) -> int:
-    from clbench.benchmarks.synthetic import SynthSpec, generate
-    out = generate(args.out, SynthSpec(seed=args.seed, n_train=args.n_train, n_val=args.n_val))
-    print(f"synthetic benchmark written to {out}")
+def _data(args: argparse.Namespace) -> int:
+    if args.data_command == "synth":
+        from clbench.benchmarks.synthetic import SynthSpec, generate
+        out = generate(args.out, SynthSpec(seed=args.seed, n_train=args.n_train, n_val=args.n_val))
+        print(f"synthetic benchmark written to {out}")
+    elif args.data_command == "prepare":
+        from clbench.benchmarks.prepare import Counts, prepare
+        from clbench.benchmarks.verify import format_report, verify
+        try:
+            train, val = (int(v) for v in args.counts.split(","))
+        except ValueError:
+            raise ClbenchError(f"--counts {args.counts}: expected TRAIN,VAL, e.g. 240,60") from None
+        out = prepare(coco=args.coco, voc=args.voc, imagenette=args.imagenette, out=args.out,
+                      counts=Counts(train, val), seed=args.seed, coco_classes=args.classes)
+        print(format_report(verify(out)))
+        print(f"written to {out} (manifest.json lists every file with its sha256)")
+    elif args.data_command == "download":
+        from clbench.benchmarks.download import download_all
+        for path in download_all(args.out, [w.strip() for w in args.only.split(",")], mirror=args.mirror):
+            print(path)
+    else:
+        from clbench.benchmarks.verify import format_report, verify
+        print(format_report(verify(args.root)))
     return 0
