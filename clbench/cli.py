@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import sys
 from pathlib import Path
 
@@ -131,6 +132,10 @@ def _compare(args: argparse.Namespace) -> int:
     settings = CompareSettings(strategies=strategies, seeds=seeds, reference=args.reference == "single-task", base=base)
     folder = compare(settings, out=Path(base.out), name=args.name, progress=base.progress)
     print(write_summary(folder, definition, args.threshold))
+    report = json.loads((folder / "cache_report.json").read_text())
+    if report["stage1_reused_by_cells_this_invocation"]:
+        print(f"stage 1 came from the cache in {report['stage1_reused_by_cells_this_invocation']} cells: "
+              f"{report['stage1_seconds_saved_this_invocation']:.0f} s of training saved")
     print(f"results: {folder}")
     return 0
 
@@ -160,7 +165,9 @@ def _table(args: argparse.Namespace) -> int:
     elif (folder / "metrics.csv").exists():
         if args.definition == "reference":
             raise ClbenchError("--definition reference needs a comparison folder (clbench compare --reference single-task)")
-        table, note = stage_table(pd.read_csv(folder / "metrics.csv"), args.definition), NOTES[args.definition][1]
+        from clbench.report import BN_COLUMN, BN_NOTE
+        table = stage_table(pd.read_csv(folder / "metrics.csv"), args.definition)
+        note = NOTES[args.definition][1] + ("\n" + BN_NOTE if BN_COLUMN in table else "")
     else:
         raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
     print(render(table, args.format).rstrip("\n"))

@@ -126,7 +126,7 @@ def compare(settings: CompareSettings, *, out: Path, name: str | None = None, pr
     cells = [(s, seed) for seed in settings.seeds for s in settings.strategies]
     references = [(task, seed) for seed in settings.seeds for task in settings.base.order] if settings.reference else []
     bar = Progress(len(cells) * stages + len(references), progress)
-    saved, runs = 0.0, []
+    saved, reused, runs = 0.0, 0, []
     try:
         for strategy, seed in cells:
             config = dataclasses.replace(settings.base, strategy=strategy, seed=seed,
@@ -135,14 +135,15 @@ def compare(settings: CompareSettings, *, out: Path, name: str | None = None, pr
             cache = None if changes_stage1 else folder / "cache" / f"stage1-seed{seed}-{stage1_key(config)}.pt"
             run_dir, seconds = run_cell(folder / "runs", f"{strategy}-seed{seed}", config, bar, stages, cache)
             runs.append(run_dir)
-            saved += seconds
+            saved, reused = saved + seconds, reused + (seconds > 0)
         for task, seed in references:
             config = dataclasses.replace(settings.base, strategy="naive", seed=seed, order=(task,), set={})
             run_cell(folder / "reference", f"{task}-seed{seed}", config, bar, 1, None)
     finally:
         bar.close()
     write_summary(folder)
-    atomic_write(folder / "cache_report.json", to_json({"stage1_seconds_saved_this_invocation": saved}))
+    atomic_write(folder / "cache_report.json", to_json({"stage1_reused_by_cells_this_invocation": reused,
+                                                        "stage1_seconds_saved_this_invocation": saved}))
     return folder
 
 

@@ -17,6 +17,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def load_rows(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """metrics and BN-drift rows of a run folder or of every finished run of a comparison."""
     if (folder / "compare.yaml").exists():
@@ -60,10 +67,7 @@ def plot_stages(metrics: pd.DataFrame, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("metric")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_drops(metrics: pd.DataFrame, path: Path) -> Path:
@@ -85,10 +89,7 @@ def plot_drops(metrics: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel("drop % (negative = forgot)")
     ax.set_title("Drop % = 100 (R[last] − R[own stage]) / R[own stage]")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_bn_drift(drift: pd.DataFrame, path: Path) -> Path:
@@ -105,7 +106,4 @@ def plot_bn_drift(drift: pd.DataFrame, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("relative drift")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

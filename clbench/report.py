@@ -56,8 +56,32 @@ def stage_table(rows: pd.DataFrame, definition: str = "drop", reference: dict[st
             row[f"Stage {s}"] = f"{R.at[s, task]:.3f}" if s >= s_t and s in R.index else "-"
         row["Strategy"] = str(rows["strategy"].iloc[0])
         row[column] = _cell(values[task], definition, trained_last=s_t == last)
+        split = bn_attribution(rows, task, s_t, last)
+        if split is not None:
+            row[BN_COLUMN] = "-" if s_t == last else f"{split[0]:+.2f} / {split[1]:+.2f}"
         table.append(row)
     return pd.DataFrame(table)
+
+
+BN_COLUMN = "BN drift / weights (pp)"
+BN_NOTE = ("BN drift / weights: the change R[S,t] - R[s(t),t] (x100) split into 100 x (R[S,t] - R_ownBN) and "
+           "100 x (R_ownBN - R[s(t),t]), where R_ownBN re-evaluates t with the final weights but the BatchNorm "
+           "statistics saved at the end of its own stage.")
+
+
+def bn_attribution(rows: pd.DataFrame, task: str, own_stage: int, last: int) -> tuple[float, float] | None:
+    """(part of R[S,t] - R[s(t),t] due to BN statistics, part due to weights), x 100; None when the run has no
+    BN audit rows, NaNs when a cell is missing."""
+    if not rows["metric"].str.endswith("_own_bn").any():
+        return None
+    metric = PRIMARY_METRIC[task]
+
+    def value(stage: int, name: str) -> float:
+        cell = rows[(rows["stage"] == stage) & (rows["eval_task"] == task) & (rows["metric"] == name)]["value"]
+        return float(cell.iloc[0]) if len(cell) else math.nan
+
+    own_bn, final, base = value(last, f"{metric}_own_bn"), value(last, metric), value(own_stage, metric)
+    return 100 * (final - own_bn), 100 * (own_bn - base)
 
 
 def _cell(value: float, definition: str, *, trained_last: bool) -> str:

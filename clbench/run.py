@@ -22,7 +22,7 @@ from clbench.evaluate import evaluate_task
 from clbench.freezing import batchnorm_state
 from clbench.loop import StageSettings, task_loss, train_stage
 from clbench.model import UniHeadNet
-from clbench.report import FOOTNOTE, stage_table, to_markdown
+from clbench.report import BN_COLUMN, BN_NOTE, FOOTNOTE, stage_table, to_markdown
 from clbench.resources import budget_checks, device_name, latency_ms, peak_memory_mb
 from clbench.results import (BN_COLUMNS, PER_CLASS_COLUMNS, atomic_write, environment, save_checkpoint, to_json,
                              write_metrics, write_table)
@@ -253,4 +253,5 @@ def write_resources(state: Run, model: UniHeadNet, specs: tuple[TaskSpec, ...], 
 def summary(run_dir: Path) -> str:
     import pandas as pd
     rows = pd.read_csv(run_dir / "metrics.csv")
-    return to_markdown(stage_table(rows)) + "\n" + FOOTNOTE
+    table = stage_table(rows)
+    return to_markdown(table) + "\n" + FOOTNOTE + ("\n" + BN_NOTE if BN_COLUMN in table else "")

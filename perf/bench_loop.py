@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--task", default="det", choices=["seg", "det", "cls"])
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

@@ -124,3 +124,15 @@ def test_comparison_table_marks_pass_and_fail_and_states_its_definition():
     assert note.startswith("Drop (%) = 100 x (R[S,t] - R[s(t),t])") and "within 60 %" in note
     table, _ = comparison_table(comparison_rows(), "abs", threshold=15)   # naive: -30, -20, -10 pp → mean -20
     assert table.set_index("Strategy").loc["naive", "Detection (mAP@[.5:.95])"].endswith("FAIL")
+
+
+def test_bn_attribution_splits_the_change_into_bn_and_weights():
+    rows = rows_from(MATRIX)
+    audit = rows[(rows.stage == 3) & (rows.eval_task == "det") & (rows.metric == "mAP")].copy()
+    audit["metric"], audit["value"] = "mAP_own_bn", 0.35    # own-stage BN statistics bring it back to 0.35
+    table = stage_table(pd.concat([rows, audit])).set_index("Task")
+    # det: 0.40 → 0.10; BN part 100 (0.10 - 0.35) = -25, weights part 100 (0.35 - 0.40) = -5
+    assert table.at["Detection", "BN drift / weights (pp)"] == "-25.00 / -5.00"
+    assert table.at["Segmentation", "BN drift / weights (pp)"] == "+nan / +nan"
+    assert table.at["Classification", "BN drift / weights (pp)"] == "-"
+    assert "BN drift / weights (pp)" not in stage_table(rows)
