@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("folder", type=Path)
     table.add_argument("--format", choices=("md", "csv", "latex"), default="md")
     table.add_argument("--definition", choices=DEFINITIONS, default="drop")
-    table.add_argument("--threshold", type=float, default=None, help="mark pass/fail at this allowed drop")
+    table.add_argument("--threshold", type=float, default=5.0, help="allowed drop for pass/fail (default 5)")
     plot = sub.add_parser("plot", allow_abbrev=False, help="PNG plots of a run or comparison folder")
     plot.add_argument("folder", type=Path)
     evaluate = sub.add_parser("eval", allow_abbrev=False, help="evaluate a checkpoint: mAP, mIoU, Top-1")
@@ -70,7 +70,7 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
                          help="also train each task alone (same budget, seed) for the drop vs single-task")
     compare.add_argument("--definition", choices=DEFINITIONS, default=None,
                          help="summary column: drop (default), abs, forgetting, reference")
-    compare.add_argument("--threshold", type=float, default=None, help="allowed drop for pass/fail (e.g. 5)")
+    compare.add_argument("--threshold", type=float, default=5.0, help="allowed drop for pass/fail (default 5)")
     compare.add_argument("--threshold-mode", choices=("relative", "absolute"), default="relative",
                          help="relative: on drop %%; absolute: on the change in percentage points")
     compare.add_argument("--name", default=None, help="comparison folder name (default: compare-<settings hash>)")
@@ -166,7 +166,7 @@ def _table(args: argparse.Namespace) -> int:
         if args.definition == "reference":
             raise ClbenchError("--definition reference needs a comparison folder (clbench compare --reference single-task)")
         from clbench.report import BN_COLUMN, BN_NOTE
-        table = stage_table(pd.read_csv(folder / "metrics.csv"), args.definition)
+        table = stage_table(pd.read_csv(folder / "metrics.csv"), args.definition, threshold=args.threshold)
         note = NOTES[args.definition][1] + ("\n" + BN_NOTE if BN_COLUMN in table else "")
     else:
         raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")

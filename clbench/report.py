@@ -43,8 +43,9 @@ def measure(rows: pd.DataFrame, definition: str, reference: dict[str, float] | N
     raise ValueError(f"unknown definition {definition!r}; expected one of {', '.join(DEFINITIONS)}")
 
 
-def stage_table(rows: pd.DataFrame, definition: str = "drop", reference: dict[str, float] | None = None) -> pd.DataFrame:
-    """The original report's layout: Task | Metric | Stage 1..S | Strategy | <definition column>."""
+def stage_table(rows: pd.DataFrame, definition: str = "drop", reference: dict[str, float] | None = None,
+                threshold: float | None = None) -> pd.DataFrame:
+    """The original report's layout: Task | Metric | Stage 1..S | Strategy | <definition column> [| pass/fail]."""
     R, trained = metric_matrix(rows, primary_metrics(rows)), trained_at(rows)
     values, last = measure(rows, definition, reference), max(trained.values())
     column = DEFINITIONS[definition][0]
@@ -56,6 +57,9 @@ def stage_table(rows: pd.DataFrame, definition: str = "drop", reference: dict[st
             row[f"Stage {s}"] = f"{R.at[s, task]:.3f}" if s >= s_t and s in R.index else "-"
         row["Strategy"] = str(rows["strategy"].iloc[0])
         row[column] = _cell(values[task], definition, trained_last=s_t == last)
+        if threshold is not None:
+            verdict = passes(values[task], threshold, definition)
+            row[f"Within {threshold:g}"] = "-" if verdict is None else ("pass" if verdict else "FAIL")
         split = bn_attribution(rows, task, s_t, last)
         if split is not None:
             row[BN_COLUMN] = "-" if s_t == last else f"{split[0]:+.2f} / {split[1]:+.2f}"

@@ -136,3 +136,13 @@ def test_bn_attribution_splits_the_change_into_bn_and_weights():
     assert table.at["Segmentation", "BN drift / weights (pp)"] == "+nan / +nan"
     assert table.at["Classification", "BN drift / weights (pp)"] == "-"
     assert "BN drift / weights (pp)" not in stage_table(rows)
+
+
+def test_run_table_marks_pass_and_fail_at_the_threshold():
+    table = stage_table(rows_from(MATRIX), threshold=15).set_index("Task")
+    assert table.at["Segmentation", "Within 15"] == "pass"       # -12.5 %
+    assert table.at["Detection", "Within 15"] == "FAIL"          # -75 %
+    assert table.at["Classification", "Within 15"] == "-"        # trained last
+    absolute = stage_table(rows_from(MATRIX), "abs", threshold=10.5).set_index("Task")
+    assert absolute.at["Segmentation", "Within 10.5"] == "pass"  # -10 pp
+    assert stage_table(rows_from(MATRIX), "abs", threshold=9.5).set_index("Task").at["Segmentation", "Within 9.5"] == "FAIL"

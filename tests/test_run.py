@@ -120,7 +120,7 @@ def test_cli_run_prints_the_report_table(tiny_args, tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     header = [cell.strip() for cell in lines[0].split("|")[1:-1]]
-    assert header == ["Task", "Metric", "Stage 1", "Stage 2", "Stage 3", "Strategy", "Drop (%)",
+    assert header == ["Task", "Metric", "Stage 1", "Stage 2", "Stage 3", "Strategy", "Drop (%)", "Within 5",
                       "BN drift / weights (pp)"]
     assert any(line.startswith("| Detection") and "mAP@[.5:.95]" in line for line in lines)
     assert "n/a (trained last)" in out.stdout
