@@ -122,7 +122,7 @@ def run(config: RunConfig, *, stage1_cache: Path | None = None,
     seed_everything(config.seed)
     device = resolve_device(config.device)
     root, benchmark = data_root(config)
-    from clbench.benchmarks import TASK_DIRS, load_tasks
+    from clbench.benchmarks import load_tasks
     from clbench.benchmarks.stream import build_stream
     verify_once(root)
     tasks = load_tasks(root, config.order, image_size=config.image_size, augment=config.augment)
@@ -131,6 +131,30 @@ def run(config: RunConfig, *, stage1_cache: Path | None = None,
     config = dataclasses.replace(config, set=options)  # config.yaml records every resolved hyperparameter
     model = build_model(config, list(specs), device)
     stream = build_stream([t.train for t in tasks], [t.test for t in tasks])
+    state = open_run(config, benchmark, root, device, model)
+    test_loaders = [loader(exp.dataset, batch_size=32, shuffle=False, seed=config.seed, workers=config.workers,
+                           device=device) for exp in stream.test_stream]
+    evaluate_all(state, model, tasks, test_loaders, device, stage=0, stage_task="none")
+    for stage, experience in enumerate(stream.train_stream, start=1):
+        if on_stage:
+            on_stage(stage, specs[stage - 1].name)
+        ctx = StageContext(model=model, stage=stage, task=specs[stage - 1], tasks=specs, device=device,
+                           train_loader=loader(experience.dataset, batch_size=config.batch_size[specs[stage - 1].name],
+                                               shuffle=True, seed=config.seed + 1000 * stage, workers=config.workers,
+                                               device=device),
+                           task_loss=lambda task, out, y, m=model: task_loss(m, task, out, y, (config.image_size,) * 2))
+        run_stage(state, ctx, strategy, stage1_cache if stage == 1 and not strategy.changes_first_stage else None)
+        evaluate_all(state, model, tasks, test_loaders, device, stage=stage, stage_task=ctx.task.name)
+        save_checkpoint(state.run_dir / "checkpoints" / f"stage{stage}.pt", {
+            "model": model.state_dict(), "strategy": strategy.state_dict(), "stage": stage, "task": ctx.task.name,
+            "model_config": model_config(config), "tasks": [dataclasses.asdict(t) for t in specs]})
+    write_resources(state, model, specs, device)
+    return state.run_dir
+
+
+def open_run(config: RunConfig, benchmark: str, root: Path, device: torch.device, model: UniHeadNet) -> Run:
+    """Create the run folder (never over an existing one) with config.yaml and env.json."""
+    from clbench.benchmarks import TASK_DIRS
     state = Run(config, new_run_dir(config), benchmark)
     state.run_dir.mkdir(parents=True)
     atomic_write(state.run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -138,28 +162,15 @@ def run(config: RunConfig, *, stage1_cache: Path | None = None,
         **environment(device, {t: root / TASK_DIRS[t] for t in config.order}), "counts": model.parameter_counts(),
         "seeding": {"python": config.seed, "numpy": config.seed, "torch": config.seed,
                     "loader_generator": "seed + 1000 * stage"}}))
-    test_loaders = [loader(exp.dataset, batch_size=32, shuffle=False, seed=config.seed, workers=config.workers,
-                           device=device) for exp in stream.test_stream]
-    evaluate_all(state, model, tasks, test_loaders, device, stage=0, stage_task="none")
-    for stage, experience in enumerate(stream.train_stream, start=1):
-        spec = specs[stage - 1]
-        if on_stage:
-            on_stage(stage, spec.name)
-        ctx = StageContext(model=model, stage=stage, task=spec, tasks=specs, device=device,
-                           train_loader=loader(experience.dataset, batch_size=config.batch_size[spec.name], shuffle=True,
-                                               seed=config.seed + 1000 * stage, workers=config.workers, device=device),
-                           task_loss=lambda task, out, y, m=model: task_loss(m, task, out, y, (config.image_size,) * 2))
-        cache = stage1_cache if stage == 1 and not strategy.changes_first_stage else None
-        seconds = train_or_restore(ctx, strategy, config, cache)
-        strategy.after_stage(ctx)
-        state.resources["stages"][stage] = {"task": spec.name, "train_seconds": seconds,
-                                            "parameters": model.parameter_counts()}
-        evaluate_all(state, model, tasks, test_loaders, device, stage=stage, stage_task=spec.name)
-        save_checkpoint(state.run_dir / "checkpoints" / f"stage{stage}.pt", {
-            "model": model.state_dict(), "strategy": strategy.state_dict(), "stage": stage, "task": spec.name,
-            "model_config": model_config(config), "tasks": [dataclasses.asdict(t) for t in specs]})
-    write_resources(state, model, specs, device)
-    return state.run_dir
+    return state
+
+
+def run_stage(state: Run, ctx: StageContext, strategy: Any, cache: Path | None) -> None:
+    """Train (or restore from the stage-1 cache), then the strategy's after_stage; records time and params."""
+    seconds = train_or_restore(ctx, strategy, state.config, cache)
+    strategy.after_stage(ctx)
+    state.resources["stages"][ctx.stage] = {"task": ctx.task.name, "train_seconds": seconds,
+                                            "parameters": ctx.model.parameter_counts()}
 
 
 def model_config(config: RunConfig) -> dict[str, Any]:
