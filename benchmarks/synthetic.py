@@ -47,10 +47,10 @@ def generate(out: Path, spec: SynthSpec = SynthSpec()) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         for split, n, offset in (("train", spec.n_train, 0), ("val", spec.n_val, 1)):
-            rng = lambda task: np.random.default_rng([spec.seed, offset, task])  # noqa: E731 — one stream per task
-            _write_det(tmp / "mini_coco_det" / split, n, spec, rng(0))
-            _write_seg(tmp / "mini_voc_seg" / split, n, spec, rng(1))
-            _write_cls(tmp / "imagenette_160" / split, n, spec, rng(2))
+            streams = [np.random.default_rng([spec.seed, offset, task]) for task in range(3)]  # one per task
+            _write_det(tmp / "mini_coco_det" / split, n, spec, streams[0])
+            _write_seg(tmp / "mini_voc_seg" / split, n, spec, streams[1])
+            _write_cls(tmp / "imagenette_160" / split, n, spec, streams[2])
         (tmp / "mini_voc_seg" / "labels.txt").write_text("\n".join(SEG_CLASSES) + "\n")
         (tmp / "synth.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **asdict(spec)}, indent=2))
         if out.exists():

@@ -1,6 +1,5 @@
 import json
 import hashlib
-import shutil
 import time
 from pathlib import Path
 

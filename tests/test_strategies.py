@@ -1,12 +1,10 @@
-import copy
 
-import pandas as pd
 import pytest
 import torch
 
 from clbench.config import resolve
 from clbench.distill import distillation_loss
-from clbench.freezing import batchnorm_state, name_matches
+from clbench.freezing import name_matches
 from clbench.model import UniHeadNet
 from clbench.plugins import registered
 from clbench.regularization import diagonal_fisher, ewc_penalty, normalise_fisher, online_fisher

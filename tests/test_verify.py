@@ -1,10 +1,8 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision import tv_tensors
 
 from clbench import ClbenchError
