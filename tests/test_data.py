@@ -121,3 +121,11 @@ def test_class_folders_must_match_between_splits(tiny_root, tmp_path):
     (root / "imagenette_160" / "val" / "tench").rename(root / "imagenette_160" / "val" / "trench")
     with pytest.raises(ClbenchError, match="class folders .* differ from the training split's"):
         load_task(root, "cls", image_size=32)
+
+
+def test_cli_data_synth_writes_the_three_datasets(tmp_path, capsys):
+    from clbench.cli import main
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--n-train", "10", "--n-val", "10"]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["imagenette_160", "mini_coco_det", "mini_voc_seg",
+                                                                  "synth.json"]
+    assert "synthetic benchmark written to" in capsys.readouterr().out
