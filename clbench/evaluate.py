@@ -22,7 +22,7 @@ class TaskEval:
     detections: list[dict[str, Any]] | None = None
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_task(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device,
                   coco_gt: dict[str, Any] | None = None) -> TaskEval:
     """Primary and secondary metrics of ``task``; the model is left in eval mode."""

@@ -66,6 +66,27 @@ def data_root(config: RunConfig) -> tuple[Path, str]:
     return synthetic.cached(synthetic.SynthSpec(seed=0, n_train=config.synth_train, n_val=config.synth_val)), "synthetic"
 
 
+class MemoryCache(torch.utils.data.Dataset):
+    """A test set's items kept after their first decode: every task is evaluated after every stage and
+    the evaluation transform is deterministic, so decoding and resizing once per run is enough."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset, self.items = dataset, {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        if index not in self.items:
+            self.items[index] = self.dataset[index]
+        return self.items[index]
+
+
+def cached_in_memory(dataset: Any, image_size: int, budget_bytes: int = 512 * 2**20) -> Any:
+    """The dataset behind a MemoryCache when its resized images fit ``budget_bytes`` (float32)."""
+    return MemoryCache(dataset) if len(dataset) * 3 * image_size**2 * 4 <= budget_bytes else dataset
+
+
 _VERIFIED: set[Path] = set()
 
 
@@ -130,7 +151,7 @@ def run(config: RunConfig, *, stage1_cache: Path | None = None,
     strategy, options = create(config.strategy, config.set)
     config = dataclasses.replace(config, set=options)  # config.yaml records every resolved hyperparameter
     model = build_model(config, list(specs), device)
-    stream = build_stream([t.train for t in tasks], [t.test for t in tasks])
+    stream = build_stream([t.train for t in tasks], [cached_in_memory(t.test, config.image_size) for t in tasks])
     state = open_run(config, benchmark, root, device, model)
     test_loaders = [loader(exp.dataset, batch_size=32, shuffle=False, seed=config.seed, workers=config.workers,
                            device=device) for exp in stream.test_stream]
