@@ -6,6 +6,7 @@ split (COCO: from train2017 when given, otherwise from the val2017 images not ch
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -52,7 +53,6 @@ def choose(candidates: dict[Any, set[Any]], n: int, seed: int, classes: Iterable
 
 
 def sha256_bytes(data: bytes) -> str:
-    import hashlib
     return hashlib.sha256(data).hexdigest()
 
 

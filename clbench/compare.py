@@ -101,17 +101,13 @@ def run_cell(folder: Path, cell_id: str, config: RunConfig, progress: Progress, 
         return run_dir, 0.0
     if run_dir.exists():
         shutil.rmtree(run_dir)  # our own unfinished output: its tables hold only the stages it finished
-    hit = stage1_cache is not None and stage1_cache.exists()
     start = time.perf_counter()
     run(dataclasses.replace(config, out=str(folder), run_id=cell_id, progress=False), stage1_cache=stage1_cache,
         on_stage=progress.on_stage)
     atomic_write(run_dir / "done.json", to_json({"seconds": time.perf_counter() - start}))
     progress.finish_cell(stages)
-    saved = 0.0
-    if hit:
-        import torch
-        saved = float(torch.load(stage1_cache, weights_only=True)["seconds"])
-    return run_dir, saved
+    stage1 = json.loads((run_dir / "resources.json").read_text())["stages"]["1"]
+    return run_dir, float(stage1.get("seconds_saved_by_cache", 0.0))
 
 
 def compare(settings: CompareSettings, *, out: Path, name: str | None = None, progress: bool = True) -> Path:
@@ -126,15 +122,14 @@ def compare(settings: CompareSettings, *, out: Path, name: str | None = None, pr
     cells = [(s, seed) for seed in settings.seeds for s in settings.strategies]
     references = [(task, seed) for seed in settings.seeds for task in settings.base.order] if settings.reference else []
     bar = Progress(len(cells) * stages + len(references), progress)
-    saved, reused, runs = 0.0, 0, []
+    saved, reused = 0.0, 0
     try:
         for strategy, seed in cells:
             config = dataclasses.replace(settings.base, strategy=strategy, seed=seed,
                                          set=options_for(strategy, settings.base.set))
             changes_stage1 = create(strategy, config.set)[0].changes_first_stage
             cache = None if changes_stage1 else folder / "cache" / f"stage1-seed{seed}-{stage1_key(config)}.pt"
-            run_dir, seconds = run_cell(folder / "runs", f"{strategy}-seed{seed}", config, bar, stages, cache)
-            runs.append(run_dir)
+            _, seconds = run_cell(folder / "runs", f"{strategy}-seed{seed}", config, bar, stages, cache)
             saved, reused = saved + seconds, reused + (seconds > 0)
         for task, seed in references:
             config = dataclasses.replace(settings.base, strategy="naive", seed=seed, order=(task,), set={})

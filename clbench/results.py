@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -52,10 +53,6 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     write_table(path, rows, METRIC_COLUMNS)
 
 
-def read_metrics(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path)
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """A dict of state_dicts and plain values, loadable with ``torch.load(path, weights_only=True)``."""
     buffer = io.BytesIO()
@@ -63,8 +60,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+@functools.lru_cache(maxsize=None)
 def tree_hash(root: Path) -> str:
-    """sha256 over every file's relative path and bytes, in sorted order: a dataset's fingerprint."""
+    """sha256 over every file's relative path and bytes, in sorted order: a dataset's fingerprint
+    (once per folder and process: a comparison's cells share their data)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")

@@ -188,9 +188,10 @@ def open_run(config: RunConfig, benchmark: str, root: Path, device: torch.device
 
 def run_stage(state: Run, ctx: StageContext, strategy: Any, cache: Path | None) -> None:
     """Train (or restore from the stage-1 cache), then the strategy's after_stage; records time and params."""
-    seconds = train_or_restore(ctx, strategy, state.config, cache)
+    seconds, saved = train_or_restore(ctx, strategy, state.config, cache)
     strategy.after_stage(ctx)
     state.resources["stages"][ctx.stage] = {"task": ctx.task.name, "train_seconds": seconds,
+                                            "seconds_saved_by_cache": saved,
                                             "parameters": ctx.model.parameter_counts()}
 
 
@@ -200,8 +201,9 @@ def model_config(config: RunConfig) -> dict[str, Any]:
             "image_size": config.image_size, "order": list(config.order)}
 
 
-def train_or_restore(ctx: StageContext, strategy: Any, config: RunConfig, cache: Path | None) -> float:
-    """Train the stage's epochs (not its after_stage hook); from/to ``cache`` when given. Returns seconds."""
+def train_or_restore(ctx: StageContext, strategy: Any, config: RunConfig, cache: Path | None) -> tuple[float, float]:
+    """Train the stage's epochs (not its after_stage hook); from/to ``cache`` when given.
+    Returns (training seconds spent, training seconds the cache saved)."""
     settings = StageSettings(epochs=config.epochs[ctx.task.name], lr=config.lr[ctx.task.name],
                              weight_decay=config.weight_decay, grad_clip=config.grad_clip, amp=config.amp)
     if cache is not None and cache.exists():
@@ -209,14 +211,14 @@ def train_or_restore(ctx: StageContext, strategy: Any, config: RunConfig, cache:
         ctx.model.load_state_dict(saved["model"])
         torch.set_rng_state(saved["rng"])
         ctx.train_loader.generator.set_state(saved["loader_rng"])  # as if its epochs had drawn their shuffles
-        return 0.0
+        return 0.0, float(saved["seconds"])
     start = time.perf_counter()
     train_stage(ctx, strategy, settings, progress=config.progress)
     seconds = time.perf_counter() - start
     if cache is not None:
         save_checkpoint(cache, {"model": ctx.model.state_dict(), "rng": torch.get_rng_state(),
                                 "loader_rng": ctx.train_loader.generator.get_state(), "seconds": seconds})
-    return seconds
+    return seconds, 0.0
 
 
 def evaluate_all(state: Run, model: torch.nn.Module, tasks: list[Any], test_loaders: list[DataLoader],

@@ -166,13 +166,15 @@ class Composite(Strategy):
         self.name = "+".join(p.name for p in parts)
         self.changes_first_stage = any(p.changes_first_stage for p in parts)
 
-    def before_stage(self, ctx: StageContext) -> None:
+    def _each(self, hook: str, ctx: StageContext) -> None:
         for part in self.parts:
-            part.before_stage(ctx)
+            getattr(part, hook)(ctx)
+
+    def before_stage(self, ctx: StageContext) -> None:
+        self._each("before_stage", ctx)
 
     def before_epoch(self, ctx: StageContext) -> None:
-        for part in self.parts:
-            part.before_epoch(ctx)
+        self._each("before_epoch", ctx)
 
     def loss_term(self, ctx: StageContext, images: torch.Tensor,
                   outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -180,12 +182,10 @@ class Composite(Strategy):
         return sum(terms[1:], terms[0]) if terms else None
 
     def after_step(self, ctx: StageContext) -> None:
-        for part in self.parts:
-            part.after_step(ctx)
+        self._each("after_step", ctx)
 
     def after_stage(self, ctx: StageContext) -> None:
-        for part in self.parts:
-            part.after_stage(ctx)
+        self._each("after_stage", ctx)
 
     def state_dict(self) -> dict[str, Any]:
         return {p.name: p.state_dict() for p in self.parts}

@@ -40,7 +40,3 @@ class TaskSpec:
     @property
     def loss(self) -> str:
         return LOSS_NAME[self.kind]
-
-    @property
-    def label(self) -> str:
-        return {"det": "Detection", "seg": "Segmentation", "cls": "Classification"}[self.kind]

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from clbench.cli import main
 from clbench.config import resolve
@@ -32,6 +33,8 @@ def test_compare_runs_the_grid_and_shares_stage_1_bit_identically(tiny_args, tmp
     assert len(list((folder / "cache").glob("stage1-*.pt"))) == 2          # one per seed
     stage1 = lambda cell: json.loads((folder / "runs" / cell / "resources.json").read_text())["stages"]["1"]
     assert stage1("naive-seed0")["train_seconds"] > 0 and stage1("ewc-seed0")["train_seconds"] == 0.0
+    assert stage1("ewc-seed0")["seconds_saved_by_cache"] == pytest.approx(stage1("naive-seed0")["train_seconds"])
+    assert json.loads((folder / "cache_report.json").read_text())["stage1_reused_by_cells_this_invocation"] == 2
     alone = run(resolve(None, {**tiny_args, "strategy": "ewc", "run_id": "ewc-seed0", "out": str(tmp_path / "alone")}))
     assert (alone / "metrics.csv").read_bytes() == (folder / "runs" / "ewc-seed0" / "metrics.csv").read_bytes()
     assert (folder / "summary.md").read_text().startswith("| Strategy")
