@@ -223,7 +223,7 @@ def train_or_restore(ctx: StageContext, strategy: Any, config: RunConfig, cache:
 
 def evaluate_all(state: Run, model: torch.nn.Module, tasks: list[Any], test_loaders: list[DataLoader],
                  device: torch.device, *, stage: int, stage_task: str) -> None:
-    """Evaluate every task, audit BN drift, rewrite the results tables atomically."""
+    """Evaluate every task, audit BN drift, rewrite the results tables atomically; times both (resources.json)."""
     start = time.perf_counter()
     for task, test_loader in zip(tasks, test_loaders):
         coco_gt = task.test.coco if task.spec.kind == "det" else None
@@ -238,8 +238,10 @@ def evaluate_all(state: Run, model: torch.nn.Module, tasks: list[Any], test_load
             atomic_write(state.run_dir / "predictions" / f"stage{stage}_{task.spec.name}.json",
                          json.dumps(result.detections))
     if stage > 0:
+        audit_start = time.perf_counter()
         audit_batchnorm(state, model, tasks, test_loaders, device, stage=stage, stage_task=stage_task)
-        state.resources["stages"][stage]["eval_seconds"] = time.perf_counter() - start
+        state.resources["stages"][stage].update(eval_seconds=audit_start - start,
+                                                bn_audit_seconds=time.perf_counter() - audit_start)
     write_metrics(state.run_dir / "metrics.csv", state.rows)
     write_table(state.run_dir / "per_class.csv", state.per_class, PER_CLASS_COLUMNS)
     write_table(state.run_dir / "bn_drift.csv", state.bn_rows, BN_COLUMNS)
@@ -247,18 +249,28 @@ def evaluate_all(state: Run, model: torch.nn.Module, tasks: list[Any], test_load
 
 def audit_batchnorm(state: Run, model: torch.nn.Module, tasks: list[Any], test_loaders: list[DataLoader],
                     device: torch.device, *, stage: int, stage_task: str) -> None:
-    """Drift of every BN layer since the end of each earlier stage, and each earlier task re-evaluated
-    with the BN statistics of its own stage (metric ``<primary>_own_bn``): the part of a drop BN explains."""
+    """Drift of every BN layer since the end of each earlier stage (after every stage) and, after the last
+    stage, each earlier task re-evaluated with the BN statistics of its own stage (metric ``<primary>_own_bn``):
+    the part of the drop BN explains. Only the last stage's drop is reported, so earlier stages skip the
+    re-evaluation; when the statistics did not move (e.g. bn_frozen) the forward would be identical and the
+    value is copied."""
     current = batchnorm_state(model)
     state.bn_stats[stage] = current
     for ref_stage, reference in state.bn_stats.items():
         if ref_stage < stage:
             state.bn_rows += [{**state.base(stage, stage_task), "reference_stage": ref_stage, "layer": layer,
                                "statistic": stat, "distance": d} for layer, stat, d in bn_drift(current, reference)]
+    if stage < len(tasks):
+        return
     for own_stage, (task, test_loader) in enumerate(zip(tasks[: stage - 1], test_loaders), start=1):
-        with batchnorm_stats_from(model, state.bn_stats[own_stage]):
-            coco_gt = task.test.coco if task.spec.kind == "det" else None
-            value, n = evaluate_task(model, task.spec, test_loader, device, coco_gt).metrics[task.spec.metric]
+        own = state.bn_stats[own_stage]
+        if all(torch.equal(own[key], current[key]) for key in own):
+            value, n = next((r["value"], r["n"]) for r in reversed(state.rows) if r["stage"] == stage
+                            and r["eval_task"] == task.spec.name and r["metric"] == task.spec.metric)
+        else:
+            with batchnorm_stats_from(model, own):
+                coco_gt = task.test.coco if task.spec.kind == "det" else None
+                value, n = evaluate_task(model, task.spec, test_loader, device, coco_gt).metrics[task.spec.metric]
         state.rows.append({**state.base(stage, stage_task), "eval_task": task.spec.name,
                            "metric": f"{task.spec.metric}_own_bn", "value": value, "direction": "higher", "n": n})
 
@@ -273,15 +285,28 @@ def write_resources(state: Run, model: UniHeadNet, specs: tuple[TaskSpec, ...], 
     if key not in _LATENCY:
         _LATENCY[key] = {t.name: {size: latency_ms(model, t, size, device) for size in (256, 512)} for t in specs}
     stages = state.resources["stages"]
+    for stage in stages.values():
+        stage.update(eval_share_of_stage_time(stage["train_seconds"] + stage["seconds_saved_by_cache"],
+                                              stage["eval_seconds"], stage["bn_audit_seconds"]))
     train = sum(s["train_seconds"] for s in stages.values())
-    evaluation = sum(s.get("eval_seconds", 0.0) for s in stages.values())
+    trained = sum(s["train_seconds"] + s["seconds_saved_by_cache"] for s in stages.values())
+    evaluation = sum(s["eval_seconds"] for s in stages.values())
+    audit = sum(s["bn_audit_seconds"] for s in stages.values())
     name = device_name(device)
     atomic_write(state.run_dir / "resources.json", to_json({
         "device": name, "stages": stages, "train_seconds": train, "eval_seconds": evaluation,
-        "eval_share_of_stage_time": evaluation / (train + evaluation) if train + evaluation else None,
+        "bn_audit_seconds": audit, **eval_share_of_stage_time(trained, evaluation, audit),
         "latency_ms": _LATENCY[key], "memory": peak_memory_mb(device),
         "budgets": budget_checks(model.parameter_counts()["total"], {t: v[512] for t, v in _LATENCY[key].items()}, name),
     }))
+
+
+def eval_share_of_stage_time(train: float, evaluation: float, audit: float) -> dict[str, float | None]:
+    """Shares of a stage's time (training + evaluation + BN audit). Training is what the stage took when it
+    was trained, also when this run restored it from the stage-1 cache."""
+    total = train + evaluation + audit
+    return {"eval_share": evaluation / total if total else None,
+            "eval_and_bn_audit_share": (evaluation + audit) / total if total else None}
 
 
 def summary(run_dir: Path) -> str:
@@ -289,4 +314,17 @@ def summary(run_dir: Path) -> str:
     rows = pd.read_csv(run_dir / "metrics.csv")
     table = stage_table(rows, threshold=5.0)
     note = FOOTNOTE + "\nWithin 5: pass when the task lost at most 5% of its own-stage value (DESIGN's default threshold)."
-    return to_markdown(table) + "\n" + note + ("\n" + BN_NOTE if BN_COLUMN in table else "")
+    return (to_markdown(table) + "\n" + note + ("\n" + BN_NOTE if BN_COLUMN in table else "")
+            + "\n" + resource_line(json.loads((run_dir / "resources.json").read_text())))
+
+
+def resource_line(report: dict[str, Any]) -> str:
+    """One line of resources.json: time split, evaluation share per stage, peak memory, device."""
+    stages = report["stages"]
+    per_stage = " / ".join(f"{100 * s['eval_share']:.1f}%" for s in stages.values())
+    memory = report["memory"]
+    peak = (f"{memory['cuda_max_allocated_mb']:.0f} MB CUDA" if memory.get("cuda_max_allocated_mb") is not None
+            else f"{memory['process_peak_rss_mb']:.0f} MB RSS")
+    return (f"Time: training {report['train_seconds']:.1f} s, evaluation {report['eval_seconds']:.1f} s "
+            f"({100 * report['eval_share']:.1f}% of stage time; per stage {per_stage}), BN audit "
+            f"{report['bn_audit_seconds']:.1f} s; peak memory {peak}; device {report['device']}.")

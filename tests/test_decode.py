@@ -53,3 +53,12 @@ def test_seg_labels_upsample_logits_before_the_argmax():
     # An argmax first and a nearest upsample after would give [0, 0, 1, 1].
     labels = seg_labels(logits, (3, 4))
     assert labels.tolist() == [[0, 1, 1, 1]] * 3
+
+
+def test_seg_labels_equal_a_plain_float64_upsample_and_argmax_for_any_memory_format():
+    torch.manual_seed(0)
+    batch = torch.randn(3, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    for logits in (*batch, *batch.contiguous()):
+        expected = torch.nn.functional.interpolate(logits[None].double(), size=(19, 23), mode="bilinear",
+                                                   align_corners=False)[0].argmax(0)
+        assert torch.equal(seg_labels(logits, (19, 23)), expected)

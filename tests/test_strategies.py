@@ -1,4 +1,5 @@
 
+import pandas as pd
 import pytest
 import torch
 
@@ -77,11 +78,16 @@ def test_freeze_restore_optimizer_holds_no_frozen_parameter(tiny_args, monkeypat
 # bn_frozen --------------------------------------------------------------------------------------------------
 
 def test_bn_frozen_keeps_every_running_statistic_bit_identical_after_stage_1(tiny_args):
-    ckpt = checkpoints(run_with(tiny_args, "bn_frozen"))
+    run_dir = run_with(tiny_args, "bn_frozen")
+    ckpt = checkpoints(run_dir)
     stats = [k for k in ckpt[1]["model"] if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")]
     assert len(stats) > 30
     assert all(torch.equal(ckpt[3]["model"][k], ckpt[1]["model"][k]) for k in stats)
     assert not torch.equal(ckpt[3]["model"]["backbone.conv_stem.weight"], ckpt[1]["model"]["backbone.conv_stem.weight"])
+    # the BN attribution has nothing to attribute: the own-stage statistics are the current ones
+    final = pd.read_csv(run_dir / "metrics.csv").query("stage == 3").set_index("metric")
+    assert final.loc["mIoU_own_bn", "value"] == final.query("eval_task == 'seg'").loc["mIoU", "value"]
+    assert final.loc["mAP_own_bn", "value"] == final.query("eval_task == 'det'").loc["mAP", "value"]
 
 
 def test_without_bn_frozen_the_statistics_drift(tiny_args):
