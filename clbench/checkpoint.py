@@ -9,7 +9,7 @@ import torch
 
 from clbench import ClbenchError
 from clbench.config import TASK_NAMES, RunConfig
-from clbench.evaluate import evaluate_task
+from clbench.evaluate import EVAL_BATCH, evaluate_task
 from clbench.tasks import TaskSpec
 
 PRINTED = {"det": "mAP", "seg": "mIoU", "cls": "top1"}
@@ -56,7 +56,7 @@ def evaluate_checkpoint(weights: Path, data_root: Path | None, tasks: str, devic
     stream = build_stream([t.test for t in data], [t.test for t in data])
     results = {}
     for task, experience in zip(data, stream.test_stream):
-        batches = loader(experience.dataset, batch_size=32, shuffle=False, seed=0, workers=0, device=dev)
+        batches = loader(experience.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=0, workers=0, device=dev)
         coco_gt = task.test.coco if task.spec.kind == "det" else None
         value, _ = evaluate_task(model, task.spec, batches, dev, coco_gt).metrics[PRINTED[task.spec.kind]]
         results[task.spec.name] = {PRINTED[task.spec.kind]: value}

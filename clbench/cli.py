@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from clbench.compare import CompareSettings, compare, write_summary
+    from clbench.compare import CompareSettings, compare, write_resources, write_summary
     skip = ("command", "config", "strategies", "seeds", "reference", "definition", "threshold", "threshold_mode", "name")
     base = resolve(args.config, _run_options(args, skip))
     definition = _definition(args.definition, args.threshold_mode, args.reference == "single-task")
@@ -136,6 +136,7 @@ def _compare(args: argparse.Namespace) -> int:
     if report["stage1_reused_by_cells_this_invocation"]:
         print(f"stage 1 came from the cache in {report['stage1_reused_by_cells_this_invocation']} cells: "
               f"{report['stage1_seconds_saved_this_invocation']:.0f} s of training saved")
+    print(write_resources(folder))
     print(f"results: {folder}")
     return 0
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from clbench import ClbenchError
 from clbench.config import RunConfig
 from clbench.report import comparison_table, render
-from clbench.results import atomic_write, to_json
+from clbench.results import atomic_write, to_json, write_table
 
 # Fields that cannot change what stage 1 computes, so they stay out of the stage-1 cache key.
 NOT_IN_STAGE1_KEY = ("strategy", "set", "out", "run_id", "progress", "workers")
@@ -137,9 +137,35 @@ def compare(settings: CompareSettings, *, out: Path, name: str | None = None, pr
     finally:
         bar.close()
     write_summary(folder)
+    write_resources(folder)
     atomic_write(folder / "cache_report.json", to_json({"stage1_reused_by_cells_this_invocation": reused,
                                                         "stage1_seconds_saved_this_invocation": saved}))
     return folder
+
+
+RESOURCE_COLUMNS = ("cell", "stage", "task", "train_seconds", "seconds_saved_by_cache", "eval_seconds",
+                    "bn_audit_seconds", "eval_share", "eval_and_bn_audit_share")
+
+
+def write_resources(folder: Path) -> str:
+    """``resources.csv``: every finished cell's time per stage (from its resources.json); returns a one-line
+    summary of the evaluation share."""
+    rows = []
+    for run_dir in sorted((folder / "runs").glob("*")):
+        if (run_dir / "done.json").exists():
+            stages = json.loads((run_dir / "resources.json").read_text())["stages"]
+            rows += [{"cell": run_dir.name, "stage": int(k), **{c: v[c] for c in RESOURCE_COLUMNS[2:]}}
+                     for k, v in stages.items()]
+    write_table(folder / "resources.csv", rows, RESOURCE_COLUMNS)
+    table = pd.DataFrame(rows, columns=list(RESOURCE_COLUMNS))
+    if table.empty:
+        return ""
+    worst = table.loc[table["eval_share"].idxmax()]
+    return (f"evaluation: {100 * table['eval_share'].median():.1f}% of a stage's time (median over cells and stages; "
+            f"BN audit included {100 * table['eval_and_bn_audit_share'].median():.1f}%), highest "
+            f"{100 * worst['eval_share']:.1f}% ({worst['cell']} stage {worst['stage']}: "
+            f"{worst['train_seconds'] + worst['seconds_saved_by_cache']:.1f} s training, "
+            f"{worst['eval_seconds']:.1f} s evaluation); per stage in resources.csv")
 
 
 def load_comparison(folder: Path) -> tuple[pd.DataFrame, dict[int, dict[str, float]]]:

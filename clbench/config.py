@@ -103,7 +103,7 @@ class RunConfig:
     data_root: str | None = field(default=None, metadata={"parse": _optional_str,
                                   "help": "dataset root; default: the synthetic benchmark, generated into the cache"})
     order: tuple[str, ...] = field(default=TASK_NAMES, metadata={"parse": _order, "help": "task order, e.g. seg,det,cls"})
-    epochs: dict[str, int] = field(default_factory=lambda: {"seg": 3, "det": 6, "cls": 2},
+    epochs: dict[str, int] = field(default_factory=lambda: {"seg": 4, "det": 6, "cls": 3},
                                    metadata={"parse": _per_task(_positive(int)), "help": "N or seg=N,det=N,cls=N"})
     lr: dict[str, float] = field(default_factory=lambda: {"seg": 2e-3, "det": 2e-3, "cls": 2e-3},
                                  metadata={"parse": _per_task(_positive(float)), "help": "AdamW learning rate, per task"})

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from clbench import ClbenchError
 from clbench.config import RunConfig
 from clbench.bn_audit import batchnorm_stats_from, bn_drift
-from clbench.evaluate import evaluate_task
+from clbench.evaluate import EVAL_BATCH, evaluate_task
 from clbench.freezing import batchnorm_state
 from clbench.loop import StageSettings, task_loss, train_stage
 from clbench.model import UniHeadNet
@@ -153,7 +153,7 @@ def run(config: RunConfig, *, stage1_cache: Path | None = None,
     model = build_model(config, list(specs), device)
     stream = build_stream([t.train for t in tasks], [cached_in_memory(t.test, config.image_size) for t in tasks])
     state = open_run(config, benchmark, root, device, model)
-    test_loaders = [loader(exp.dataset, batch_size=32, shuffle=False, seed=config.seed, workers=config.workers,
+    test_loaders = [loader(exp.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=config.seed, workers=config.workers,
                            device=device) for exp in stream.test_stream]
     evaluate_all(state, model, tasks, test_loaders, device, stage=0, stage_task="none")
     for stage, experience in enumerate(stream.train_stream, start=1):

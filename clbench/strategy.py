@@ -51,6 +51,11 @@ class StageContext:
     def earlier_tasks(self) -> tuple[TaskSpec, ...]:
         return self.tasks[: self.stage - 1]
 
+    @property
+    def is_last(self) -> bool:
+        """No stage follows: whatever an after_stage hook prepares for later stages would go unused."""
+        return self.stage == len(self.tasks)
+
 
 class Strategy:
     """A forgetting strategy. Subclass, register with ``@register("name")``, override hooks you need."""

@@ -30,6 +30,8 @@ class EWC(Strategy):
         return self.lam / 2 * penalty
 
     def after_stage(self, ctx: StageContext) -> None:
+        if ctx.is_last:
+            return  # nothing left to protect: a Fisher here would cost 8 forward/backward passes for nothing
         ctx.model.eval()  # the Fisher must not move BatchNorm statistics
         batches = ((to_device(x, ctx.device), to_device(y, ctx.device)) for x, y, _ in ctx.train_loader)
         fisher = diagonal_fisher(ctx.model, batches, lambda x, y: ctx.task_loss(ctx.task, ctx.model(x), y),

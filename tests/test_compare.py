@@ -38,6 +38,13 @@ def test_compare_runs_the_grid_and_shares_stage_1_bit_identically(tiny_args, tmp
     alone = run(resolve(None, {**tiny_args, "strategy": "ewc", "run_id": "ewc-seed0", "out": str(tmp_path / "alone")}))
     assert (alone / "metrics.csv").read_bytes() == (folder / "runs" / "ewc-seed0" / "metrics.csv").read_bytes()
     assert (folder / "summary.md").read_text().startswith("| Strategy")
+    resources = pd.read_csv(folder / "resources.csv")
+    assert len(resources) == 4 * 3 and set(resources.cell) == {"ewc-seed0", "ewc-seed1", "naive-seed0", "naive-seed1"}
+    cached = resources[(resources.cell == "ewc-seed0") & (resources.stage == 1)].iloc[0]
+    # a cached stage's share is against the training it stands for, not against the 0 s it took here
+    assert cached.eval_share == pytest.approx(cached.eval_seconds / (cached.seconds_saved_by_cache + cached.eval_seconds
+                                                                    + cached.bn_audit_seconds))
+    assert f"evaluation: {100 * resources.eval_share.median():.1f}% of a stage's time" in out
 
 
 def test_a_strategy_that_changes_stage_1_is_not_served_from_the_cache(tiny_args):
