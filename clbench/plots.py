@@ -88,7 +88,7 @@ def plot_drops(metrics: pd.DataFrame, path: Path) -> Path:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("drop % (negative = forgot)")
     ax.set_title("Drop % = 100 (R[last] − R[own stage]) / R[own stage]")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars reach the top edge
     return _save(fig, path)
 
 
