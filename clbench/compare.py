@@ -25,8 +25,9 @@ from clbench.config import RunConfig
 from clbench.report import comparison_table, render
 from clbench.results import atomic_write, to_json, write_table
 
-# Fields that cannot change what stage 1 computes, so they stay out of the stage-1 cache key.
-NOT_IN_STAGE1_KEY = ("strategy", "set", "out", "run_id", "progress", "workers")
+# Fields that cannot change what stage 1 computes, so they stay out of the stage-1 cache key. ``workers`` is
+# not one of them: with augmentation on, workers draw other random crops than the main process.
+NOT_IN_STAGE1_KEY = ("strategy", "set", "out", "run_id", "progress")
 
 
 @dataclass(frozen=True)

@@ -129,3 +129,11 @@ def test_eval_rejects_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     bogus.write_bytes(b"not a checkpoint")
     assert main(["eval", "--weights", str(bogus)]) == 2
     assert "w.pt: not a loadable checkpoint" in capsys.readouterr().err
+
+
+def test_the_stage_1_cache_key_changes_with_every_setting_that_changes_stage_1():
+    from clbench.compare import stage1_key
+    base = resolve(None, {})
+    assert stage1_key(base) == stage1_key(resolve(None, {"strategy": "ewc", "run_id": "x", "set": {"ewc.lam": "3"}}))
+    for change in ({"workers": "2"}, {"epochs": "seg=5,det=6,cls=3"}, {"seed": "1"}, {"augment": "true"}, {"image_size": "96"}):
+        assert stage1_key(resolve(None, change)) != stage1_key(base), change

@@ -78,6 +78,13 @@ def test_bn_audit_and_resource_report(tiny_args):
     assert report["budgets"][0]["pass"] is True and report["memory"]["process_peak_rss_mb"] > 0
 
 
+def test_same_seed_with_loader_workers_and_augmentation_is_bit_identical(tiny_args, tmp_path):
+    args = {**tiny_args, "run_id": "workers", "workers": "2", "augment": "true"}
+    first = run(resolve(None, {**args, "out": str(tmp_path / "a")}))
+    second = run(resolve(None, {**args, "out": str(tmp_path / "b")}))
+    assert (first / "metrics.csv").read_bytes() == (second / "metrics.csv").read_bytes()
+
+
 def test_same_seed_gives_a_bit_identical_metrics_csv(tiny_args, tmp_path):
     first = run(resolve(None, {**tiny_args, "run_id": "same", "out": str(tmp_path / "a")}))
     second = run(resolve(None, {**tiny_args, "run_id": "same", "out": str(tmp_path / "b")}))
