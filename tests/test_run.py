@@ -135,3 +135,6 @@ def test_cli_run_prints_the_report_table(tiny_args, tmp_path):
                       "BN drift / weights (pp)"]
     assert any(line.startswith("| Detection") and "mAP@[.5:.95]" in line for line in lines)
     assert "n/a (trained last)" in out.stdout
+    report = json.loads((Path(tiny_args["out"]) / "cli" / "resources.json").read_text())
+    shares = " / ".join(f"{100 * s['eval_share']:.1f}%" for s in report["stages"].values())
+    assert f"({100 * report['eval_share']:.1f}% of stage time; per stage {shares})" in out.stdout
