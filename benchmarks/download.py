@@ -6,7 +6,6 @@ replaced; an interrupted download stays as ``<name>.part`` and the next call res
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import urllib.request
@@ -16,6 +15,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clbench import ClbenchError
+
+from .sources import file_digest
 
 
 @dataclass(frozen=True)
@@ -43,28 +44,20 @@ ARCHIVES = {
 }
 
 
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(archive: Archive, folder: Path, *, mirror: str | None = None, progress: bool = True,
              timeout: float = 60.0) -> Path:
     """Fetch one archive into ``folder`` (resuming ``<name>.part``) and check its md5."""
     folder.mkdir(parents=True, exist_ok=True)
     final, part = folder / archive.name, folder / f"{archive.name}.part"
     if final.exists():
-        found = md5_of(final)
+        found = file_digest(final, "md5")
         if found != archive.md5:
             raise ClbenchError(f"{final}: exists with md5 {found}, expected {archive.md5}; left untouched "
                                "(move or delete it to download again)")
         return final
     url = f"{mirror.rstrip('/')}/{archive.name}" if mirror else archive.url
     _fetch(url, part, progress=progress, timeout=timeout, name=archive.name)
-    found = md5_of(part)
+    found = file_digest(part, "md5")
     if found != archive.md5:
         raise ClbenchError(f"{part}: downloaded from {url} with md5 {found}, expected {archive.md5}; kept for "
                            "inspection (delete it to start over)")

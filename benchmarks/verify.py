@@ -21,9 +21,8 @@ SPLITS = ("train", "val")
 def verify(root: Path) -> dict[str, dict[str, Any]]:
     """task → split → {"images": n, "per_class": {class: count}}; the first problem is a ClbenchError."""
     root = Path(root)
-    report = {"det": _verify_det(root / "mini_coco_det"), "seg": _verify_seg(root / "mini_voc_seg"),
-              "cls": _verify_cls(root / "imagenette_160")}
-    return report
+    return {"det": _verify_det(root / "mini_coco_det"), "seg": _verify_seg(root / "mini_voc_seg"),
+            "cls": _verify_cls(root / "imagenette_160")}
 
 
 def _check_disjoint(task_root: Path, files: dict[str, list[Path]]) -> None:
@@ -42,10 +41,11 @@ def _nonempty(task_root: Path, split: str, count: int) -> None:
 
 
 def _verify_det(task_root: Path) -> dict[str, Any]:
-    out, files = {}, {}
+    out, files, categories = {}, {}, {}
     for split in SPLITS:
         annotation_file, images_dir = coco_split_files(task_root, split)
         coco = load_coco_json(annotation_file)
+        categories[split] = coco["categories"]
         _nonempty(task_root, split, len(coco["images"]))
         files[split] = [images_dir / img["file_name"] for img in coco["images"]]
         for path, info in zip(files[split], coco["images"]):
@@ -56,8 +56,7 @@ def _verify_det(task_root: Path) -> dict[str, Any]:
         names = {c["id"]: c["name"] for c in coco["categories"]}
         per_class = Counter(names[a["category_id"]] for a in coco["annotations"] if not a.get("iscrowd", 0))
         out[split] = {"images": len(coco["images"]), "per_class": dict(sorted(per_class.items()))}
-    if [c for c in load_coco_json(coco_split_files(task_root, "train")[0])["categories"]] != \
-            [c for c in load_coco_json(coco_split_files(task_root, "val")[0])["categories"]]:
+    if categories["train"] != categories["val"]:
         raise ClbenchError(f"{task_root}: train and val have different categories")
     _check_disjoint(task_root, files)
     return out

@@ -74,7 +74,6 @@ class VocSegmentation(Dataset):
             raise ClbenchError(f"{images_dir}: empty split, no images")
         self.masks = [masks_dir / f"{p.stem}.png" for p in self.images]
         self.transform = train_transform(image_size) if augment and train else resize_transform(image_size)
-        self.eval_transform = resize_transform(image_size)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -83,6 +82,6 @@ class VocSegmentation(Dataset):
         image = read_image(self.images[index])
         mask = torch.from_numpy(read_mask(self.masks[index], len(self.classes), (image.height, image.width)))
         if not self.train:
-            return self.eval_transform(image), mask
+            return self.transform(image), mask  # the plain resize: evaluation is never augmented
         x, resized = self.transform(image, tv_tensors.Mask(mask))
         return x, resized.as_subclass(torch.Tensor)

@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from clbench.compare import CompareSettings, compare, write_resources, write_summary
+    from clbench.compare import CompareSettings, compare, eval_share_line, write_summary
     skip = ("command", "config", "strategies", "seeds", "reference", "definition", "threshold", "threshold_mode", "name")
     base = resolve(args.config, _run_options(args, skip))
     definition = _definition(args.definition, args.threshold_mode, args.reference == "single-task")
@@ -136,7 +136,7 @@ def _compare(args: argparse.Namespace) -> int:
     if report["stage1_reused_by_cells_this_invocation"]:
         print(f"stage 1 came from the cache in {report['stage1_reused_by_cells_this_invocation']} cells: "
               f"{report['stage1_seconds_saved_this_invocation']:.0f} s of training saved")
-    print(write_resources(folder))
+    print(eval_share_line(folder))
     print(f"results: {folder}")
     return 0
 
@@ -153,22 +153,15 @@ def _definition(definition: str | None, mode: str, has_reference: bool) -> str:
 
 def _table(args: argparse.Namespace) -> int:
     import pandas as pd
-    from clbench.report import DEFINITIONS as NOTES, comparison_table, render, stage_table
+    from clbench.report import render, run_table
     folder = args.folder
     if (folder / "compare.yaml").exists():
-        from clbench.compare import load_comparison
-        rows, references = load_comparison(folder)
-        if args.definition == "reference" and not references:
-            raise ClbenchError(f"{folder}: --definition reference needs a comparison run with --reference single-task")
-        import yaml
-        strategies = yaml.safe_load((folder / "compare.yaml").read_text())["strategies"]
-        table, note = comparison_table(rows, args.definition, references, args.threshold, strategies)
+        from clbench.compare import comparison_summary
+        table, note = comparison_summary(folder, args.definition, args.threshold)
     elif (folder / "metrics.csv").exists():
         if args.definition == "reference":
             raise ClbenchError("--definition reference needs a comparison folder (clbench compare --reference single-task)")
-        from clbench.report import BN_COLUMN, BN_NOTE
-        table = stage_table(pd.read_csv(folder / "metrics.csv"), args.definition, threshold=args.threshold)
-        note = NOTES[args.definition][1] + ("\n" + BN_NOTE if BN_COLUMN in table else "")
+        table, note = run_table(pd.read_csv(folder / "metrics.csv"), args.definition, args.threshold)
     else:
         raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
     print(render(table, args.format).rstrip("\n"))

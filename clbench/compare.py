@@ -148,9 +148,8 @@ RESOURCE_COLUMNS = ("cell", "stage", "task", "train_seconds", "seconds_saved_by_
                     "bn_audit_seconds", "eval_share", "eval_and_bn_audit_share")
 
 
-def write_resources(folder: Path) -> str:
-    """``resources.csv``: every finished cell's time per stage (from its resources.json); returns a one-line
-    summary of the evaluation share."""
+def write_resources(folder: Path) -> None:
+    """``resources.csv``: every finished cell's time per stage, from its resources.json."""
     rows = []
     for run_dir in sorted((folder / "runs").glob("*")):
         if (run_dir / "done.json").exists():
@@ -158,7 +157,11 @@ def write_resources(folder: Path) -> str:
             rows += [{"cell": run_dir.name, "stage": int(k), **{c: v[c] for c in RESOURCE_COLUMNS[2:]}}
                      for k, v in stages.items()]
     write_table(folder / "resources.csv", rows, RESOURCE_COLUMNS)
-    table = pd.DataFrame(rows, columns=list(RESOURCE_COLUMNS))
+
+
+def eval_share_line(folder: Path) -> str:
+    """One line from ``resources.csv``: the median and the highest evaluation share of a stage's time."""
+    table = pd.read_csv(folder / "resources.csv")
     if table.empty:
         return ""
     worst = table.loc[table["eval_share"].idxmax()]
@@ -185,10 +188,18 @@ def load_comparison(folder: Path) -> tuple[pd.DataFrame, dict[int, dict[str, flo
     return pd.concat(frames, ignore_index=True), references
 
 
-def write_summary(folder: Path, definition: str = "drop", threshold: float | None = None) -> str:
+def comparison_summary(folder: Path, definition: str = "drop",
+                       threshold: float | None = None) -> tuple[pd.DataFrame, str]:
+    """The strategies × tasks table of a comparison folder, from its CSVs alone, and its footnote."""
     rows, references = load_comparison(folder)
+    if definition == "reference" and not references:
+        raise ClbenchError(f"{folder}: --definition reference needs a comparison run with --reference single-task")
     strategies = yaml.safe_load((folder / "compare.yaml").read_text())["strategies"]
-    table, note = comparison_table(rows, definition, references, threshold, strategies)
+    return comparison_table(rows, definition, references, threshold, strategies)
+
+
+def write_summary(folder: Path, definition: str = "drop", threshold: float | None = None) -> str:
+    table, note = comparison_summary(folder, definition, threshold)
     text = render(table, "md") + "\n\n" + note + "\n"
     atomic_write(folder / "summary.md", text)
     atomic_write(folder / "summary.csv", render(table, "csv"))

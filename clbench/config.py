@@ -55,7 +55,7 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return parse
 
 
-def _bool(value: Any) -> bool:
+def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if str(value).lower() in ("1", "true", "yes", "on"):
@@ -110,26 +110,26 @@ class RunConfig:
     batch_size: dict[str, int] = field(default_factory=lambda: {"seg": 16, "det": 16, "cls": 16},
                                        metadata={"parse": _per_task(_positive(int)), "help": "training batch size, per task"})
     augment: dict[str, bool] = field(default_factory=lambda: {"seg": False, "det": False, "cls": False},
-                                     metadata={"parse": _per_task(_bool), "help": "training augmentation per task: "
+                                     metadata={"parse": _per_task(parse_bool), "help": "training augmentation per task: "
                                                "random resized crop, flip, colour jitter (true|false|seg=true,...)"})
     weight_decay: float = field(default=1e-4, metadata={"parse": float, "help": "AdamW weight decay"})
     grad_clip: float = field(default=10.0, metadata={"parse": _positive(float), "help": "max gradient norm"})
     image_size: int = field(default=128, metadata={"parse": _positive(int),
                             "help": "square input side (128 for the synthetic benchmark; 256-512 for real data)"})
     backbone: str = field(default="efficientnet_b0", metadata={"parse": str, "help": "any timm model name"})
-    pretrained: bool = field(default=False, metadata={"parse": _bool, "help": "timm's pretrained weights (hub)"})
+    pretrained: bool = field(default=False, metadata={"parse": parse_bool, "help": "timm's pretrained weights (hub)"})
     pretrained_file: str | None = field(default=None, metadata={"parse": _optional_str,
                                         "help": "local timm checkpoint / backbone state_dict"})
     head_channels: int = field(default=96, metadata={"parse": _positive(int), "help": "width of the neck and head"})
     head_stride: int = field(default=8, metadata={"parse": int, "help": "output stride of the head: 8 or 16"})
-    amp: bool = field(default=True, metadata={"parse": _bool, "help": "mixed precision (CUDA only)"})
+    amp: bool = field(default=True, metadata={"parse": parse_bool, "help": "mixed precision (CUDA only)"})
     workers: int = field(default=0, metadata={"parse": int, "help": "DataLoader worker processes"})
     synth_train: int = field(default=160, metadata={"parse": _positive(int), "help": "synthetic images per task, train"})
     synth_val: int = field(default=40, metadata={"parse": _positive(int), "help": "synthetic images per task, val"})
     out: str = field(default="results", metadata={"parse": str, "help": "folder that receives <run_id>/"})
     run_id: str | None = field(default=None, metadata={"parse": _optional_str,
                                "help": "name of the run folder; default <strategy>-seed<N>-<time>"})
-    progress: bool = field(default=True, metadata={"parse": _bool, "help": "tqdm progress bars"})
+    progress: bool = field(default=True, metadata={"parse": parse_bool, "help": "tqdm progress bars"})
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -183,7 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()
         if f.metadata.get("append"):
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, action="append", metavar="KEY=VALUE",
                                 help=f.metadata["help"])
-        elif f.metadata["parse"] is _bool:
+        elif f.metadata["parse"] is parse_bool:
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, nargs="?", const="true", metavar="BOOL",
                                 help=f.metadata["help"])
         else:

@@ -9,13 +9,17 @@ import torch
 import torch.nn.functional as F
 
 
+def kl_per_position(student: torch.Tensor, teacher: torch.Tensor, temperature: float, dim: int) -> torch.Tensor:
+    """KL(softmax(teacher/T) ‖ softmax(student/T)) along ``dim``, one value per other position."""
+    log_p_student = F.log_softmax(student / temperature, dim=dim)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=dim)
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim)
+
+
 def kl_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float, dim: int) -> torch.Tensor:
     """T² · KL(softmax(teacher/T) ‖ softmax(student/T)) along ``dim``, averaged over the other positions
     (Li & Hoiem eq. 2 uses T = 2; the T² keeps gradients comparable across temperatures, Hinton et al.)."""
-    log_p_student = F.log_softmax(student / temperature, dim=dim)
-    log_p_teacher = F.log_softmax(teacher / temperature, dim=dim)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim)
-    return kl.mean() * temperature ** 2
+    return kl_per_position(student, teacher, temperature, dim).mean() * temperature ** 2
 
 
 def bernoulli_kl(student_logit: torch.Tensor, teacher_logit: torch.Tensor) -> torch.Tensor:
@@ -35,7 +39,5 @@ def distillation_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, t
     weight = teacher[..., 4].sigmoid()
     objectness = bernoulli_kl(student[..., 4], teacher[..., 4]).mean()
     box = (((student[..., :4] - teacher[..., :4]) ** 2).sum(-1) * weight).sum() / weight.sum().clamp(min=1e-6)
-    log_p_s = F.log_softmax(student[..., 5:] / temperature, -1)
-    log_p_t = F.log_softmax(teacher[..., 5:] / temperature, -1)
-    cls = ((log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * weight).sum() / weight.sum().clamp(min=1e-6)
+    cls = (kl_per_position(student[..., 5:], teacher[..., 5:], temperature, -1) * weight).sum() / weight.sum().clamp(min=1e-6)
     return objectness + box + cls * temperature ** 2

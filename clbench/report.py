@@ -62,9 +62,20 @@ def stage_table(rows: pd.DataFrame, definition: str = "drop", reference: dict[st
             row[f"Within {threshold:g}"] = "-" if verdict is None else ("pass" if verdict else "FAIL")
         split = bn_attribution(rows, task, s_t, last)
         if split is not None:
-            row[BN_COLUMN] = "-" if s_t == last else f"{split[0]:+.2f} / {split[1]:+.2f}"
+            row[BN_COLUMN] = ("-" if s_t == last else "n/a (cell missing)" if math.isnan(split[0] + split[1])
+                              else f"{split[0]:+.2f} / {split[1]:+.2f}")
         table.append(row)
     return pd.DataFrame(table)
+
+
+def run_table(rows: pd.DataFrame, definition: str = "drop", threshold: float | None = None) -> tuple[pd.DataFrame, str]:
+    """One run's stage table and its footnote (the definition, the threshold, the BN split when present)."""
+    table = stage_table(rows, definition, threshold=threshold)
+    note = DEFINITIONS[definition][1]
+    if threshold is not None:
+        unit = "%" if definition == "drop" else " pp"
+        note += f"\nWithin {threshold:g}: pass when the task lost at most {threshold:g}{unit} of its own-stage value."
+    return table, note + ("\n" + BN_NOTE if BN_COLUMN in table else "")
 
 
 BN_COLUMN = "BN drift / weights (pp)"
@@ -198,5 +209,3 @@ def to_markdown(table: pd.DataFrame) -> str:
     line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
     return "\n".join([line(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |"] + [line(r) for r in cells[1:]])
 
-
-FOOTNOTE = DEFINITIONS["drop"][1]

@@ -22,7 +22,7 @@ from clbench.evaluate import EVAL_BATCH, evaluate_task
 from clbench.freezing import batchnorm_state
 from clbench.loop import StageSettings, task_loss, train_stage
 from clbench.model import UniHeadNet
-from clbench.report import BN_COLUMN, BN_NOTE, FOOTNOTE, stage_table, to_markdown
+from clbench.report import run_table, to_markdown
 from clbench.resources import budget_checks, device_name, latency_ms, peak_memory_mb
 from clbench.results import (BN_COLUMNS, PER_CLASS_COLUMNS, atomic_write, environment, save_checkpoint, to_json,
                              write_metrics, write_table)
@@ -225,9 +225,11 @@ def evaluate_all(state: Run, model: torch.nn.Module, tasks: list[Any], test_load
                  device: torch.device, *, stage: int, stage_task: str) -> None:
     """Evaluate every task, audit BN drift, rewrite the results tables atomically; times both (resources.json)."""
     start = time.perf_counter()
+    primary = {}  # task → (value, n) of its primary metric after this stage
     for task, test_loader in zip(tasks, test_loaders):
         coco_gt = task.test.coco if task.spec.kind == "det" else None
         result = evaluate_task(model, task.spec, test_loader, device, coco_gt)
+        primary[task.spec.name] = result.metrics[task.spec.metric]
         for metric, (value, n) in result.metrics.items():
             state.rows.append({**state.base(stage, stage_task), "eval_task": task.spec.name, "metric": metric,
                                "value": value, "direction": task.spec.direction, "n": n})
@@ -239,7 +241,7 @@ def evaluate_all(state: Run, model: torch.nn.Module, tasks: list[Any], test_load
                          json.dumps(result.detections))
     if stage > 0:
         audit_start = time.perf_counter()
-        audit_batchnorm(state, model, tasks, test_loaders, device, stage=stage, stage_task=stage_task)
+        audit_batchnorm(state, model, tasks, test_loaders, device, stage=stage, stage_task=stage_task, primary=primary)
         state.resources["stages"][stage].update(eval_seconds=audit_start - start,
                                                 bn_audit_seconds=time.perf_counter() - audit_start)
     write_metrics(state.run_dir / "metrics.csv", state.rows)
@@ -248,12 +250,12 @@ def evaluate_all(state: Run, model: torch.nn.Module, tasks: list[Any], test_load
 
 
 def audit_batchnorm(state: Run, model: torch.nn.Module, tasks: list[Any], test_loaders: list[DataLoader],
-                    device: torch.device, *, stage: int, stage_task: str) -> None:
+                    device: torch.device, *, stage: int, stage_task: str, primary: dict[str, tuple[float, int]]) -> None:
     """Drift of every BN layer since the end of each earlier stage (after every stage) and, after the last
     stage, each earlier task re-evaluated with the BN statistics of its own stage (metric ``<primary>_own_bn``):
     the part of the drop BN explains. Only the last stage's drop is reported, so earlier stages skip the
-    re-evaluation; when the statistics did not move (e.g. bn_frozen) the forward would be identical and the
-    value is copied."""
+    re-evaluation; where the statistics did not move (e.g. bn_frozen) the forward would be identical, so the
+    stage's own value (``primary``) is taken."""
     current = batchnorm_state(model)
     state.bn_stats[stage] = current
     for ref_stage, reference in state.bn_stats.items():
@@ -264,10 +266,8 @@ def audit_batchnorm(state: Run, model: torch.nn.Module, tasks: list[Any], test_l
         return
     for own_stage, (task, test_loader) in enumerate(zip(tasks[: stage - 1], test_loaders), start=1):
         own = state.bn_stats[own_stage]
-        if all(torch.equal(own[key], current[key]) for key in own):
-            value, n = next((r["value"], r["n"]) for r in reversed(state.rows) if r["stage"] == stage
-                            and r["eval_task"] == task.spec.name and r["metric"] == task.spec.metric)
-        else:
+        value, n = primary[task.spec.name]
+        if not all(torch.equal(own[key], current[key]) for key in own):
             with batchnorm_stats_from(model, own):
                 coco_gt = task.test.coco if task.spec.kind == "det" else None
                 value, n = evaluate_task(model, task.spec, test_loader, device, coco_gt).metrics[task.spec.metric]
@@ -310,12 +310,11 @@ def eval_share_of_stage_time(train: float, evaluation: float, audit: float) -> d
 
 
 def summary(run_dir: Path) -> str:
+    """What `clbench run` prints: the stage table (DESIGN's default threshold of 5%) and the time line."""
     import pandas as pd
-    rows = pd.read_csv(run_dir / "metrics.csv")
-    table = stage_table(rows, threshold=5.0)
-    note = FOOTNOTE + "\nWithin 5: pass when the task lost at most 5% of its own-stage value (DESIGN's default threshold)."
-    return (to_markdown(table) + "\n" + note + ("\n" + BN_NOTE if BN_COLUMN in table else "")
-            + "\n" + resource_line(json.loads((run_dir / "resources.json").read_text())))
+    table, note = run_table(pd.read_csv(run_dir / "metrics.csv"), threshold=5.0)
+    return (to_markdown(table) + "\n" + note + "\n"
+            + resource_line(json.loads((run_dir / "resources.json").read_text())))
 
 
 def resource_line(report: dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from clbench import ClbenchError
+from clbench.config import parse_bool
 from clbench.tasks import TaskSpec
 
 
@@ -144,11 +145,7 @@ def parse_value(hp: HyperParameter, value: Any, source: str) -> Any:
 
 def _convert(kind: Any, value: Any) -> Any:
     if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return str(value).lower() in ("1", "true", "yes", "on")
-        raise ValueError("not a boolean")
+        return parse_bool(value)
     if typing.get_origin(kind) is tuple:
         items = [v for v in value.split(",") if v] if isinstance(value, str) else list(value)
         return tuple(_convert(typing.get_args(kind)[0], v) for v in items)

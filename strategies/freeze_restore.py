@@ -23,7 +23,7 @@ class FreezeRestore(Strategy):
     def before_stage(self, ctx: StageContext) -> None:
         if ctx.stage >= 2:
             freeze_matching(ctx.model, self.patterns)
-        if ctx.stage == len(ctx.tasks) and self.last_stage_slice_only:
+        if ctx.is_last and self.last_stage_slice_only:
             head_out, channels = ctx.model.head_out, ctx.model.slices[ctx.task.name]
             for param in ctx.model.parameters():
                 param.requires_grad_(False)

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from clbench.drop import absolute_change, bwt, drop_percent, forgetting, metric_matrix, reference_drop, trained_at
-from clbench.report import aggregate, comparison_table, paired_difference, run_measures, stage_table
+from clbench.report import aggregate, comparison_table, paired_difference, run_measures, run_table, stage_table
 
 PRIMARY = {"seg": "mIoU", "det": "mAP", "cls": "top1"}
 
@@ -133,7 +133,7 @@ def test_bn_attribution_splits_the_change_into_bn_and_weights():
     table = stage_table(pd.concat([rows, audit])).set_index("Task")
     # det: 0.40 → 0.10; BN part 100 (0.10 - 0.35) = -25, weights part 100 (0.35 - 0.40) = -5
     assert table.at["Detection", "BN drift / weights (pp)"] == "-25.00 / -5.00"
-    assert table.at["Segmentation", "BN drift / weights (pp)"] == "+nan / +nan"
+    assert table.at["Segmentation", "BN drift / weights (pp)"] == "n/a (cell missing)"   # no seg audit row
     assert table.at["Classification", "BN drift / weights (pp)"] == "-"
     assert "BN drift / weights (pp)" not in stage_table(rows)
 
@@ -146,3 +146,7 @@ def test_run_table_marks_pass_and_fail_at_the_threshold():
     absolute = stage_table(rows_from(MATRIX), "abs", threshold=10.5).set_index("Task")
     assert absolute.at["Segmentation", "Within 10.5"] == "pass"  # -10 pp
     assert stage_table(rows_from(MATRIX), "abs", threshold=9.5).set_index("Task").at["Segmentation", "Within 9.5"] == "FAIL"
+    _, note = run_table(rows_from(MATRIX), "abs", threshold=10.5)
+    assert note.startswith("Abs. change = 100 x") and "Within 10.5: pass when the task lost at most 10.5 pp" in note
+    _, note = run_table(rows_from(MATRIX), threshold=5)
+    assert note.startswith("Drop (%) = 100 x") and "at most 5% of its own-stage value" in note
