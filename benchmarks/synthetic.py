@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from clbench import ClbenchError
+from clbench.config import FIELDS
+
 from .voc import VOC_CLASSES
 
 FORMAT_VERSION = 1
@@ -34,17 +37,24 @@ SEG_COLOURS = [(200, 30, 30), (30, 160, 40), (30, 60, 200), (220, 200, 20), (140
 @dataclass(frozen=True)
 class SynthSpec:
     seed: int = 0
-    n_train: int = 160
-    n_val: int = 40
+    n_train: int = FIELDS["synth_train"].default   # one default, stated in RunConfig
+    n_val: int = FIELDS["synth_val"].default
     min_side: int = 96
     max_side: int = 160
 
 
 def generate(out: Path, spec: SynthSpec = SynthSpec()) -> Path:
-    """Write mini_coco_det/, mini_voc_seg/, imagenette_160/ and synth.json under ``out``, atomically."""
+    """Write mini_coco_det/, mini_voc_seg/, imagenette_160/ and synth.json under ``out``, atomically. ``out``
+    must not exist or be an empty folder: nothing of the user's is ever replaced."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ClbenchError(f"--out {out}: {'is a file' if not out.is_dir() else 'is a folder that is not empty'}; "
+                           "give a new or empty folder (nothing was changed)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    except OSError as exc:
+        raise ClbenchError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     try:
         for split, n, offset in (("train", spec.n_train, 0), ("val", spec.n_val, 1)):
             streams = [np.random.default_rng([spec.seed, offset, task]) for task in range(3)]  # one per task
@@ -53,9 +63,11 @@ def generate(out: Path, spec: SynthSpec = SynthSpec()) -> Path:
             _write_cls(tmp / "imagenette_160" / split, n, spec, streams[2])
         (tmp / "mini_voc_seg" / "labels.txt").write_text("\n".join(SEG_CLASSES) + "\n")
         (tmp / "synth.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **asdict(spec)}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)  # onto an empty folder or none; another writer's files make this fail
+        except OSError as exc:
+            raise ClbenchError(f"--out {out}: could not move the generated data into place ({exc.strerror or exc}); "
+                               "nothing there was changed") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -66,7 +78,13 @@ def cached(spec: SynthSpec = SynthSpec()) -> Path:
     cache = Path(os.environ.get("CLBENCH_CACHE", Path.home() / ".cache" / "clbench"))
     root = cache / (f"synthetic-v{FORMAT_VERSION}-seed{spec.seed}-n{spec.n_train}-{spec.n_val}"
                     f"-side{spec.min_side}-{spec.max_side}")
-    return root if (root / "synth.json").exists() else generate(root, spec)
+    if not (root / "synth.json").exists():
+        try:
+            generate(root, spec)
+        except ClbenchError:
+            if not (root / "synth.json").exists():  # another process may have written it meanwhile
+                raise
+    return root
 
 
 def _canvas(rng: np.random.Generator, spec: SynthSpec, mean: float, std: float) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Evaluate a saved checkpoint (the course's `eval.py --weights W --data_root D --tasks all` interface)
-through exactly the code a run uses: the same loaders, stream, model and evaluate_task."""
+through exactly the code a run uses — the same loaders, stream, model and evaluate_task — without the trainer."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from pathlib import Path
 import torch
 
 from clbench import ClbenchError
-from clbench.config import TASK_NAMES, RunConfig
+from clbench.config import FIELDS
 from clbench.evaluate import EVAL_BATCH, evaluate_task
+from clbench.runtime import ModelConfig, build_model, data_root, loader, resolve_device
 from clbench.tasks import TaskSpec
-
-PRINTED = {"det": "mAP", "seg": "mIoU", "cls": "top1"}
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -27,37 +26,56 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def evaluate_checkpoint(weights: Path, data_root: Path | None, tasks: str, device: str) -> dict[str, dict[str, float]]:
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """``model.load_state_dict`` whose mismatch names the first tensor (and shapes) that disagree."""
+    own = model.state_dict()
+    for name, tensor in weights.items():
+        if name not in own:
+            raise ClbenchError(f"{source}: tensor {name!r} has no place in the network its model_config describes")
+        if tuple(own[name].shape) != tuple(tensor.shape):
+            raise ClbenchError(f"{source}: tensor {name!r} is {tuple(tensor.shape)} in the checkpoint but "
+                               f"{tuple(own[name].shape)} in the network its model_config describes")
+    missing = [name for name in own if name not in weights]
+    if missing:
+        raise ClbenchError(f"{source}: tensor {missing[0]!r} of the network is missing from the checkpoint")
+    model.load_state_dict(weights)
+
+
+def evaluate_checkpoint(weights: Path, root: Path | None, tasks: str, device: str) -> dict[str, dict[str, float]]:
     """task → {its primary metric: value} for the requested tasks of the checkpoint's network."""
-    from clbench.benchmarks import load_task
+    from clbench.benchmarks import TASK_DIRS, load_task
     from clbench.benchmarks.stream import build_stream
-    from clbench.run import build_model, data_root as resolve_root, loader, resolve_device
     ckpt = load_checkpoint(weights)
-    specs = [TaskSpec(**{**t, "classes": tuple(t["classes"]), "category_ids": tuple(t["category_ids"])})
-             for t in ckpt["tasks"]]
+    try:
+        specs = [TaskSpec.from_dict(t) for t in ckpt["tasks"]]
+        cfg = ckpt["model_config"]
+        model_config = ModelConfig(cfg["backbone"], int(cfg["head_channels"]), int(cfg["head_stride"]),
+                                   int(cfg["image_size"]), tuple(cfg["order"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ClbenchError(f"{weights}: malformed model_config or tasks ({type(exc).__name__}: {exc})") from None
     wanted = [t.name for t in specs] if tasks == "all" else [t.strip() for t in tasks.split(",")]
     unknown = [t for t in wanted if t not in {s.name for s in specs}]
     if unknown:
         raise ClbenchError(f"--tasks {tasks}: {unknown[0]!r} is not a task of {weights} "
-                           f"(it has {', '.join(s.name for s in specs)}; names are {', '.join(TASK_NAMES)})")
-    cfg = ckpt["model_config"]
-    config = RunConfig(backbone=cfg["backbone"], head_channels=cfg["head_channels"], head_stride=cfg["head_stride"],
-                       image_size=cfg["image_size"], data_root=str(data_root) if data_root else None)
+                           f"(it has {', '.join(s.name for s in specs)})")
     dev = resolve_device(device)
-    root, _ = resolve_root(config)
-    data = [load_task(root, name, image_size=cfg["image_size"]) for name in wanted]
-    for task in data:
-        expected = next(s for s in specs if s.name == task.spec.name)
-        if task.spec.classes != expected.classes:
-            raise ClbenchError(f"{root}: the {task.spec.name} classes {list(task.spec.classes)} differ from the "
-                               f"checkpoint's {list(expected.classes)}")
-    model = build_model(config, specs, dev)
-    model.load_state_dict(ckpt["model"])
+    data_dir, _ = data_root(str(root) if root else None, FIELDS["synth_train"].default, FIELDS["synth_val"].default)
+    by_name = {s.name: s for s in specs}
+    data = [load_task(data_dir, by_name[name].kind, image_size=model_config.image_size) for name in wanted]
+    for name, task in zip(wanted, data):
+        if task.spec.classes != by_name[name].classes:
+            raise ClbenchError(f"{data_dir / TASK_DIRS[task.spec.kind]}: the {name} classes {list(task.spec.classes)} "
+                               f"differ from the checkpoint's {list(by_name[name].classes)}")
+    try:
+        model = build_model(model_config, specs, dev)
+    except (RuntimeError, ValueError) as exc:
+        raise ClbenchError(f"{weights}: its model_config does not build a network ({exc})") from None
+    load_weights(model, ckpt["model"], weights)
     stream = build_stream([t.test for t in data], [t.test for t in data])
     results = {}
-    for task, experience in zip(data, stream.test_stream):
+    for name, task, experience in zip(wanted, data, stream.test_stream):
+        spec = by_name[name]
         batches = loader(experience.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=0, workers=0, device=dev)
-        coco_gt = task.test.coco if task.spec.kind == "det" else None
-        value, _ = evaluate_task(model, task.spec, batches, dev, coco_gt).metrics[PRINTED[task.spec.kind]]
-        results[task.spec.name] = {PRINTED[task.spec.kind]: value}
+        value, _ = evaluate_task(model, spec, batches, dev, task.test.coco if spec.kind == "det" else None).metrics[spec.metric]
+        results[name] = {spec.metric: value}
     return results

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 from clbench import ClbenchError, __version__
-from clbench.config import add_arguments, resolve
+from clbench.config import FIELDS, RUN_ID, add_arguments, resolve, run_fields
+from clbench.drop import DEFAULT_THRESHOLD, DEFINITIONS
 
 BUILTIN_ORDER = "naive,freeze_restore,lwf,bn_frozen,ewc,replay"
-DEFINITIONS = ("drop", "abs", "forgetting", "reference")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", allow_abbrev=False, help="the drop table of a run or comparison folder")
     table.add_argument("folder", type=Path)
     table.add_argument("--format", choices=("md", "csv", "latex"), default="md")
-    table.add_argument("--definition", choices=DEFINITIONS, default="drop")
-    table.add_argument("--threshold", type=float, default=5.0, help="allowed drop for pass/fail (default 5)")
+    table.add_argument("--definition", choices=tuple(DEFINITIONS), default="drop")
+    table.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
+                       help=f"allowed drop for pass/fail (default {DEFAULT_THRESHOLD:g})")
     plot = sub.add_parser("plot", allow_abbrev=False, help="PNG plots of a run or comparison folder")
     plot.add_argument("folder", type=Path)
     evaluate = sub.add_parser("eval", allow_abbrev=False, help="evaluate a checkpoint: mAP, mIoU, Top-1")
@@ -40,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", allow_abbrev=False, help="write the synthetic benchmark in the real formats")
     synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--n-train", type=int, default=160)
-    synth.add_argument("--n-val", type=int, default=40)
+    synth.add_argument("--seed", type=_count(0), default=0)
+    synth.add_argument("--n-train", type=_count(1), default=FIELDS["synth_train"].default)
+    synth.add_argument("--n-val", type=_count(1), default=FIELDS["synth_val"].default)
     prep = data.add_parser("prepare", allow_abbrev=False,
                            help="the mini subsets from the official downloads (folders or archives)")
     prep.add_argument("--coco", type=Path, required=True, help="folder with val2017/ + annotations/, or the zips")
@@ -68,14 +69,31 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     compare.add_argument("--reference", choices=("none", "single-task"), default="none",
                          help="also train each task alone (same budget, seed) for the drop vs single-task")
-    compare.add_argument("--definition", choices=DEFINITIONS, default=None,
+    compare.add_argument("--definition", choices=tuple(DEFINITIONS), default=None,
                          help="summary column: drop (default), abs, forgetting, reference")
-    compare.add_argument("--threshold", type=float, default=5.0, help="allowed drop for pass/fail (default 5)")
+    compare.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
+                         help=f"allowed drop for pass/fail (default {DEFAULT_THRESHOLD:g})")
     compare.add_argument("--threshold-mode", choices=("relative", "absolute"), default="relative",
                          help="relative: on drop %%; absolute: on the change in percentage points")
     compare.add_argument("--name", default=None, help="comparison folder name (default: compare-<settings hash>)")
     compare.add_argument("--config", type=Path, default=None, help="YAML run options shared by every cell")
-    add_arguments(compare, exclude=("strategy", "seed", "run_id"))
+    add_arguments(compare, skip_role="per_cell")
+
+
+def _threshold(value: str) -> float:
+    out = float(value)
+    if not (out >= 0 and out != float("inf")):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a finite number >= 0")
+    return out
+
+
+def _count(low: int):  # noqa: ANN202 — an argparse type
+    def parse(value: str) -> int:
+        out = int(value)
+        if out < low:
+            raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number >= {low}")
+        return out
+    return parse
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -105,29 +123,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run_options(args: argparse.Namespace, skip: tuple[str, ...]) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in skip}
-
-
 def _run(args: argparse.Namespace) -> int:
-    from clbench.run import summary
+    from clbench.report import run_summary
     from clbench.run import run as run_one
-    config = resolve(args.config, _run_options(args, ("command", "config")))
+    config = resolve(args.config, run_fields(vars(args)))
     run_dir = run_one(config)
-    print(summary(run_dir))
+    print(run_summary(run_dir))
     print(f"\nresults: {run_dir}")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
     from clbench.compare import CompareSettings, compare, eval_share_line, write_summary
-    skip = ("command", "config", "strategies", "seeds", "reference", "definition", "threshold", "threshold_mode", "name")
-    base = resolve(args.config, _run_options(args, skip))
+    base = resolve(args.config, run_fields(vars(args)))
     definition = _definition(args.definition, args.threshold_mode, args.reference == "single-task")
     try:
         seeds = tuple(int(s) for s in args.seeds.split(","))
     except ValueError:
-        raise ClbenchError(f"--seeds {args.seeds}: expected comma-separated integers") from None
+        seeds = ()
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ClbenchError(f"--seeds {args.seeds}: expected distinct comma-separated whole numbers >= 0")
+    if args.name is not None and not RUN_ID.fullmatch(args.name):
+        raise ClbenchError(f"--name {args.name}: expected a plain folder name, not a path")
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     settings = CompareSettings(strategies=strategies, seeds=seeds, reference=args.reference == "single-task", base=base)
     folder = compare(settings, out=Path(base.out), name=args.name, progress=base.progress)
@@ -146,13 +163,13 @@ def _definition(definition: str | None, mode: str, has_reference: bool) -> str:
         return "abs" if mode == "absolute" else "drop"
     if definition == "reference" and not has_reference:
         raise ClbenchError("--definition reference needs --reference single-task")
-    if mode == "absolute" and definition in ("drop", "reference"):
+    if mode == "absolute" and DEFINITIONS[definition].unit == "%":
         raise ClbenchError(f"--threshold-mode absolute applies to --definition abs or forgetting, not {definition}")
     return definition
 
 
 def _table(args: argparse.Namespace) -> int:
-    import pandas as pd
+    from clbench.recorder import read_rows, read_tasks
     from clbench.report import render, run_table
     folder = args.folder
     if (folder / "compare.yaml").exists():
@@ -161,7 +178,8 @@ def _table(args: argparse.Namespace) -> int:
     elif (folder / "metrics.csv").exists():
         if args.definition == "reference":
             raise ClbenchError("--definition reference needs a comparison folder (clbench compare --reference single-task)")
-        table, note = run_table(pd.read_csv(folder / "metrics.csv"), args.definition, args.threshold)
+        rows = read_rows(folder)
+        table, note = run_table(rows, read_tasks(folder, rows), args.definition, args.threshold)
     else:
         raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
     print(render(table, args.format).rstrip("\n"))
@@ -185,9 +203,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _strategies(args: argparse.Namespace) -> int:
-    from clbench.plugins import available
+    from clbench.plugins import Broken, available
     from clbench.strategy import hyperparameters
     for name, found in sorted(available().items()):
+        if isinstance(found, Broken):
+            print(f"{name}  [{found.origin}]  BROKEN\n    {found.error}")
+            continue
         print(f"{name}  [{found.origin}]\n    {found.cls.description}")
         for hp in hyperparameters(found.cls).values():
             default = ",".join(map(str, hp.default)) if isinstance(hp.default, tuple) else hp.default

@@ -1,20 +1,25 @@
 """`clbench compare`: a strategy × seed grid of normal runs under one folder, resumable, with the stage-1
-training shared by every strategy that does not change it, and optional single-task reference runs.
+training shared by every strategy that declares ``shares_first_stage``, and optional single-task reference runs.
 
-Folder: ``<out>/<name>/`` with ``compare.yaml``, ``runs/<strategy>-seed<N>/`` (each a normal run, finished
-when its ``done.json`` exists), ``reference/<task>-seed<N>/``, ``cache/stage1-…pt``, ``summary.{md,csv}``.
+Folder: ``<out>/<name>/`` with ``compare.yaml``, ``runs/<strategy name>-seed<N>/`` (each a normal run, finished
+when its ``done.json`` exists), ``reference/<task>-seed<N>/``, ``cache/stage1-…pt``, ``summary.{md,csv}``,
+``resources.csv`` and, while a process works on it, ``lock``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import yaml
@@ -22,12 +27,10 @@ from tqdm import tqdm
 
 from clbench import ClbenchError
 from clbench.config import RunConfig
+from clbench.recorder import read_resources, read_rows, read_tasks
 from clbench.report import comparison_table, render
 from clbench.results import atomic_write, to_json, write_table
-
-# Fields that cannot change what stage 1 computes, so they stay out of the stage-1 cache key. ``workers`` is
-# not one of them: with augmentation on, workers draw other random crops than the main process.
-NOT_IN_STAGE1_KEY = ("strategy", "set", "out", "run_id", "progress")
+from clbench.runtime import Session
 
 
 @dataclass(frozen=True)
@@ -38,17 +41,19 @@ class CompareSettings:
     base: RunConfig
 
     def to_dict(self) -> dict[str, Any]:
-        base = {k: v for k, v in self.base.to_dict().items() if k not in ("strategy", "seed", "out", "run_id",
-                                                                          "progress", "set")}
+        run = {k: v for k, v in self.base.without("output_only").items()
+               if not RunConfig.__dataclass_fields__[k].metadata.get("per_cell") and k != "set"}
         return {"strategies": list(self.strategies), "seeds": list(self.seeds), "reference": self.reference,
-                "set": self.base.set, "run": base}
+                "set": dict(self.base.set), "run": run}
 
     def name(self) -> str:
         return "compare-" + hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def stage1_key(config: RunConfig) -> str:
-    fields = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_STAGE1_KEY}
+    """Hash of every setting that can change what stage 1 computes (not the strategy: see shares_first_stage)."""
+    fields = {k: v for k, v in config.without("output_only").items()
+              if not RunConfig.__dataclass_fields__[k].metadata.get("strategy")}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -77,85 +82,130 @@ class Progress:
         self.bar.close()
 
 
-def prepare_folder(settings: CompareSettings, out: Path, name: str | None) -> Path:
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Only one process works on a comparison folder at a time: an exclusive flock on ``folder/lock``. The
+    kernel drops it when its process dies, so the lock of a killed comparison is free at once (taken over)."""
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process (starting)"
+        os.close(fd)
+        raise ClbenchError(f"{folder}: in use by {holder}; wait for it to finish or stop it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    try:
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+def prepare_folder(settings: CompareSettings, folder: Path) -> None:
     """Create or reopen the comparison folder; reopening with other settings is an error, never an overwrite."""
-    folder = Path(out) / (name or settings.name())
     saved = folder / "compare.yaml"
     wanted = yaml.safe_dump(settings.to_dict(), sort_keys=True)
     if saved.exists() and saved.read_text() != wanted:
         raise ClbenchError(f"{folder}: holds a comparison with other settings (see its compare.yaml); "
                            "choose another --name or --out")
-    folder.mkdir(parents=True, exist_ok=True)
     atomic_write(saved, wanted)
-    return folder
 
 
 def run_cell(folder: Path, cell_id: str, config: RunConfig, progress: Progress, stages: int,
-             stage1_cache: Path | None) -> tuple[Path, float]:
+             stage1_cache: Path | None, session: Session) -> float:
     """Run one cell unless done; a cell folder without done.json is an interrupted run and is redone.
-    Returns the run folder and the stage-1 training seconds saved by the cache."""
+    Returns the stage-1 training seconds saved by the cache."""
     from clbench.run import run
     run_dir = folder / cell_id
     progress.start_cell(cell_id)
     if (run_dir / "done.json").exists():
         progress.finish_cell(stages)
-        return run_dir, 0.0
+        return 0.0
     if run_dir.exists():
-        shutil.rmtree(run_dir)  # our own unfinished output: its tables hold only the stages it finished
+        shutil.rmtree(run_dir)  # our own unfinished output (the folder lock excludes any other writer)
     start = time.perf_counter()
     run(dataclasses.replace(config, out=str(folder), run_id=cell_id, progress=False), stage1_cache=stage1_cache,
-        on_stage=progress.on_stage)
+        on_stage=progress.on_stage, session=session)
     atomic_write(run_dir / "done.json", to_json({"seconds": time.perf_counter() - start}))
     progress.finish_cell(stages)
-    stage1 = json.loads((run_dir / "resources.json").read_text())["stages"]["1"]
-    return run_dir, float(stage1.get("seconds_saved_by_cache", 0.0))
+    return read_resources(run_dir).stages[1].seconds_saved_by_cache
 
 
-def compare(settings: CompareSettings, *, out: Path, name: str | None = None, progress: bool = True) -> Path:
-    """Run (or resume) the grid and write summary.md / summary.csv; returns the comparison folder."""
+def cells(settings: CompareSettings) -> list[tuple[str, str, int, RunConfig, bool]]:
+    """(cell id, strategy name, seed, config, shares stage 1) for the grid; cell folders are named after the
+    strategy's registered name, never a path; two strategies with one name are an error."""
     from clbench.plugins import create, options_for
     used = {key for s in settings.strategies for key in options_for(s, settings.base.set)}
     unused = sorted(set(settings.base.set) - used)
     if unused:
         raise ClbenchError(f"--set {unused[0]}: no strategy of --strategies {','.join(settings.strategies)} has it")
-    folder = prepare_folder(settings, out, name)
-    stages = len(settings.base.order)
-    cells = [(s, seed) for seed in settings.seeds for s in settings.strategies]
-    references = [(task, seed) for seed in settings.seeds for task in settings.base.order] if settings.reference else []
-    bar = Progress(len(cells) * stages + len(references), progress)
-    saved, reused = 0.0, 0
+    named: dict[str, str] = {}
+    out = []
+    for seed in settings.seeds:
+        for spec in settings.strategies:
+            config = dataclasses.replace(settings.base, strategy=spec, seed=seed,
+                                         set=options_for(spec, settings.base.set))
+            strategy = create(spec, config.set)[0]
+            if named.setdefault(strategy.name, spec) != spec:
+                raise ClbenchError(f"--strategies: {named[strategy.name]!r} and {spec!r} are both named "
+                                   f"{strategy.name!r}; a comparison needs distinct names")
+            out.append((f"{strategy.name}-seed{seed}", strategy.name, seed, config, strategy.shares_first_stage))
+    return out
+
+
+def compare(settings: CompareSettings, *, out: Path, name: str | None = None, progress: bool = True) -> Path:
+    """Run (or resume) the grid and write summary.md / summary.csv; returns the comparison folder."""
+    grid = cells(settings)
+    folder = Path(out) / (name or settings.name())
+    if folder.exists() and not folder.is_dir():
+        raise ClbenchError(f"{folder}: is a file, expected a comparison folder")
     try:
-        for strategy, seed in cells:
-            config = dataclasses.replace(settings.base, strategy=strategy, seed=seed,
-                                         set=options_for(strategy, settings.base.set))
-            changes_stage1 = create(strategy, config.set)[0].changes_first_stage
-            cache = None if changes_stage1 else folder / "cache" / f"stage1-seed{seed}-{stage1_key(config)}.pt"
-            _, seconds = run_cell(folder / "runs", f"{strategy}-seed{seed}", config, bar, stages, cache)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ClbenchError(f"--out {out}: cannot create the comparison folder ({exc.strerror or exc})") from None
+    with folder_lock(folder):
+        prepare_folder(settings, folder)
+        _run_grid(settings, folder, grid, progress)
+    return folder
+
+
+def _run_grid(settings: CompareSettings, folder: Path, grid: list, progress: bool) -> None:
+    stages = len(settings.base.order)
+    references = [(task, seed) for seed in settings.seeds for task in settings.base.order] if settings.reference else []
+    bar = Progress(len(grid) * stages + len(references), progress)
+    session, saved, reused = Session(), 0.0, 0
+    atomic_write(folder / "cells.json", to_json({cell: name for cell, name, *_ in grid}))
+    try:
+        for cell_id, _, seed, config, shares in grid:
+            cache = folder / "cache" / f"stage1-seed{seed}-{stage1_key(config)}.pt" if shares else None
+            seconds = run_cell(folder / "runs", cell_id, config, bar, stages, cache, session)
             saved, reused = saved + seconds, reused + (seconds > 0)
         for task, seed in references:
             config = dataclasses.replace(settings.base, strategy="naive", seed=seed, order=(task,), set={})
-            run_cell(folder / "reference", f"{task}-seed{seed}", config, bar, 1, None)
+            run_cell(folder / "reference", f"{task}-seed{seed}", config, bar, 1, None, session)
     finally:
         bar.close()
     write_summary(folder)
     write_resources(folder)
     atomic_write(folder / "cache_report.json", to_json({"stage1_reused_by_cells_this_invocation": reused,
                                                         "stage1_seconds_saved_this_invocation": saved}))
-    return folder
 
 
 RESOURCE_COLUMNS = ("cell", "stage", "task", "train_seconds", "seconds_saved_by_cache", "eval_seconds",
                     "bn_audit_seconds", "eval_share", "eval_and_bn_audit_share")
 
 
+def finished_runs(folder: Path, sub: str = "runs") -> list[Path]:
+    return [d for d in sorted((folder / sub).glob("*")) if (d / "done.json").exists()]
+
+
 def write_resources(folder: Path) -> None:
     """``resources.csv``: every finished cell's time per stage, from its resources.json."""
     rows = []
-    for run_dir in sorted((folder / "runs").glob("*")):
-        if (run_dir / "done.json").exists():
-            stages = json.loads((run_dir / "resources.json").read_text())["stages"]
-            rows += [{"cell": run_dir.name, "stage": int(k), **{c: v[c] for c in RESOURCE_COLUMNS[2:]}}
-                     for k, v in stages.items()]
+    for run_dir in finished_runs(folder):
+        for k, s in read_resources(run_dir).stages.items():
+            rows.append({"cell": run_dir.name, "stage": k, **dataclasses.asdict(s), **s.shares()})
     write_table(folder / "resources.csv", rows, RESOURCE_COLUMNS)
 
 
@@ -172,30 +222,43 @@ def eval_share_line(folder: Path) -> str:
             f"{worst['eval_seconds']:.1f} s evaluation); per stage in resources.csv")
 
 
-def load_comparison(folder: Path) -> tuple[pd.DataFrame, dict[int, dict[str, float]]]:
-    """All finished cells' metrics rows, and each seed's single-task reference results (if any)."""
-    frames = [pd.read_csv(d / "metrics.csv") for d in sorted((folder / "runs").glob("*")) if (d / "done.json").exists()]
-    if not frames:
+def load_comparison(folder: Path) -> tuple[pd.DataFrame, list, dict[int, dict[str, float]]]:
+    """All finished cells' metrics rows, their tasks, and each seed's single-task reference results (if any)."""
+    runs = finished_runs(folder)
+    if not runs:
         raise ClbenchError(f"{folder}: no finished run in runs/")
+    frames = [read_rows(d) for d in runs]
+    tasks = read_tasks(runs[0], frames[0])
     references: dict[int, dict[str, float]] = {}
-    for d in sorted((folder / "reference").glob("*")):
-        if (d / "done.json").exists():
-            rows = pd.read_csv(d / "metrics.csv")
-            from clbench.tasks import PRIMARY_METRIC
-            task = rows["stage_task"].iloc[-1]
-            final = rows[(rows.stage == rows.stage.max()) & (rows.eval_task == task) & (rows.metric == PRIMARY_METRIC[task])]
-            references.setdefault(int(rows["seed"].iloc[0]), {})[task] = float(final["value"].iloc[0])
-    return pd.concat(frames, ignore_index=True), references
+    for d in finished_runs(folder, "reference"):
+        rows = read_rows(d)
+        task = read_tasks(d, rows)[0]
+        final = rows[(rows.stage == rows.stage.max()) & (rows.eval_task == task.name) & (rows.metric == task.metric)]
+        references.setdefault(int(rows["seed"].iloc[0]), {})[task.name] = float(final["value"].iloc[0])
+    return pd.concat(frames, ignore_index=True), tasks, references
+
+
+def missing_cells(folder: Path) -> list[str]:
+    """Cells of the grid (cells.json) without a finished run."""
+    path = folder / "cells.json"
+    expected = json.loads(path.read_text()) if path.exists() else {}
+    done = {d.name for d in finished_runs(folder)}
+    return [cell for cell in expected if cell not in done]
 
 
 def comparison_summary(folder: Path, definition: str = "drop",
                        threshold: float | None = None) -> tuple[pd.DataFrame, str]:
     """The strategies × tasks table of a comparison folder, from its CSVs alone, and its footnote."""
-    rows, references = load_comparison(folder)
+    rows, tasks, references = load_comparison(folder)
     if definition == "reference" and not references:
         raise ClbenchError(f"{folder}: --definition reference needs a comparison run with --reference single-task")
-    strategies = yaml.safe_load((folder / "compare.yaml").read_text())["strategies"]
-    return comparison_table(rows, definition, references, threshold, strategies)
+    names = list(dict.fromkeys(json.loads((folder / "cells.json").read_text()).values())) \
+        if (folder / "cells.json").exists() else None
+    table, note = comparison_table(rows, tasks, definition, references, threshold, names)
+    missing = missing_cells(folder)
+    if missing:
+        note += f" Missing (not finished, not in the table): {', '.join(missing)}."
+    return table, note
 
 
 def write_summary(folder: Path, definition: str = "drop", threshold: float | None = None) -> str:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -65,18 +67,55 @@ def parse_bool(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
-def _positive(cast: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def _int(value: Any) -> int:
+    """A whole number: 3, "3", 3.0; never a boolean or 2.5."""
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number, not a boolean")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("expected a whole number")
+        return int(value)
+    return int(value)
+
+
+def _float(value: Any) -> float:
+    """A finite number (nan and inf are refused: they fail only later, as a NaN loss)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError("expected a finite number")
+    return out
+
+
+def _at_least(cast: Callable[[Any], Any], low: float, *, strict: bool = False) -> Callable[[Any], Any]:
     def parse(value: Any) -> Any:
         out = cast(value)
-        if out <= 0:
-            raise ValueError("expected a positive number")
+        if out < low or (strict and out == low):
+            raise ValueError("expected a positive number" if strict and low == 0 else
+                             f"expected a number {'>' if strict else '>='} {low:g}")
         return out
     return parse
 
 
+def _positive(cast: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return _at_least(cast, 0, strict=True)
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
+
+
+def run_id_name(value: Any) -> str | None:
+    """A run id is a plain folder name (letters, digits, . _ + = -), never a path."""
+    name = _optional_str(value)
+    if name is not None and not RUN_ID.fullmatch(name):
+        raise ValueError("expected a plain name (letters, digits and . _ + = -, not starting with . or -), not a path")
+    return name
+
+
 def _options(value: Any) -> dict[str, Any]:
     """Strategy hyperparameters: ``--set lwf.lam=2`` (repeatable) or a YAML mapping {lwf.lam: 2}."""
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {str(k): v for k, v in value.items()}
     items = [value] if isinstance(value, str) else list(value)
     out = {}
@@ -92,49 +131,92 @@ def _optional_str(value: Any) -> str | None:
     return None if value in (None, "", "none", "None") else str(value)
 
 
+class FrozenDict(dict):
+    """A dict that refuses changes after construction: RunConfig's per-task and option mappings."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("RunConfig is immutable: use dataclasses.replace(config, field=...)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore
+
+    def __reduce__(self) -> tuple:
+        return FrozenDict, (dict(self),)
+
+    def __deepcopy__(self, memo: dict) -> "FrozenDict":
+        return self  # immutable: a copy is the same value
+
+
+def _frozen(value: Any) -> Any:
+    return FrozenDict(value) if isinstance(value, dict) else value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
+# Field roles (metadata), read by `clbench compare` and the stage-1 cache instead of hand-kept name lists:
+#   per_cell:    compare sets it for each cell (no compare flag)
+#   output_only: changes where or how results are shown, never their values (out of every settings hash)
+#   strategy:    what a strategy is and its options (out of the stage-1 cache key: see Strategy.shares_first_stage)
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    strategy: str = field(default="naive", metadata={"parse": str, "help": "a strategy (see `clbench strategies`), "
+    """Every setting of one run; validated and normalised on construction, also when built in code."""
+
+    strategy: str = field(default="naive", metadata={"parse": str, "per_cell": True, "strategy": True, "help": "a strategy (see `clbench strategies`), "
                           "a combination a+b, or path/file.py:Class / package.module:Class"})
-    set: dict[str, Any] = field(default_factory=dict, metadata={"parse": _options, "append": True,
+    set: dict[str, Any] = field(default_factory=dict, metadata={"parse": _options, "append": True, "strategy": True,
                                 "help": "strategy hyperparameter STRATEGY.PARAM=VALUE (repeatable)"})
-    seed: int = field(default=0, metadata={"parse": int, "help": "seeds Python, NumPy, torch and the loaders"})
+    seed: int = field(default=0, metadata={"parse": _at_least(_int, 0), "per_cell": True,
+                                           "help": "seeds Python, NumPy, torch, the loaders and the strategy"})
     device: str = field(default="auto", metadata={"parse": _choice("auto", "cpu", "cuda"), "help": "auto = cuda if available"})
     data_root: str | None = field(default=None, metadata={"parse": _optional_str,
                                   "help": "dataset root; default: the synthetic benchmark, generated into the cache"})
     order: tuple[str, ...] = field(default=TASK_NAMES, metadata={"parse": _order, "help": "task order, e.g. seg,det,cls"})
     epochs: dict[str, int] = field(default_factory=lambda: {"seg": 4, "det": 6, "cls": 3},
-                                   metadata={"parse": _per_task(_positive(int)), "help": "N or seg=N,det=N,cls=N"})
+                                   metadata={"parse": _per_task(_positive(_int)), "help": "N or seg=N,det=N,cls=N"})
     lr: dict[str, float] = field(default_factory=lambda: {"seg": 2e-3, "det": 2e-3, "cls": 2e-3},
-                                 metadata={"parse": _per_task(_positive(float)), "help": "AdamW learning rate, per task"})
+                                 metadata={"parse": _per_task(_positive(_float)), "help": "AdamW learning rate, per task"})
     batch_size: dict[str, int] = field(default_factory=lambda: {"seg": 16, "det": 16, "cls": 16},
-                                       metadata={"parse": _per_task(_positive(int)), "help": "training batch size, per task"})
+                                       metadata={"parse": _per_task(_positive(_int)), "help": "training batch size, per task"})
     augment: dict[str, bool] = field(default_factory=lambda: {"seg": False, "det": False, "cls": False},
                                      metadata={"parse": _per_task(parse_bool), "help": "training augmentation per task: "
                                                "random resized crop, flip, colour jitter (true|false|seg=true,...)"})
-    weight_decay: float = field(default=1e-4, metadata={"parse": float, "help": "AdamW weight decay"})
-    grad_clip: float = field(default=10.0, metadata={"parse": _positive(float), "help": "max gradient norm"})
-    image_size: int = field(default=128, metadata={"parse": _positive(int),
+    weight_decay: float = field(default=1e-4, metadata={"parse": _at_least(_float, 0), "help": "AdamW weight decay"})
+    grad_clip: float = field(default=10.0, metadata={"parse": _positive(_float), "help": "max gradient norm"})
+    image_size: int = field(default=128, metadata={"parse": _at_least(_int, 32),
                             "help": "square input side (128 for the synthetic benchmark; 256-512 for real data)"})
     backbone: str = field(default="efficientnet_b0", metadata={"parse": str, "help": "any timm model name"})
     pretrained: bool = field(default=False, metadata={"parse": parse_bool, "help": "timm's pretrained weights (hub)"})
     pretrained_file: str | None = field(default=None, metadata={"parse": _optional_str,
                                         "help": "local timm checkpoint / backbone state_dict"})
-    head_channels: int = field(default=96, metadata={"parse": _positive(int), "help": "width of the neck and head"})
-    head_stride: int = field(default=8, metadata={"parse": int, "help": "output stride of the head: 8 or 16"})
+    head_channels: int = field(default=96, metadata={"parse": _positive(_int), "help": "width of the neck and head"})
+    head_stride: int = field(default=8, metadata={"parse": lambda v: int(_choice("8", "16")(str(_int(v)))),
+                                                  "help": "output stride of the head: 8 or 16"})
     amp: bool = field(default=True, metadata={"parse": parse_bool, "help": "mixed precision (CUDA only)"})
-    workers: int = field(default=0, metadata={"parse": int, "help": "DataLoader worker processes"})
-    synth_train: int = field(default=160, metadata={"parse": _positive(int), "help": "synthetic images per task, train"})
-    synth_val: int = field(default=40, metadata={"parse": _positive(int), "help": "synthetic images per task, val"})
-    out: str = field(default="results", metadata={"parse": str, "help": "folder that receives <run_id>/"})
-    run_id: str | None = field(default=None, metadata={"parse": _optional_str,
-                               "help": "name of the run folder; default <strategy>-seed<N>-<time>"})
-    progress: bool = field(default=True, metadata={"parse": parse_bool, "help": "tqdm progress bars"})
+    workers: int = field(default=0, metadata={"parse": _at_least(_int, 0), "help": "DataLoader worker processes"})
+    synth_train: int = field(default=160, metadata={"parse": _positive(_int), "help": "synthetic images per task, train"})
+    synth_val: int = field(default=40, metadata={"parse": _positive(_int), "help": "synthetic images per task, val"})
+    out: str = field(default="results", metadata={"parse": str, "output_only": True,
+                                                  "help": "folder that receives <run_id>/"})
+    run_id: str | None = field(default=None, metadata={"parse": run_id_name, "per_cell": True, "output_only": True,
+                               "help": "name of the run folder (a plain name); default <strategy>-seed<N>-<time>"})
+    progress: bool = field(default=True, metadata={"parse": parse_bool, "output_only": True, "help": "tqdm progress bars"})
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = parse_field(f.name, getattr(self, f.name), f"RunConfig.{f.name}")
+            object.__setattr__(self, f.name, _frozen(value))
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["order"] = list(self.order)
-        return out
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def without(self, role: str) -> dict[str, Any]:
+        """``to_dict()`` without the fields of a role (see the field roles above)."""
+        return {k: v for k, v in self.to_dict().items() if not FIELDS[k].metadata.get(role)}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -168,16 +250,24 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 
 def resolve(yaml_path: Path | None, cli: dict[str, Any]) -> RunConfig:
-    """defaults < YAML < CLI; ``cli`` holds only the flags actually given."""
+    """defaults < YAML < CLI; ``cli`` holds only the flags actually given. Strategy options merge per key
+    (YAML ``set: {lwf.temperature: 3}`` plus ``--set lwf.lam=2`` keeps both)."""
     values = load_yaml(yaml_path) if yaml_path else {}
-    values.update({key: parse_field(key, value, f"--{key.replace('_', '-')}") for key, value in cli.items()})
-    return RunConfig(**values)
+    given = {key: parse_field(key, value, f"--{key.replace('_', '-')}") for key, value in cli.items()}
+    options = {**values.get("set", {}), **given.pop("set", {})}
+    return RunConfig(**{**values, **given, "set": options})
 
 
-def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """One flag per RunConfig field, defaulting to 'not given' so it never overrides YAML."""
+def run_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The RunConfig fields among parsed command-line values (the rest are the subcommand's own)."""
+    return {k: v for k, v in values.items() if k in FIELDS}
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, skip_role: str | None = None) -> None:
+    """One flag per RunConfig field (but those of ``skip_role``), defaulting to 'not given' so it never
+    overrides YAML."""
     for name, f in FIELDS.items():
-        if name in exclude:
+        if skip_role and f.metadata.get(skip_role):
             continue
         flag = f"--{name.replace('_', '-')}"
         if f.metadata.get("append"):

@@ -7,7 +7,10 @@ from pathlib import Path
 import pandas as pd
 
 from clbench import ClbenchError
-from clbench.report import LABELS, primary_metrics, run_measures
+from clbench.drop import DEFINITIONS
+from clbench.recorder import read_rows, read_tasks
+from clbench.report import primary_metrics, run_measures
+from clbench.tasks import TaskSpec
 
 
 def _pyplot():
@@ -24,8 +27,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def load_rows(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """metrics and BN-drift rows of a run folder or of every finished run of a comparison."""
+def load_rows(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[TaskSpec]]:
+    """metrics and BN-drift rows of a run folder or of every finished run of a comparison, and the tasks."""
     if (folder / "compare.yaml").exists():
         runs = [d for d in sorted((folder / "runs").glob("*")) if (d / "done.json").exists()]
     elif (folder / "metrics.csv").exists():
@@ -34,34 +37,33 @@ def load_rows(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
     if not runs:
         raise ClbenchError(f"{folder}: no finished run to plot")
-    metrics = pd.concat([pd.read_csv(d / "metrics.csv") for d in runs], ignore_index=True)
-    drift = pd.concat([pd.read_csv(d / "bn_drift.csv") for d in runs if (d / "bn_drift.csv").exists()],
-                      ignore_index=True)
-    return metrics, drift
+    frames = [read_rows(d) for d in runs]
+    drift = [pd.read_csv(d / "bn_drift.csv") for d in runs if (d / "bn_drift.csv").exists()]
+    drift = pd.concat(drift, ignore_index=True) if drift else pd.DataFrame()
+    return pd.concat(frames, ignore_index=True), drift, read_tasks(runs[0], frames[0])
 
 
 def plot_folder(folder: Path) -> list[Path]:
-    metrics, drift = load_rows(folder)
+    metrics, drift, tasks = load_rows(folder)
     out = folder / "plots"
     out.mkdir(exist_ok=True)
-    paths = [plot_stages(metrics, out / "metric_by_stage.png"), plot_drops(metrics, out / "drop_percent.png")]
+    paths = [plot_stages(metrics, tasks, out / "metric_by_stage.png"),
+             plot_drops(metrics, tasks, out / "drop_percent.png")]
     if not drift.empty:
         paths.append(plot_bn_drift(drift, out / "bn_drift.png"))
     return paths
 
 
-def plot_stages(metrics: pd.DataFrame, path: Path) -> Path:
+def plot_stages(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path) -> Path:
     """Each task's primary metric after every stage, one line per strategy (mean over seeds)."""
     plt = _pyplot()
-    primary = primary_metrics(metrics)
-    tasks = [t for t in ("seg", "det", "cls") if t in primary]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
-    rows = metrics[metrics["metric"] == metrics["eval_task"].map(primary)]
+    rows = metrics[metrics["metric"] == metrics["eval_task"].map(primary_metrics(tasks))]
     for ax, task in zip(axes[0], tasks):
-        for strategy, group in rows[rows.eval_task == task].groupby("strategy", sort=False):
+        for strategy, group in rows[rows.eval_task == task.name].groupby("strategy", sort=False):
             mean = group.groupby("stage")["value"].mean()
             ax.plot(mean.index, mean.values, marker="o", label=strategy)
-        ax.set_title(f"{LABELS[task][0]}: {LABELS[task][1]}")
+        ax.set_title(f"{task.label}: {task.metric_label}")
         ax.set_xlabel("after stage (0 = before training)")
         ax.set_xticks(sorted(rows["stage"].unique()))
         ax.grid(alpha=0.3)
@@ -70,24 +72,26 @@ def plot_stages(metrics: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_drops(metrics: pd.DataFrame, path: Path) -> Path:
-    """Drop % per task and strategy, mean with sample-std error bars over seeds."""
+def plot_drops(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path, definition: str = "drop") -> Path:
+    """A definition's value (drop % by default) per task and strategy, mean with sample-std error bars over
+    seeds; tasks where it is undefined (the task trained last) have no bars."""
     plt = _pyplot()
-    measures = run_measures(metrics, "drop").dropna(subset=["value"])
+    d = DEFINITIONS[definition]
+    measures = run_measures(metrics, tasks, definition).dropna(subset=["value"])
     stats = measures.groupby(["task", "strategy"], sort=False)["value"].agg(["mean", "std"]).reset_index()
-    tasks = [t for t in ("seg", "det", "cls") if t in set(stats["task"])]
+    tasks = [t for t in tasks if t.name in set(stats["task"])]
     strategies = list(dict.fromkeys(metrics["strategy"]))
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(strategies) * max(len(tasks), 1) / 2, 3.6))
     width = 0.8 / max(len(strategies), 1)
     for i, strategy in enumerate(strategies):
-        part = stats[stats.strategy == strategy].set_index("task").reindex(tasks)
+        part = stats[stats.strategy == strategy].set_index("task").reindex([t.name for t in tasks])
         xs = [k + i * width for k in range(len(tasks))]
         ax.bar(xs, part["mean"], width, yerr=part["std"].fillna(0), capsize=3, label=strategy)
     ax.set_xticks([k + width * (len(strategies) - 1) / 2 for k in range(len(tasks))])
-    ax.set_xticklabels([LABELS[t][0] for t in tasks])
+    ax.set_xticklabels([t.label for t in tasks])
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_ylabel("drop % (negative = forgot)")
-    ax.set_title("Drop % = 100 (R[last] − R[own stage]) / R[own stage]")
+    ax.set_ylabel(f"{d.column} ({'higher' if d.higher_is_better else 'lower'} is better)")
+    ax.set_title(d.text.split(":")[0].split(";")[0])
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars reach the top edge
     return _save(fig, path)
 

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import pkgutil
 import sys
+import traceback
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -39,38 +40,66 @@ def registered() -> dict[str, Found]:
                         else f"registered by {cls.__module__}") for name, cls in REGISTRY.items()}
 
 
-def from_entry_points() -> dict[str, Found]:
-    found = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        cls = _checked(_load(lambda: ep.load(), f"entry point {ep.name!r} ({ep.value})"), f"entry point {ep.name!r}")
-        if ep.name != cls.name:
-            raise ClbenchError(f"entry point {ep.name!r} ({ep.value}): the class is registered as {cls.name!r}; "
-                               "the entry point must carry the same name")
-        found[ep.name] = Found(cls, f"entry point {ep.value}")
+@dataclass(frozen=True)
+class Broken:
+    """An entry point that could not be loaded; listed by `clbench strategies`, fatal only when asked for."""
+
+    origin: str
+    error: str
+
+
+def _entry_points(name: str | None = None) -> list[Any]:
+    found = entry_points(group=ENTRY_POINT_GROUP)
+    return [ep for ep in found if name is None or ep.name == name]
+
+
+def _load_entry_point(ep: Any) -> Found:
+    what = f"entry point {ep.name!r} ({ep.value})"
+    cls = _checked(_load(ep.load, what), what)
+    if ep.name != cls.name:
+        raise ClbenchError(f"{what}: the class is registered as {cls.name!r}; the entry point must carry the same name")
+    return Found(cls, f"entry point {ep.value}")
+
+
+def from_entry_points() -> dict[str, Found | Broken]:
+    """Every entry point of the group, each loaded on its own: one broken package breaks only its own name."""
+    found: dict[str, Found | Broken] = {}
+    for ep in _entry_points():
+        try:
+            found[ep.name] = _load_entry_point(ep)
+        except ClbenchError as exc:
+            found[ep.name] = Broken(f"entry point {ep.value}", str(exc))
     return found
 
 
-def available() -> dict[str, Found]:
-    """Every strategy that can be named on the command line, built-ins first."""
-    found = registered()
+def available() -> dict[str, Found | Broken]:
+    """Every strategy that can be named on the command line, built-ins first, then the entry points; a broken
+    entry point (or one that takes a name already in use) is listed as Broken beside the working ones."""
+    found: dict[str, Found | Broken] = dict(registered())
     for name, item in from_entry_points().items():
-        if name in found and found[name].cls is not item.cls:
-            raise ClbenchError(f"entry point {name!r} ({item.origin}) uses the name of the {found[name].origin} "
-                               f"strategy {name!r}")
-        found[name] = item
+        if name not in found or isinstance(item, Found) and item.cls is found[name].cls:
+            found[name] = item  # the entry point is where an already imported class comes from
+        else:
+            error = item.error if isinstance(item, Broken) else f"uses the name of the {found[name].origin} strategy"
+            found[f"{name} ({item.origin})"] = Broken(item.origin, error)
     return found
 
 
 def find(reference: str) -> Found:
-    """One strategy by name, ``file.py:Class`` or ``package.module:Class``."""
+    """One strategy by name, ``file.py:Class`` or ``package.module:Class``. Entry points are loaded only
+    for the name asked for."""
     if ":" in reference:
         return _from_reference(reference)
-    found = available()
-    if reference not in found:
-        hint = difflib.get_close_matches(reference, found, n=1)
-        raise ClbenchError(f"strategy {reference!r} not found" + (f"; did you mean {hint[0]!r}?" if hint else "") +
-                           f" (available: {', '.join(sorted(found))})")
-    return found[reference]
+    found = registered()
+    if reference in found:
+        return found[reference]
+    matches = _entry_points(reference)
+    if matches:
+        return _load_entry_point(matches[0])
+    names = set(found) | {ep.name for ep in _entry_points()}
+    hint = difflib.get_close_matches(reference, names, n=1)
+    raise ClbenchError(f"strategy {reference!r} not found" + (f"; did you mean {hint[0]!r}?" if hint else "") +
+                       f" (available: {', '.join(sorted(names))})")
 
 
 def _from_reference(reference: str) -> Found:
@@ -90,10 +119,16 @@ def _from_reference(reference: str) -> Found:
 
 
 def _import_file(path: Path) -> Any:
-    name = f"clbench_plugin_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
+    """The module of a plugin file. A file already imported under any name (a built-in strategy given by its
+    path, a file named twice) is that module: one file never becomes two modules registering twice."""
+    registered()  # the built-ins are imported under their package names first
+    resolved = path.resolve()
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve() == resolved:
+            return module
+    name = f"clbench_plugin_{hashlib.sha1(str(resolved).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(name, resolved)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -110,7 +145,16 @@ def _load(thunk: Any, what: str) -> Any:
     except ClbenchError as exc:
         raise ClbenchError(f"{what}: {exc}") from None
     except Exception as exc:  # a plugin's own import error, whatever it is
-        raise ClbenchError(f"{what}: import failed: {type(exc).__name__}: {exc}") from None
+        raise ClbenchError(f"{what}: import failed{_where(exc)}: {type(exc).__name__}: {exc}") from None
+
+
+def _where(exc: BaseException) -> str:
+    """`` at file:line`` of the plugin's own code that raised (not importlib's frames)."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" at {exc.filename}:{exc.lineno}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "importlib" not in f.filename
+              and not f.filename.startswith("<frozen")]
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 def _checked(obj: Any, what: str) -> type[Strategy]:

@@ -1,64 +1,46 @@
-"""Tables from tidy metrics rows alone: one run's stage table, a comparison's strategies × tasks summary."""
+"""Tables from tidy metrics rows and the run's task list alone: one run's stage table, a comparison's
+strategies × tasks summary. Every column's meaning comes from ``clbench.drop.DEFINITIONS``."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
-from clbench.drop import absolute_change, drop_percent, forgetting, metric_matrix, reference_drop, trained_at
-from clbench.tasks import PRIMARY_METRIC
-
-LABELS = {"det": ("Detection", "mAP@[.5:.95]"), "seg": ("Segmentation", "mIoU"), "cls": ("Classification", "Top-1")}
-DEFINITIONS = {
-    "drop": ("Drop (%)", "Drop (%) = 100 x (R[S,t] - R[s(t),t]) / R[s(t),t]: R[s,t] = task t's primary metric after "
-             "stage s, s(t) = the stage that trains t, S = the last stage; signed, negative = worse; the task trained "
-             "last has no drop against itself; undefined when the base is 0."),
-    "abs": ("Abs. change (pp)", "Abs. change = 100 x (R[S,t] - R[s(t),t]), in percentage points of the metric; "
-            "signed, negative = worse."),
-    "forgetting": ("Forgetting (pp)", "Forgetting (Chaudhry et al. 2018) = 100 x max over s(t) <= s < S of "
-                   "(R[s,t] - R[S,t]), in percentage points; positive = forgot; undefined for the task trained last."),
-    "reference": ("Drop vs single-task (%)", "Drop vs single-task = 100 x (R[S,t] - R_ref[t]) / R_ref[t], R_ref[t] = "
-                  "task t trained alone with the same budget and seed; signed, negative = worse."),
-}
+from clbench.drop import DEFAULT_THRESHOLD, DEFINITIONS, Definition, metric_matrix, trained_at
+from clbench.recorder import Resources, eval_shares, read_resources, read_rows, read_tasks
+from clbench.tasks import TaskSpec
 
 
-def primary_metrics(rows: pd.DataFrame) -> dict[str, str]:
-    return {task: PRIMARY_METRIC[task] for task in rows["eval_task"].unique()}
+def primary_metrics(tasks: Sequence[TaskSpec]) -> dict[str, str]:
+    return {t.name: t.metric for t in tasks}
 
 
-def measure(rows: pd.DataFrame, definition: str, reference: dict[str, float] | None = None) -> dict[str, float]:
-    """One run's per-task value under ``definition`` (drop, reference: %; abs, forgetting: points × 100)."""
-    R, trained = metric_matrix(rows, primary_metrics(rows)), trained_at(rows)
-    if definition == "drop":
-        values = drop_percent(R, trained)
-        last = max(trained, key=trained.get)
-        return {t: (math.nan if t == last else v) for t, v in values.items()}
-    if definition == "abs":
-        return {t: 100 * v for t, v in absolute_change(R, trained).items()}
-    if definition == "forgetting":
-        return {t: 100 * v for t, v in forgetting(R, trained).items()}
-    if definition == "reference":
-        return reference_drop(R, trained, reference or {})
-    raise ValueError(f"unknown definition {definition!r}; expected one of {', '.join(DEFINITIONS)}")
+def measure(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str,
+            reference: dict[str, float] | None = None) -> dict[str, float]:
+    """One run's per-task value under ``definition``, in its unit; NaN where undefined."""
+    R, trained = metric_matrix(rows, primary_metrics(tasks)), trained_at(rows)
+    return DEFINITIONS[definition].values(R, trained, reference)
 
 
-def stage_table(rows: pd.DataFrame, definition: str = "drop", reference: dict[str, float] | None = None,
-                threshold: float | None = None) -> pd.DataFrame:
+def stage_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str = "drop",
+                reference: dict[str, float] | None = None, threshold: float | None = None) -> pd.DataFrame:
     """The original report's layout: Task | Metric | Stage 1..S | Strategy | <definition column> [| pass/fail]."""
-    R, trained = metric_matrix(rows, primary_metrics(rows)), trained_at(rows)
-    values, last = measure(rows, definition, reference), max(trained.values())
-    column = DEFINITIONS[definition][0]
+    R, trained = metric_matrix(rows, primary_metrics(tasks)), trained_at(rows)
+    d = DEFINITIONS[definition]
+    values, last = measure(rows, tasks, definition, reference), max(trained.values())
     table = []
-    for task, s_t in sorted(trained.items(), key=lambda kv: kv[1]):
-        label, metric = LABELS[task]
-        row = {"Task": label, "Metric": metric}
+    for task in sorted((t for t in tasks if t.name in trained), key=lambda t: trained[t.name]):
+        s_t = trained[task.name]
+        row = {"Task": task.label, "Metric": task.metric_label}
         for s in range(1, last + 1):
-            row[f"Stage {s}"] = f"{R.at[s, task]:.3f}" if s >= s_t and s in R.index else "-"
+            row[f"Stage {s}"] = f"{R.at[s, task.name]:.3f}" if s >= s_t and s in R.index else "-"
         row["Strategy"] = str(rows["strategy"].iloc[0])
-        row[column] = _cell(values[task], definition, trained_last=s_t == last)
+        row[d.column] = cell_text(values[task.name], d, trained_last=s_t == last)
         if threshold is not None:
-            verdict = passes(values[task], threshold, definition)
+            verdict = d.passes(values[task.name], threshold)
             row[f"Within {threshold:g}"] = "-" if verdict is None else ("pass" if verdict else "FAIL")
         split = bn_attribution(rows, task, s_t, last)
         if split is not None:
@@ -68,13 +50,18 @@ def stage_table(rows: pd.DataFrame, definition: str = "drop", reference: dict[st
     return pd.DataFrame(table)
 
 
-def run_table(rows: pd.DataFrame, definition: str = "drop", threshold: float | None = None) -> tuple[pd.DataFrame, str]:
+def threshold_note(d: Definition, threshold: float) -> str:
+    unit = "%" if d.unit == "%" else " pp"
+    worse = "lost at most" if d.higher_is_better else "forgot at most"
+    return f"Within {threshold:g}: pass when the task {worse} {threshold:g}{unit} (the definition's unit)."
+
+
+def run_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str = "drop",
+              threshold: float | None = None) -> tuple[pd.DataFrame, str]:
     """One run's stage table and its footnote (the definition, the threshold, the BN split when present)."""
-    table = stage_table(rows, definition, threshold=threshold)
-    note = DEFINITIONS[definition][1]
-    if threshold is not None:
-        unit = "%" if definition == "drop" else " pp"
-        note += f"\nWithin {threshold:g}: pass when the task lost at most {threshold:g}{unit} of its own-stage value."
+    table = stage_table(rows, tasks, definition, threshold=threshold)
+    d = DEFINITIONS[definition]
+    note = d.text + ("\n" + threshold_note(d, threshold) if threshold is not None else "")
     return table, note + ("\n" + BN_NOTE if BN_COLUMN in table else "")
 
 
@@ -84,36 +71,35 @@ BN_NOTE = ("BN drift / weights: the change R[S,t] - R[s(t),t] (x100) split into 
            "statistics saved at the end of its own stage.")
 
 
-def bn_attribution(rows: pd.DataFrame, task: str, own_stage: int, last: int) -> tuple[float, float] | None:
+def bn_attribution(rows: pd.DataFrame, task: TaskSpec, own_stage: int, last: int) -> tuple[float, float] | None:
     """(part of R[S,t] - R[s(t),t] due to BN statistics, part due to weights), x 100; None when the run has no
     BN audit rows, NaNs when a cell is missing."""
-    if not rows["metric"].str.endswith("_own_bn").any():
+    if not rows["metric"].astype(str).str.endswith("_own_bn").any():
         return None
-    metric = PRIMARY_METRIC[task]
 
     def value(stage: int, name: str) -> float:
-        cell = rows[(rows["stage"] == stage) & (rows["eval_task"] == task) & (rows["metric"] == name)]["value"]
+        cell = rows[(rows["stage"] == stage) & (rows["eval_task"] == task.name) & (rows["metric"] == name)]["value"]
         return float(cell.iloc[0]) if len(cell) else math.nan
 
-    own_bn, final, base = value(last, f"{metric}_own_bn"), value(last, metric), value(own_stage, metric)
+    own_bn, final, base = value(last, f"{task.metric}_own_bn"), value(last, task.metric), value(own_stage, task.metric)
     return 100 * (final - own_bn), 100 * (own_bn - base)
 
 
-def _cell(value: float, definition: str, *, trained_last: bool) -> str:
+def cell_text(value: float, d: Definition, *, trained_last: bool) -> str:
     if math.isnan(value):
-        if trained_last and definition in ("drop", "forgetting"):
-            return "n/a (trained last)"
-        return "undefined (base 0)" if definition in ("drop", "reference") else "n/a"
-    return f"{value:+.2f}" + ("%" if definition in ("drop", "reference") else "")
+        if trained_last and d.trained_last == "undefined":
+            return "undefined (trained last)"
+        return "undefined (base 0)" if d.unit == "%" else "n/a"
+    return d.format(value)
 
 
-def run_measures(rows: pd.DataFrame, definition: str,
+def run_measures(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str,
                  references: dict[int, dict[str, float]] | None = None) -> pd.DataFrame:
     """Long table (strategy, seed, task, value): ``definition`` for every run in ``rows``."""
     out = []
     for (strategy, seed, _), run in rows.groupby(["strategy", "seed", "run_id"], sort=True):
         reference = (references or {}).get(int(seed))
-        for task, value in measure(run, definition, reference).items():
+        for task, value in measure(run, tasks, definition, reference).items():
             out.append({"strategy": strategy, "seed": int(seed), "task": task, "value": value})
     return pd.DataFrame(out, columns=["strategy", "seed", "task", "value"])
 
@@ -146,48 +132,41 @@ def paired_difference(measures: pd.DataFrame, baseline: str = "naive") -> pd.Dat
     return pd.DataFrame(rows, columns=["strategy", "task", "mean_diff", "n"])
 
 
-def passes(value: float, threshold: float, definition: str) -> bool | None:
-    """Within the allowed drop? (forgetting counts upwards, the others downwards); None when undefined."""
-    if math.isnan(value):
-        return None
-    return value <= threshold if definition == "forgetting" else value >= -threshold
-
-
-def comparison_table(rows: pd.DataFrame, definition: str = "drop",
+def comparison_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str = "drop",
                      references: dict[int, dict[str, float]] | None = None, threshold: float | None = None,
                      strategies: list[str] | None = None) -> tuple[pd.DataFrame, str]:
     """Strategies × tasks: mean ± std over seeds [95% CI], Δ vs naive (paired), pass/fail; and its footnote."""
-    measures = run_measures(rows, definition, references)
+    d = DEFINITIONS[definition]
+    measures = run_measures(rows, tasks, definition, references)
     stats = aggregate(measures).set_index(["strategy", "task"])
     diffs = paired_difference(measures).set_index(["strategy", "task"])
-    tasks = [t for t in ("seg", "det", "cls") if t in set(measures["task"])]
+    present = set(measures["task"])
     order = [s for s in strategies or [] if s in set(rows["strategy"])] or list(dict.fromkeys(rows["strategy"]))
     table = []
     for strategy in order:
         row = {"Strategy": strategy}
         seeds = rows.loc[rows["strategy"] == strategy, "seed"].nunique()
-        for task in tasks:
-            s = stats.loc[(strategy, task)]
-            cell = _stat_cell(s, definition) + (f" (n={int(s['n'])})" if 0 < s["n"] < seeds else "")
-            if strategy != "naive" and (strategy, task) in diffs.index and not math.isnan(s["mean"]):
-                cell += f"; Δ naive {diffs.loc[(strategy, task), 'mean_diff']:+.2f}"
+        for task in (t for t in tasks if t.name in present):
+            s = stats.loc[(strategy, task.name)]
+            cell = _stat_cell(s, d) + (f" (n={int(s['n'])})" if 0 < s["n"] < seeds else "")
+            if strategy != "naive" and (strategy, task.name) in diffs.index and not math.isnan(s["mean"]):
+                cell += f"; Δ naive {diffs.loc[(strategy, task.name), 'mean_diff']:+.2f}"
             if threshold is not None and not math.isnan(s["mean"]):
-                cell += " pass" if passes(s["mean"], threshold, definition) else " FAIL"
-            row[f"{LABELS[task][0]} ({LABELS[task][1]})"] = cell
+                cell += " pass" if d.passes(s["mean"], threshold) else " FAIL"
+            row[f"{task.label} ({task.metric_label})"] = cell
         row["seeds"] = seeds
         table.append(row)
-    note = DEFINITIONS[definition][1] + " Cells: mean ± sample std over seeds, [95% t-interval] with >= 3 seeds; " \
+    note = d.text + " Cells: mean ± sample std over seeds, [95% t-interval] with >= 3 seeds; " \
         "Δ naive = mean of the per-seed differences to naive; (n=k): only k seeds had a defined value."
     if threshold is not None:
-        note += f" pass = within {threshold:g} {'pp' if definition in ('abs', 'forgetting') else '%'} of the base."
+        note += " " + threshold_note(d, threshold)
     return pd.DataFrame(table), note
 
 
-def _stat_cell(s: pd.Series, definition: str) -> str:
+def _stat_cell(s: pd.Series, d: Definition) -> str:
     if s["n"] == 0:
-        return "n/a"
-    unit = "%" if definition in ("drop", "reference") else ""
-    cell = f"{s['mean']:+.2f}{unit}"
+        return "undefined" + (" (trained last)" if d.trained_last == "undefined" else "")
+    cell = d.format(s["mean"])
     if s["n"] >= 2:
         cell += f" ± {s['std']:.2f}"
     if s["n"] >= 3:
@@ -209,3 +188,23 @@ def to_markdown(table: pd.DataFrame) -> str:
     line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
     return "\n".join([line(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |"] + [line(r) for r in cells[1:]])
 
+
+def run_summary(run_dir: Path) -> str:
+    """What `clbench run` prints: the stage table (DESIGN.md's default threshold) and the time line."""
+    rows = read_rows(run_dir)
+    table, note = run_table(rows, read_tasks(run_dir, rows), threshold=DEFAULT_THRESHOLD)
+    return to_markdown(table) + "\n" + note + "\n" + resource_line(read_resources(run_dir))
+
+
+def resource_line(resources: Resources) -> str:
+    """One line of resources.json: time split, evaluation share per stage, peak memory, device."""
+    totals = resources.totals()
+    trained = sum(s.trained_seconds for s in resources.stages.values())
+    share = eval_shares(trained, totals["eval_seconds"], totals["bn_audit_seconds"])["eval_share"]
+    per_stage = " / ".join(f"{100 * s.shares()['eval_share']:.1f}%" for s in resources.stages.values())
+    memory = resources.memory
+    peak = (f"{memory['cuda_max_allocated_mb']:.0f} MB CUDA" if memory.get("cuda_max_allocated_mb") is not None
+            else f"{memory['process_peak_rss_mb']:.0f} MB RSS")
+    return (f"Time: training {totals['train_seconds']:.1f} s, evaluation {totals['eval_seconds']:.1f} s "
+            f"({100 * share:.1f}% of stage time; per stage {per_stage}), BN audit "
+            f"{totals['bn_audit_seconds']:.1f} s; peak memory {peak}; device {resources.device}.")

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import io
 import json
 import os
 import platform
 import subprocess
-import tempfile
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+
+from clbench import ClbenchError
 
 METRIC_COLUMNS = ("run_id", "benchmark", "strategy", "seed", "stage", "stage_task", "eval_task", "metric", "value",
                   "direction", "n")
@@ -27,21 +27,24 @@ PACKAGES = ("torch", "torchvision", "timm", "avalanche-lib", "faster-coco-eval",
             "pillow", "clbench")
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file beside ``path`` and rename it over: readers see the old or the new file, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write to a temporary file beside ``path`` and rename it over: readers see the old or the new file, whole.
+    A failed write (full disk, read-only folder) leaves the old file in place and says so."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with os.fdopen(fd, "wb") as fh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # os.open applies the umask to 0o666, as open() would; mkstemp would make the file 0600
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous complete file is unchanged" if path.exists() else "nothing was written"
+        raise ClbenchError(f"{path}: could not write ({exc.strerror or exc}); {kept}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -60,18 +63,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-@functools.lru_cache(maxsize=None)
-def tree_hash(root: Path) -> str:
-    """sha256 over every file's relative path and bytes, in sorted order: a dataset's fingerprint
-    (once per folder and process: a comparison's cells share their data)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def environment(device: torch.device, data_roots: dict[str, Path]) -> dict[str, Any]:
+def environment(device: torch.device, data_hashes: dict[str, tuple[Path, str]]) -> dict[str, Any]:
     """Package versions, git commit, device and the hash of each task's data folder."""
     return {
         "python": platform.python_version(),
@@ -81,7 +73,7 @@ def environment(device: torch.device, data_roots: dict[str, Path]) -> dict[str, 
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch_threads": torch.get_num_threads(),
-        "data": {task: {"path": str(path), "sha256": tree_hash(path)} for task, path in data_roots.items()},
+        "data": {task: {"path": str(path), "sha256": digest} for task, (path, digest) in data_hashes.items()},
     }
 
 

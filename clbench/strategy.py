@@ -1,23 +1,6 @@
 """The plugin base class and the strategy registry.
 
-The training loop, per stage k that trains task T (``clbench.loop``)::
-
-    strategy.before_stage(ctx)              # freeze parameters, snapshot a teacher, ...
-    optimizer = AdamW(p for p in model.parameters() if p.requires_grad)   # built AFTER before_stage
-    for epoch in range(epochs[T]):
-        model.train()
-        strategy.before_epoch(ctx)          # e.g. put BatchNorm layers back into eval mode
-        for images, targets, task_labels in ctx.train_loader:
-            outputs = model(images)
-            loss = ctx.task_loss(T, outputs, targets)
-            term = strategy.loss_term(ctx, images, outputs)   # a value: the loop adds it (None = nothing)
-            (loss + term).backward(); clip; optimizer.step()
-            strategy.after_step(ctx)
-    strategy.after_stage(ctx)               # restore slices, compute a Fisher, fill a buffer, ...
-    evaluate every task; save checkpoint {model, strategy.state_dict()}
-
-Hooks return values; they never reach into the loop's variables. A strategy that changes how the
-first stage trains sets ``changes_first_stage = True`` (so a cached stage 1 is never reused for it).
+The whole contract a strategy is held to is in the ``Strategy`` class docstring (``help(Strategy)``).
 """
 
 from __future__ import annotations
@@ -42,6 +25,7 @@ class StageContext:
 
     model: nn.Module
     stage: int                      # 1-based; stage k trains tasks[k - 1]
+    seed: int                       # the run's --seed: derive every random draw of a strategy from it
     task: TaskSpec
     tasks: tuple[TaskSpec, ...]     # every task, in stream order
     train_loader: DataLoader
@@ -57,13 +41,51 @@ class StageContext:
         """No stage follows: whatever an after_stage hook prepares for later stages would go unused."""
         return self.stage == len(self.tasks)
 
+    def generator(self, purpose: int = 0) -> torch.Generator:
+        """A CPU generator seeded from (run seed, stage, ``purpose``): the same draws on every rerun of this
+        stage, other draws under another seed."""
+        return torch.Generator().manual_seed(hash((self.seed, self.stage, purpose)) % 2**63)
+
 
 class Strategy:
-    """A forgetting strategy. Subclass, register with ``@register("name")``, override hooks you need."""
+    """A forgetting strategy: subclass, register with ``@register("name")``, override the hooks you need.
+
+    The loop (``clbench.run`` + ``clbench.loop``), for stage k = 1..S that trains task T = tasks[k - 1]::
+
+        evaluate every task (stage 0)
+        for each stage k:
+            if k == 1 and cached stage 1 exists and strategy.shares_first_stage:   # `clbench compare` only
+                model, RNG and loader state <- the cache   # before_stage, before_epoch, loss_term and
+                                                           # after_step are NOT called for stage 1
+            else:
+                strategy.before_stage(ctx)          # freeze parameters, snapshot a teacher, ...
+                optimizer = AdamW(p for p in model.parameters() if p.requires_grad)   # built AFTER before_stage
+                for epoch in range(epochs[T]):
+                    model.train()
+                    strategy.before_epoch(ctx)      # e.g. put BatchNorm layers back into eval mode
+                    for images, targets, task_labels in ctx.train_loader:
+                        outputs = model(images)
+                        loss = ctx.task_loss(T, outputs, targets)
+                        term = strategy.loss_term(ctx, images, outputs)   # a value: the loop adds it (None = nothing)
+                        (loss + term).backward(); clip; optimizer.step()
+                        strategy.after_step(ctx)
+            strategy.after_stage(ctx)               # always, cached or not: restore slices, a Fisher, a buffer, ...
+            save checkpoint {model, strategy.state_dict()}; then evaluate every task and write its rows
+
+    Hooks return values; they never reach into the loop's variables. ``ctx`` (a ``StageContext``) is what a
+    hook may read; ``ctx.seed`` / ``ctx.generator()`` are where a strategy's randomness comes from.
+
+    Stage-1 sharing is opt-in. ``clbench compare`` trains stage 1 once per seed and serves it to every
+    strategy that sets ``shares_first_stage = True``: a promise that before_stage, before_epoch, loss_term
+    and after_step change nothing and record nothing in stage 1 (so stage 1 equals naive fine-tuning, and
+    after_stage alone sees it). A strategy that does not declare it always trains its own stage 1.
+    ``clbench.testing.smoke_test`` checks the promise: a declared strategy must give the same metrics from
+    the cache as from training.
+    """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    changes_first_stage: ClassVar[bool] = False
+    shares_first_stage: ClassVar[bool] = False
     # Why this strategy cannot be combined with others (``a+b``); empty = it can.
     not_combinable: ClassVar[str] = ""
 
@@ -166,7 +188,7 @@ class Composite(Strategy):
     def __init__(self, parts: list[Strategy]) -> None:
         self.parts = parts
         self.name = "+".join(p.name for p in parts)
-        self.changes_first_stage = any(p.changes_first_stage for p in parts)
+        self.shares_first_stage = all(p.shares_first_stage for p in parts)
 
     def _each(self, hook: str, ctx: StageContext) -> None:
         for part in self.parts:

@@ -8,6 +8,8 @@ from typing import Literal
 Kind = Literal["det", "seg", "cls"]
 
 PRIMARY_METRIC: dict[str, str] = {"det": "mAP", "seg": "mIoU", "cls": "top1"}
+KIND_LABELS: dict[str, tuple[str, str]] = {"det": ("Detection", "mAP@[.5:.95]"), "seg": ("Segmentation", "mIoU"),
+                                           "cls": ("Classification", "Top-1")}
 LOSS_NAME: dict[str, str] = {
     "det": "yolo (balanced objectness BCE + GIoU + class CE)",
     "seg": "cross-entropy, 255 ignored",
@@ -40,3 +42,22 @@ class TaskSpec:
     @property
     def loss(self) -> str:
         return LOSS_NAME[self.kind]
+
+    @property
+    def label(self) -> str:
+        """How tables name the task: its kind's name, with the task's own name when that differs."""
+        kind = KIND_LABELS[self.kind][0]
+        return kind if self.name == self.kind else f"{self.name} ({kind})"
+
+    @property
+    def metric_label(self) -> str:
+        return KIND_LABELS[self.kind][1]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "dataset": self.dataset, "classes": list(self.classes),
+                "category_ids": list(self.category_ids)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TaskSpec":
+        return cls(name=data["name"], kind=data["kind"], dataset=data["dataset"], classes=tuple(data["classes"]),
+                   category_ids=tuple(data.get("category_ids", ())))

@@ -27,5 +27,5 @@ class BNFrozen(Strategy):
                 layer.eval()
 
     @property
-    def changes_first_stage(self) -> bool:  # type: ignore[override]
-        return self.from_stage <= 1
+    def shares_first_stage(self) -> bool:  # type: ignore[override]
+        return self.from_stage >= 2  # from_stage 1 changes how stage 1 trains

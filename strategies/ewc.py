@@ -15,6 +15,8 @@ from clbench.strategy import StageContext, Strategy, register
 class EWC(Strategy):
     """Penalise moving weights the earlier tasks' Fisher marks as important: λ/2 Σ F (θ − θ*)²."""
 
+    shares_first_stage = True  # no Fisher before stage 1 ends: no penalty in stage 1
+
     def __init__(self, *, lam: float = 10.0, fisher_batches: int = 8, online: bool = False, gamma: float = 1.0,
                  normalize: bool = True) -> None:
         if lam < 0 or fisher_batches < 1 or not 0 <= gamma <= 1:

@@ -14,6 +14,8 @@ from clbench.strategy import StageContext, Strategy, register
 class FreezeRestore(Strategy):
     """From stage 2 freeze name patterns; last stage trains only its output slice; earlier slices restored."""
 
+    shares_first_stage = True  # everything it does in stage 1 happens in after_stage
+
     def __init__(self, *, patterns: tuple[str, ...] = ("blocks.0", "blocks.1"), last_stage_slice_only: bool = True) -> None:
         self.patterns = patterns
         self.last_stage_slice_only = last_stage_slice_only
@@ -23,7 +25,7 @@ class FreezeRestore(Strategy):
     def before_stage(self, ctx: StageContext) -> None:
         if ctx.stage >= 2:
             freeze_matching(ctx.model, self.patterns)
-        if ctx.is_last and self.last_stage_slice_only:
+        if ctx.stage >= 2 and ctx.is_last and self.last_stage_slice_only:
             head_out, channels = ctx.model.head_out, ctx.model.slices[ctx.task.name]
             for param in ctx.model.parameters():
                 param.requires_grad_(False)

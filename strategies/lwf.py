@@ -14,6 +14,8 @@ from clbench.strategy import StageContext, Strategy, register
 class LwF(Strategy):
     """Distil earlier tasks' output slices from a frozen snapshot, on the current task's images."""
 
+    shares_first_stage = True  # stage 1 has no earlier task: no teacher, no term
+
     def __init__(self, *, lam: float = 1.0, temperature: float = 2.0) -> None:
         if lam < 0 or temperature <= 0:
             raise ValueError("lam must be >= 0 and temperature > 0")

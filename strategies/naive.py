@@ -7,4 +7,5 @@ from clbench.strategy import Strategy, register
 class Naive(Strategy):
     """Fine-tune every parameter on the current task's loss only."""
 
+    shares_first_stage = True
     not_combinable = "naive is plain fine-tuning, so naive+X is just X: name X alone"

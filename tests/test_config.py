@@ -46,7 +46,9 @@ def test_unknown_flag_exits_nonzero_with_a_suggestion(capsys):
 def test_bad_value_on_the_command_line_is_one_line_and_exit_2(capsys):
     assert main(["run", "--head-stride", "32", "--epochs", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "clbench: error: --epochs: epochs = '0': expected a positive number"
+    assert err == "clbench: error: --head-stride: head_stride = '32': expected one of 8, 16"
+    assert main(["run", "--epochs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "clbench: error: --epochs: epochs = '0': expected a positive number"
 
 
 def test_unknown_strategy_lists_what_exists(tiny_args, capsys):

@@ -5,8 +5,10 @@ import pytest
 
 from clbench.drop import absolute_change, bwt, drop_percent, forgetting, metric_matrix, reference_drop, trained_at
 from clbench.report import aggregate, comparison_table, paired_difference, run_measures, run_table, stage_table
+from clbench.tasks import TaskSpec
 
 PRIMARY = {"seg": "mIoU", "det": "mAP", "cls": "top1"}
+TASKS = [TaskSpec(name, name, name, ()) for name in ("seg", "det", "cls")]
 
 
 def rows_from(matrix: dict[int, dict[str, float]], order=("seg", "det", "cls")) -> pd.DataFrame:
@@ -41,9 +43,10 @@ def test_drop_abs_forgetting_and_bwt_by_hand():
     drop = drop_percent(R, trained)
     assert drop["seg"] == pytest.approx(100 * (0.70 - 0.80) / 0.80)   # -12.5 %: forgot, partly recovered
     assert drop["det"] == pytest.approx(-75.0)
-    assert drop["cls"] == 0.0                                          # trained last: no drop against itself
+    assert math.isnan(drop["cls"])                                     # trained last: undefined, not 0
     change = absolute_change(R, trained)
     assert change["seg"] == pytest.approx(-0.10) and change["det"] == pytest.approx(-0.30)
+    assert math.isnan(change["cls"])
     forget = forgetting(R, trained)
     assert forget["seg"] == pytest.approx(0.80 - 0.70)                 # max over stages 1, 2 minus final
     assert forget["det"] == pytest.approx(0.30) and math.isnan(forget["cls"])
@@ -64,7 +67,7 @@ def test_zero_base_is_undefined_never_zero():
     rows = rows_from(m)
     drop = drop_percent(metric_matrix(rows, PRIMARY), trained_at(rows))
     assert math.isnan(drop["seg"])
-    assert stage_table(rows).set_index("Task").at["Segmentation", "Drop (%)"] == "undefined (base 0)"
+    assert stage_table(rows, TASKS).set_index("Task").at["Segmentation", "Drop (%)"] == "undefined (base 0)"
 
 
 def test_missing_cells_give_nan_not_a_number():
@@ -76,11 +79,11 @@ def test_missing_cells_give_nan_not_a_number():
 
 
 def test_report_table_has_the_original_layout():
-    table = stage_table(rows_from(MATRIX))
+    table = stage_table(rows_from(MATRIX), TASKS)
     assert list(table.columns) == ["Task", "Metric", "Stage 1", "Stage 2", "Stage 3", "Strategy", "Drop (%)"]
     assert table["Task"].tolist() == ["Segmentation", "Detection", "Classification"]
     assert table.iloc[1].tolist() == ["Detection", "mAP@[.5:.95]", "-", "0.400", "0.100", "s", "-75.00%"]
-    assert table.iloc[2]["Drop (%)"] == "n/a (trained last)"
+    assert table.iloc[2]["Drop (%)"] == "undefined (trained last)"
 
 
 def test_reference_drop_is_defined_for_the_task_trained_last():
@@ -105,7 +108,7 @@ def comparison_rows():
 
 
 def test_comparison_statistics_by_hand():
-    measures = run_measures(comparison_rows(), "drop")
+    measures = run_measures(comparison_rows(), TASKS, "drop")
     stats = aggregate(measures).set_index(["strategy", "task"])
     naive = stats.loc[("naive", "det")]
     # drops: -75, -50, -25 → mean -50, sample std 25, 95% CI half-width t(0.975, 2) · 25/√3 = 4.3027 · 14.434
@@ -117,12 +120,13 @@ def test_comparison_statistics_by_hand():
 
 
 def test_comparison_table_marks_pass_and_fail_and_states_its_definition():
-    table, note = comparison_table(comparison_rows(), "drop", threshold=60)
+    table, note = comparison_table(comparison_rows(), TASKS, "drop", threshold=60)
     det = table.set_index("Strategy")["Detection (mAP@[.5:.95])"]
     assert det["naive"].startswith("-50.00% ± 25.00 [") and det["naive"].endswith(" pass")
     assert "Δ naive +16.67" in det["lwf"]
-    assert note.startswith("Drop (%) = 100 x (R[S,t] - R[s(t),t])") and "within 60 %" in note
-    table, _ = comparison_table(comparison_rows(), "abs", threshold=15)   # naive: -30, -20, -10 pp → mean -20
+    assert note.startswith("Drop (%) = 100 x (R[S,t] - R[s(t),t])") and "Within 60: pass when the task lost at most 60%" in note
+    assert table.set_index("Strategy").loc["naive", "Classification (Top-1)"] == "undefined (trained last)"
+    table, _ = comparison_table(comparison_rows(), TASKS, "abs", threshold=15)   # naive: -30, -20, -10 pp → mean -20
     assert table.set_index("Strategy").loc["naive", "Detection (mAP@[.5:.95])"].endswith("FAIL")
 
 
@@ -130,23 +134,25 @@ def test_bn_attribution_splits_the_change_into_bn_and_weights():
     rows = rows_from(MATRIX)
     audit = rows[(rows.stage == 3) & (rows.eval_task == "det") & (rows.metric == "mAP")].copy()
     audit["metric"], audit["value"] = "mAP_own_bn", 0.35    # own-stage BN statistics bring it back to 0.35
-    table = stage_table(pd.concat([rows, audit])).set_index("Task")
+    table = stage_table(pd.concat([rows, audit]), TASKS).set_index("Task")
     # det: 0.40 → 0.10; BN part 100 (0.10 - 0.35) = -25, weights part 100 (0.35 - 0.40) = -5
     assert table.at["Detection", "BN drift / weights (pp)"] == "-25.00 / -5.00"
     assert table.at["Segmentation", "BN drift / weights (pp)"] == "n/a (cell missing)"   # no seg audit row
     assert table.at["Classification", "BN drift / weights (pp)"] == "-"
-    assert "BN drift / weights (pp)" not in stage_table(rows)
+    assert "BN drift / weights (pp)" not in stage_table(rows, TASKS)
 
 
 def test_run_table_marks_pass_and_fail_at_the_threshold():
-    table = stage_table(rows_from(MATRIX), threshold=15).set_index("Task")
+    table = stage_table(rows_from(MATRIX), TASKS, threshold=15).set_index("Task")
     assert table.at["Segmentation", "Within 15"] == "pass"       # -12.5 %
     assert table.at["Detection", "Within 15"] == "FAIL"          # -75 %
     assert table.at["Classification", "Within 15"] == "-"        # trained last
-    absolute = stage_table(rows_from(MATRIX), "abs", threshold=10.5).set_index("Task")
+    absolute = stage_table(rows_from(MATRIX), TASKS, "abs", threshold=10.5).set_index("Task")
     assert absolute.at["Segmentation", "Within 10.5"] == "pass"  # -10 pp
-    assert stage_table(rows_from(MATRIX), "abs", threshold=9.5).set_index("Task").at["Segmentation", "Within 9.5"] == "FAIL"
-    _, note = run_table(rows_from(MATRIX), "abs", threshold=10.5)
+    assert stage_table(rows_from(MATRIX), TASKS, "abs", threshold=9.5).set_index("Task").at["Segmentation", "Within 9.5"] == "FAIL"
+    _, note = run_table(rows_from(MATRIX), TASKS, "abs", threshold=10.5)
     assert note.startswith("Abs. change = 100 x") and "Within 10.5: pass when the task lost at most 10.5 pp" in note
-    _, note = run_table(rows_from(MATRIX), threshold=5)
-    assert note.startswith("Drop (%) = 100 x") and "at most 5% of its own-stage value" in note
+    _, note = run_table(rows_from(MATRIX), TASKS, threshold=5)
+    assert note.startswith("Drop (%) = 100 x") and "Within 5: pass when the task lost at most 5%" in note
+    _, note = run_table(rows_from(MATRIX), TASKS, "forgetting", threshold=5)
+    assert "Within 5: pass when the task forgot at most 5 pp" in note

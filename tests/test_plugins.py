@@ -40,7 +40,7 @@ def test_the_readme_example_plugin_is_short_and_passes_the_smoke_test(tmp_path, 
     path = tmp_path / "my_l2.py"
     path.write_text(source)
     rows = smoke_test(f"{path}:L2Anchor", options={"l2_anchor.strength": "0.05"}, workdir=tmp_path)
-    assert set(rows["strategy"]) == {f"{path}:L2Anchor"}
+    assert set(rows["strategy"]) == {"l2_anchor"}       # the registered name, never the path
     assert find(f"{path}:L2Anchor").origin == f"file {path}"
 
 
@@ -78,32 +78,46 @@ def test_entry_point_strategies_are_found_and_listed(tmp_path, monkeypatch, caps
     assert "naive  [built-in]" in out and "--set ewc.lam=10.0" in out
 
 
-def test_a_broken_entry_point_is_an_error_naming_it(tmp_path, monkeypatch, clean_registry):
-    make_entry_point(tmp_path, monkeypatch, "broken", "import no_such_module_anywhere\n")
-    with pytest.raises(ClbenchError, match=r"entry point 'broken' \(fakeplug:Thing\): import failed: "
-                                           r"ModuleNotFoundError"):
-        create("naive", {})
+def test_a_broken_entry_point_breaks_only_its_own_name(tmp_path, monkeypatch, capsys, clean_registry):
+    make_entry_point(tmp_path, monkeypatch, "broken", "x = 1\nimport no_such_module_anywhere\n")
+    assert create("naive", {})[0].name == "naive"                  # loaded lazily: naive never touches it
+    with pytest.raises(ClbenchError, match=r"entry point 'broken' \(fakeplug:Thing\): import failed at "
+                                           + re.escape(str(tmp_path / "fakeplug.py")) + r":2: ModuleNotFoundError"):
+        create("broken", {})
+    assert main(["strategies"]) == 0
+    out = capsys.readouterr().out
+    assert "broken  [entry point fakeplug:Thing]  BROKEN" in out and "naive  [built-in]" in out
 
 
-def test_an_entry_point_cannot_take_a_builtin_name(tmp_path, monkeypatch, clean_registry):
+def test_an_entry_point_cannot_take_a_builtin_name(tmp_path, monkeypatch, capsys, clean_registry):
     make_entry_point(tmp_path, monkeypatch, "naive", "from clbench.strategy import Strategy\n\n"
                      "class Thing(Strategy):\n    name = 'naive'\n")
-    with pytest.raises(ClbenchError, match="entry point 'naive' .* uses the name of the built-in strategy 'naive'"):
-        create("naive", {})
+    assert find("naive").origin == "built-in"
+    assert main(["strategies"]) == 0
+    assert "naive (entry point fakeplug:Thing)  [entry point fakeplug:Thing]  BROKEN\n    uses the name of the " \
+           "built-in strategy" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("source, ref, message", [
     ("x = 1\n", "Nope", "has no class 'Nope'"),
     ("x = 1\n", "x", "is not a subclass of clbench.strategy.Strategy"),
-    ("raise RuntimeError('boom')\n", "X", "import failed: RuntimeError: boom"),
+    ("x = 1\nraise RuntimeError('boom')\n", "X", "import failed at {path}:2: RuntimeError: boom"),
+    ("def f(:\n", "X", "import failed at {path}:1: SyntaxError"),
     ("from clbench.strategy import Strategy, register\n\n@register('naive')\nclass X(Strategy):\n    pass\n", "X",
      "strategy name 'naive' registered twice"),
 ])
 def test_broken_file_plugins_are_errors_naming_the_plugin(tmp_path, source, ref, message, clean_registry):
     path = tmp_path / f"plug_{abs(hash(source))}.py"
     path.write_text(source)
-    with pytest.raises(ClbenchError, match=re.escape(f"strategy plugin '{path}:{ref}'") + ".*" + re.escape(message)):
+    with pytest.raises(ClbenchError, match=re.escape(f"strategy plugin '{path}:{ref}'") + ".*" +
+                       re.escape(message.format(path=path))):
         find(f"{path}:{ref}")
+
+
+def test_a_builtin_strategy_file_named_by_its_path_is_one_module(clean_registry):
+    import clbench.strategies.ewc as builtin
+    found = find(f"{builtin.__file__}:EWC")                       # no second module, no double registration
+    assert found.cls is builtin.EWC
 
 
 @pytest.mark.parametrize("spec, options, message", [

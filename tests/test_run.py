@@ -19,7 +19,8 @@ from clbench.strategy import REGISTRY, Strategy, register
 def test_three_stage_run_writes_every_file_with_the_right_schema(tiny_args):
     run_dir = run(resolve(None, {**tiny_args, "run_id": "r1"}))
     assert sorted(p.name for p in run_dir.iterdir()) == ["bn_drift.csv", "checkpoints", "config.yaml", "env.json",
-                                                         "metrics.csv", "per_class.csv", "predictions", "resources.json"]
+                                                         "metrics.csv", "per_class.csv", "predictions", "resources.json",
+                                                         "tasks.json"]
     rows = pd.read_csv(run_dir / "metrics.csv")
     assert tuple(rows.columns) == METRIC_COLUMNS
     assert sorted(rows["stage"].unique()) == [0, 1, 2, 3]
@@ -134,7 +135,7 @@ def test_cli_run_prints_the_report_table(tiny_args, tmp_path):
     assert header == ["Task", "Metric", "Stage 1", "Stage 2", "Stage 3", "Strategy", "Drop (%)", "Within 5",
                       "BN drift / weights (pp)"]
     assert any(line.startswith("| Detection") and "mAP@[.5:.95]" in line for line in lines)
-    assert "n/a (trained last)" in out.stdout
+    assert "undefined (trained last)" in out.stdout
     report = json.loads((Path(tiny_args["out"]) / "cli" / "resources.json").read_text())
     shares = " / ".join(f"{100 * s['eval_share']:.1f}%" for s in report["stages"].values())
     assert f"({100 * report['eval_share']:.1f}% of stage time; per stage {shares})" in out.stdout

@@ -116,7 +116,7 @@ def test_distillation_is_zero_for_equal_outputs_and_grows_with_divergence(kind, 
 def test_lwf_teacher_receives_no_gradient(specs):
     from clbench.strategies.lwf import LwF
     model = UniHeadNet(tasks=specs, backbone="test_efficientnet", head_channels=8)
-    ctx = StageContext(model=model, stage=2, task=specs[1], tasks=tuple(specs), train_loader=None,
+    ctx = StageContext(model=model, stage=2, task=specs[1], tasks=tuple(specs), seed=0, train_loader=None,
                        device=torch.device("cpu"), task_loss=None)
     lwf = LwF(lam=1.0, temperature=2.0)
     lwf.before_stage(ctx)

@@ -1,0 +1,210 @@
+"""The run folder and every file in it (see results/README.md): the Recorder writes them while a run trains,
+the ``read_*`` functions are how `clbench compare`, `table`, `plot` and `eval` read them back.
+
+Guarantees: the folder is claimed atomically (two runs with one run id cannot both write it) and removed
+again if the start fails; every file is replaced whole (``atomic_write``); a stage's rows are written only
+after its checkpoint was, so the tables never show a stage that has no checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from clbench import ClbenchError
+from clbench.evaluate import TaskEval
+from clbench.results import (BN_COLUMNS, METRIC_COLUMNS, PER_CLASS_COLUMNS, atomic_write, save_checkpoint, to_json,
+                             write_table)
+from clbench.tasks import KIND_LABELS, TaskSpec
+
+
+@dataclass
+class StageResources:
+    """One stage's cost. ``train_seconds`` is 0 for a stage restored from the stage-1 cache, whose training
+    time is then ``seconds_saved_by_cache``."""
+
+    task: str
+    train_seconds: float = 0.0
+    seconds_saved_by_cache: float = 0.0
+    eval_seconds: float = 0.0
+    bn_audit_seconds: float = 0.0
+    parameters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def trained_seconds(self) -> float:
+        return self.train_seconds + self.seconds_saved_by_cache
+
+    def shares(self) -> dict[str, float | None]:
+        return eval_shares(self.trained_seconds, self.eval_seconds, self.bn_audit_seconds)
+
+
+def eval_shares(train: float, evaluation: float, audit: float) -> dict[str, float | None]:
+    """Shares of a stage's time (training + evaluation + BN audit); training counts what the stage took when
+    it was trained, also when this run restored it from the stage-1 cache."""
+    total = train + evaluation + audit
+    return {"eval_share": evaluation / total if total else None,
+            "eval_and_bn_audit_share": (evaluation + audit) / total if total else None}
+
+
+@dataclass
+class Resources:
+    """resources.json: parameters and times per stage, latency, peak memory, budgets."""
+
+    stages: dict[int, StageResources] = field(default_factory=dict)
+    device: str = ""
+    latency_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)
+    budgets: list[dict[str, Any]] = field(default_factory=list)
+
+    def totals(self) -> dict[str, float]:
+        stages = self.stages.values()
+        return {"train_seconds": sum(s.train_seconds for s in stages), "eval_seconds": sum(s.eval_seconds for s in stages),
+                "bn_audit_seconds": sum(s.bn_audit_seconds for s in stages)}
+
+    def to_json(self) -> str:
+        totals = self.totals()
+        trained = sum(s.trained_seconds for s in self.stages.values())
+        return to_json({
+            "device": self.device, "latency_ms": self.latency_ms, "memory": self.memory, "budgets": self.budgets,
+            "stages": {k: {**dataclasses.asdict(s), **s.shares()} for k, s in self.stages.items()},
+            **totals, **eval_shares(trained, totals["eval_seconds"], totals["bn_audit_seconds"])})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Resources":
+        names = {f.name for f in dataclasses.fields(StageResources)}
+        stages = {int(k): StageResources(**{n: v for n, v in s.items() if n in names}) for k, s in data["stages"].items()}
+        latency = {t: {int(size): ms for size, ms in v.items()} for t, v in data.get("latency_ms", {}).items()}
+        return cls(stages, data.get("device", ""), latency, data.get("memory", {}), data.get("budgets", []))
+
+
+class Recorder:
+    """Owns one run folder while the run trains: rows of every table, checkpoints, resources."""
+
+    def __init__(self, run_dir: Path, base: dict[str, Any]) -> None:
+        self.run_dir, self.base = run_dir, base
+        self.rows: list[dict[str, Any]] = []        # metrics.csv, committed stages only
+        self.per_class: list[dict[str, Any]] = []   # per_class.csv
+        self.bn_rows: list[dict[str, Any]] = []     # bn_drift.csv
+        self._pending: dict[str, list] = {"rows": [], "per_class": [], "bn_rows": [], "predictions": []}
+        self.resources = Resources()
+
+    @classmethod
+    def create(cls, out: Path, run_id: str, base: dict[str, Any], files: dict[str, str]) -> "Recorder":
+        """Claim ``out/run_id`` (an existing folder is never touched) and write ``files`` into it; if that
+        fails, the folder is removed again: a failed start leaves nothing behind."""
+        out, run_dir = Path(out), Path(out) / run_id
+        if out.exists() and not out.is_dir():
+            raise ClbenchError(f"--out {out}: is a file, expected a folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir()  # atomic: of two runs with one id, exactly one gets here
+        except FileExistsError:
+            raise ClbenchError(f"{run_dir}: already exists; give another --run-id or --out (nothing was overwritten)") \
+                from None
+        except OSError as exc:
+            raise ClbenchError(f"--out {out}: cannot create the run folder there ({exc.strerror or exc})") from None
+        try:
+            for name, text in files.items():
+                atomic_write(run_dir / name, text)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        return cls(run_dir, {"run_id": run_id, **base})
+
+    def row_base(self, stage: int, stage_task: str) -> dict[str, Any]:
+        return {**self.base, "stage": stage, "stage_task": stage_task}
+
+    def add_evaluation(self, stage: int, stage_task: str, task: TaskSpec, result: TaskEval) -> None:
+        base = {**self.row_base(stage, stage_task), "eval_task": task.name}
+        self._pending["rows"] += [{**base, "metric": metric, "value": value, "direction": task.direction, "n": n}
+                                  for metric, (value, n) in result.metrics.items()]
+        self._pending["per_class"] += [{**base, "class": name, "metric": metric, "value": value}
+                                       for metric, values in result.per_class.items() for name, value in values.items()]
+        if result.detections is not None:
+            self._pending["predictions"].append((f"stage{stage}_{task.name}.json", json.dumps(result.detections)))
+
+    def add_metric(self, stage: int, stage_task: str, task: TaskSpec, metric: str, value: float, n: int) -> None:
+        self._pending["rows"].append({**self.row_base(stage, stage_task), "eval_task": task.name, "metric": metric,
+                                      "value": value, "direction": task.direction, "n": n})
+
+    def add_bn_drift(self, stage: int, stage_task: str, reference_stage: int,
+                     drift: list[tuple[str, str, float]]) -> None:
+        base = {**self.row_base(stage, stage_task), "reference_stage": reference_stage}
+        self._pending["bn_rows"] += [{**base, "layer": layer, "statistic": stat, "distance": d}
+                                     for layer, stat, d in drift]
+
+    def commit(self, stage: int, checkpoint: dict[str, Any] | None) -> None:
+        """The stage's checkpoint first, then its rows: a stage is in the tables only if its checkpoint exists."""
+        if checkpoint is not None:
+            save_checkpoint(self.run_dir / "checkpoints" / f"stage{stage}.pt", checkpoint)
+        for name, text in self._pending["predictions"]:
+            atomic_write(self.run_dir / "predictions" / name, text)
+        self.rows += self._pending["rows"]
+        self.per_class += self._pending["per_class"]
+        self.bn_rows += self._pending["bn_rows"]
+        self._pending = {key: [] for key in self._pending}
+        write_table(self.run_dir / "metrics.csv", self.rows, METRIC_COLUMNS)
+        write_table(self.run_dir / "per_class.csv", self.per_class, PER_CLASS_COLUMNS)
+        write_table(self.run_dir / "bn_drift.csv", self.bn_rows, BN_COLUMNS)
+
+    def write_resources(self) -> None:
+        atomic_write(self.run_dir / "resources.json", self.resources.to_json())
+
+
+def read_rows(run_dir: Path) -> pd.DataFrame:
+    """metrics.csv of a run, checked: a file that is not a clbench metrics table, or has no rows, is an error."""
+    path = Path(run_dir) / "metrics.csv"
+    try:
+        rows = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ClbenchError(f"{path}: not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ClbenchError(f"{path}: not a clbench metrics table ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in METRIC_COLUMNS if c not in rows.columns]
+    if missing:
+        raise ClbenchError(f"{path}: not a clbench metrics table: missing columns {', '.join(missing)} "
+                           f"(expected {', '.join(METRIC_COLUMNS)})")
+    if rows.empty:
+        raise ClbenchError(f"{path}: has no rows (the run finished no evaluation)")
+    for column in ("stage", "value", "seed"):
+        if not pd.api.types.is_numeric_dtype(rows[column]):
+            raise ClbenchError(f"{path}: column {column!r} holds non-numbers (e.g. {rows[column].iloc[0]!r})")
+    return rows
+
+
+def read_tasks(run_dir: Path, rows: pd.DataFrame | None = None) -> list[TaskSpec]:
+    """The run's tasks in stream order (tasks.json); for folders written before it existed, from the rows
+    (then each task's name is its kind)."""
+    path = Path(run_dir) / "tasks.json"
+    if path.exists():
+        try:
+            return [TaskSpec.from_dict(t) for t in json.loads(path.read_text())]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ClbenchError(f"{path}: not a clbench task list ({exc})") from None
+    rows = read_rows(run_dir) if rows is None else rows
+    order = rows[rows["stage"] > 0].drop_duplicates("stage").sort_values("stage")["stage_task"].tolist()
+    unknown = [t for t in order if t not in KIND_LABELS]
+    if unknown:
+        raise ClbenchError(f"{run_dir}: no tasks.json, and task {unknown[0]!r} is not a task kind")
+    return [TaskSpec(t, t, t, ()) for t in order]
+
+
+def read_resources(run_dir: Path) -> Resources:
+    path = Path(run_dir) / "resources.json"
+    try:
+        return Resources.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ClbenchError(f"{path}: not found (the run did not finish)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ClbenchError(f"{path}: not a clbench resources file ({exc})") from None
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())

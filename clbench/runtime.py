@@ -1,0 +1,129 @@
+"""What a run needs from its environment, apart from training: seeding, the device, the data root, the
+loaders, the network, and a Session that carries what is worth computing once per process."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from clbench import ClbenchError
+from clbench.model import UniHeadNet
+from clbench.tasks import TaskSpec
+
+
+@dataclass
+class Session:
+    """Results of work that does not change within a process and is shared by the runs of a comparison:
+    data roots already verified, dataset fingerprints, inference latency per architecture (it does not
+    depend on the weights). One per `clbench run`; `clbench compare` passes one to all its cells."""
+
+    verified: set[Path] = field(default_factory=set)
+    tree_hashes: dict[Path, str] = field(default_factory=dict)
+    latency: dict[tuple, dict[str, dict[int, float]]] = field(default_factory=dict)
+
+    def verify(self, root: Path) -> None:
+        """The full check of `clbench data verify`, once per data root: a bad dataset fails in seconds."""
+        from clbench.benchmarks.verify import verify
+        if root.resolve() not in self.verified:
+            verify(root)
+            self.verified.add(root.resolve())
+
+    def tree_hash(self, root: Path) -> str:
+        """sha256 over every file's relative path and bytes, in sorted order: a dataset's fingerprint."""
+        key = Path(root).resolve()
+        if key not in self.tree_hashes:
+            digest = hashlib.sha256()
+            for path in sorted(p for p in key.rglob("*") if p.is_file()):
+                digest.update(path.relative_to(key).as_posix().encode("utf-8", "surrogateescape") + b"\0")
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+            self.tree_hashes[key] = digest.hexdigest()
+        return self.tree_hashes[key]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32  # torch derives each worker's seed from the loader's generator
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def loader(dataset: Any, *, batch_size: int, shuffle: bool, seed: int, workers: int, device: torch.device) -> DataLoader:
+    """A loader with its own generator (``seed``) whose workers are seeded from it."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn,
+                      num_workers=workers, worker_init_fn=_seed_worker, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ClbenchError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def data_root(path: str | None, synth_train: int, synth_val: int) -> tuple[Path, str]:
+    """The data root and the benchmark's name: the user's folder, or the synthetic twin from the cache."""
+    if path:
+        root = Path(path)
+        if not root.is_dir():
+            raise ClbenchError(f"--data-root {root}: folder not found")
+        return root, "synthetic" if (root / "synth.json").exists() else root.name
+    from clbench.benchmarks import synthetic
+    return synthetic.cached(synthetic.SynthSpec(seed=0, n_train=synth_train, n_val=synth_val)), "synthetic"
+
+
+class MemoryCache(Dataset):
+    """A test set's items kept after their first decode: every task is evaluated after every stage and
+    the evaluation transform is deterministic, so decoding and resizing once per run is enough. It holds
+    only in the process that reads it (loader workers would each fill, and throw away, a private copy),
+    so a run reads a cached test set without workers."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset, self.items = dataset, {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        if index not in self.items:
+            self.items[index] = self.dataset[index]
+        return self.items[index]
+
+
+def cached_in_memory(dataset: Any, image_size: int, budget_bytes: int = 512 * 2**20) -> Any:
+    """The dataset behind a MemoryCache when its resized images fit ``budget_bytes`` (float32)."""
+    return MemoryCache(dataset) if len(dataset) * 3 * image_size**2 * 4 <= budget_bytes else dataset
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What rebuilds the network of a checkpoint (saved in every checkpoint as ``model_config``)."""
+
+    backbone: str
+    head_channels: int
+    head_stride: int
+    image_size: int
+    order: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "head_channels": self.head_channels, "head_stride": self.head_stride,
+                "image_size": self.image_size, "order": list(self.order)}
+
+
+def build_model(model_config: ModelConfig, specs: list[TaskSpec], device: torch.device, *,
+                pretrained: bool = False, pretrained_file: str | None = None) -> UniHeadNet:
+    model = UniHeadNet(tasks=specs, backbone=model_config.backbone, pretrained=pretrained,
+                       pretrained_file=pretrained_file, head_channels=model_config.head_channels,
+                       head_stride=model_config.head_stride).to(device)
+    return model.to_channels_last()
