@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +21,93 @@ def load_coco_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ClbenchError(f"{path}: annotation file not found") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ClbenchError(f"{path}: not valid JSON ({exc})") from None
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
     if missing:
         raise ClbenchError(f"{path}: not a COCO detection file: missing {', '.join(missing)}")
-    _check_annotations(path, data)
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list) or not all(isinstance(item, dict) for item in data[key]):
+            raise ClbenchError(f"{path}: {key!r} must be a list of objects, got {type(data[key]).__name__}")
+    images = _check_images(path, data["images"])
+    categories = _check_categories(path, data["categories"])
+    _check_annotations(path, data["annotations"], images, categories)
     return data
 
 
-def _check_annotations(path: Path, data: dict[str, Any]) -> None:
-    images = {img["id"]: img for img in data["images"]}
-    categories = {c["id"] for c in data["categories"]}
-    for ann in data["annotations"]:
-        image = images.get(ann["image_id"])
+_KIND_NAMES = {int: "an integer", str: "a string"}
+
+
+def _field(path: Path, what: str, entry: dict[str, Any], key: str, kind: type) -> Any:
+    """``entry[key]``, which must be of ``kind`` (a bool is not an integer)."""
+    if key not in entry:
+        raise ClbenchError(f"{path}: {what} has no {key!r}: expected {_KIND_NAMES[kind]}")
+    value = entry[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ClbenchError(f"{path}: {what} has {key} = {value!r}: expected {_KIND_NAMES[kind]}")
+    return value
+
+
+def _check_images(path: Path, entries: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    images: dict[int, dict[str, Any]] = {}
+    names: dict[str, int] = {}
+    for index, img in enumerate(entries):
+        image_id = _field(path, f"images[{index}]", img, "id", int)
+        what = f"image {image_id}"
+        name = _field(path, what, img, "file_name", str)
+        if not _is_utf8(name):
+            raise ClbenchError(f"{path}: {what} has file_name {name!r}: not valid UTF-8")
+        for key in ("width", "height"):
+            if _field(path, what, img, key, int) <= 0:
+                raise ClbenchError(f"{path}: {what} has {key} {img[key]}: must be > 0")
+        if image_id in images:
+            raise ClbenchError(f"{path}: image id {image_id} appears twice in 'images' (ids must be unique)")
+        if name in names:
+            raise ClbenchError(f"{path}: images {names[name]} and {image_id} share file_name {name!r}")
+        images[image_id], names[name] = img, image_id
+    return images
+
+
+def _check_categories(path: Path, entries: list[dict[str, Any]]) -> set[int]:
+    ids: set[int] = set()
+    for index, category in enumerate(entries):
+        category_id = _field(path, f"categories[{index}]", category, "id", int)
+        _field(path, f"category {category_id}", category, "name", str)
+        if category_id in ids:
+            raise ClbenchError(f"{path}: category id {category_id} appears twice in 'categories'")
+        ids.add(category_id)
+    return ids
+
+
+def _check_annotations(path: Path, entries: list[dict[str, Any]], images: dict[int, dict[str, Any]],
+                       categories: set[int]) -> None:
+    for index, ann in enumerate(entries):
+        what = f"annotation {ann.get('id', f'#{index}')}"
+        image = images.get(_field(path, what, ann, "image_id", int))
         if image is None:
-            raise ClbenchError(f"{path}: annotation {ann.get('id')} points to missing image id {ann['image_id']}")
-        if ann["category_id"] not in categories:
-            raise ClbenchError(f"{path}: annotation {ann.get('id')} has category_id {ann['category_id']} "
-                               f"not in categories {sorted(categories)}")
-        x, y, w, h = ann["bbox"]
+            raise ClbenchError(f"{path}: {what} points to missing image id {ann['image_id']}")
+        if _field(path, what, ann, "category_id", int) not in categories:
+            raise ClbenchError(f"{path}: {what} has category_id {ann['category_id']} not in categories "
+                               f"{sorted(categories)}")
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
+            raise ClbenchError(f"{path}: {what} (image {image['id']}) has bbox {bbox!r}: expected [x, y, width, height], "
+                               "four finite numbers")
+        x, y, w, h = bbox
         if w <= 0 or h <= 0:
-            raise ClbenchError(f"{path}: image {image['id']} has bbox {ann['bbox']}: width and height must be > 0")
+            raise ClbenchError(f"{path}: image {image['id']} has bbox {bbox}: width and height must be > 0")
         if x < 0 or y < 0 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
-            raise ClbenchError(f"{path}: image {image['id']} has bbox {ann['bbox']} outside the "
+            raise ClbenchError(f"{path}: image {image['id']} has bbox {bbox} outside the "
                                f"{image['width']}x{image['height']} image")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def coco_split_files(task_root: Path, split: str) -> tuple[Path, Path]:

@@ -7,14 +7,27 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .images import list_images, read_image, resize_transform, train_transform
+from .images import IMAGE_SUFFIXES, check_utf8_name, list_images, read_image, resize_transform, train_transform
 from clbench import ClbenchError
 
 
 def class_folders(split_dir: Path) -> tuple[str, ...]:
+    """The class names of an ImageFolder split: its sub-folders, each holding at least one image. A symlink
+    loop, or a class folder without images, is an error (never a class with 0 images)."""
     if not split_dir.is_dir():
         raise ClbenchError(f"{split_dir}: folder not found")
-    return tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir()))
+    classes = []
+    for entry in sorted(split_dir.iterdir()):
+        check_utf8_name(entry)
+        if entry.is_symlink() and not entry.exists():
+            raise ClbenchError(f"{entry}: a broken symlink or a symlink loop, expected a class folder")
+        if entry.is_dir():
+            if entry.is_symlink() and split_dir.resolve() in (entry.resolve(), *entry.resolve().parents):
+                raise ClbenchError(f"{entry}: a symlink loop (points to {entry.resolve()}), expected a class folder")
+            if not list_images(entry):
+                raise ClbenchError(f"{entry}: class folder holds no images (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
+            classes.append(entry.name)
+    return tuple(classes)
 
 
 class ImageFolderClassification(Dataset):

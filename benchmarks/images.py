@@ -69,6 +69,19 @@ def _collate_targets(targets: list[Any]) -> Any:
 
 
 def list_images(folder: Path) -> list[Path]:
+    """The image files of a folder, sorted; a name whose bytes are not valid UTF-8 is an error (it could not
+    be recorded in JSON or printed faithfully)."""
     if not folder.is_dir():
         raise ClbenchError(f"{folder}: folder not found")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in images:
+        check_utf8_name(path)
+    return images
+
+
+def check_utf8_name(path: Path) -> None:
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.name.encode("utf-8", "surrogateescape")
+        raise ClbenchError(f"{path.parent}: file name {shown!r} is not valid UTF-8; rename it") from None

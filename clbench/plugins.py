@@ -160,7 +160,7 @@ def _where(exc: BaseException) -> str:
 def _checked(obj: Any, what: str) -> type[Strategy]:
     if not (isinstance(obj, type) and issubclass(obj, Strategy)):
         raise ClbenchError(f"{what}: {obj!r} is not a subclass of clbench.strategy.Strategy")
-    if not obj.name:  # a plain class not decorated with @register: named after itself
+    if not obj.__dict__.get("name"):  # not decorated with @register (a subclass's inherited name is not its own)
         obj.name = obj.__name__.lower()
         obj.description = obj.description or (obj.__doc__ or "").strip().split("\n")[0]
     return obj

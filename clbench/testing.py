@@ -38,7 +38,7 @@ def smoke_test(strategy: str | type[Strategy], *, options: dict[str, Any] | None
     declares ``shares_first_stage`` is run a second time from a stage-1 cache written by naive, as
     `clbench compare` would: both runs must give the same metrics, or the declaration is wrong."""
     if isinstance(strategy, type):
-        name = strategy.name or strategy.__name__.lower()
+        name = strategy.__dict__.get("name") or strategy.__name__.lower()  # its own, not an inherited name
         if REGISTRY.get(name) is not strategy:
             register(name)(strategy)
         strategy = name
