@@ -49,6 +49,15 @@ def _order(value: Any) -> tuple[str, ...]:
     return order
 
 
+def _sizes(value: Any) -> tuple[int, ...]:
+    """Image sides, e.g. 256,512 (empty: none)."""
+    items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value or ())
+    sizes = tuple(_int(v) for v in items)
+    if any(s < 32 for s in sizes):
+        raise ValueError("expected sides >= 32")
+    return sizes
+
+
 def _choice(*options: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in options:
@@ -205,6 +214,9 @@ class RunConfig:
     run_id: str | None = field(default=None, metadata={"parse": run_id_name, "per_cell": True, "output_only": True,
                                "help": "name of the run folder (a plain name); default <strategy>-seed<N>-<time>"})
     progress: bool = field(default=True, metadata={"parse": parse_bool, "output_only": True, "help": "tqdm progress bars"})
+    latency_sizes: tuple[int, ...] = field(default=(256, 512), metadata={
+        "parse": _sizes, "output_only": True, "help": "input sides at which resources.json times batch-1 inference "
+        "(empty: none; the 150 ms budget is checked at 512)"})
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -68,7 +68,7 @@ def run(config: RunConfig, *, stage1_cache: Path | None = None, on_stage: Callab
         recorder.commit(stage, {"model": model.state_dict(), "strategy": strategy.state_dict(), "stage": stage,
                                 "task": ctx.task.name, "model_config": model_config(config).to_dict(),
                                 "tasks": [t.to_dict() for t in specs]})
-    write_resources(recorder, model, specs, device, session)
+    write_resources(recorder, model, specs, device, session, config.latency_sizes)
     return recorder.run_dir
 
 
@@ -166,14 +166,14 @@ def evaluate_stage(recorder: Recorder, audit: BatchNormAudit, model: torch.nn.Mo
 
 
 def write_resources(recorder: Recorder, model: UniHeadNet, specs: tuple[TaskSpec, ...], device: torch.device,
-                    session: Session) -> None:
+                    session: Session, sizes: tuple[int, ...]) -> None:
     """resources.json: the stages' times plus latency (once per session and architecture), memory, budgets."""
-    key = (tuple((n, p.shape) for n, p in model.named_parameters()), tuple(t.name for t in specs), str(device))
+    key = (tuple((n, p.shape) for n, p in model.named_parameters()), tuple(t.name for t in specs), str(device), sizes)
     if key not in session.latency:
-        session.latency[key] = {t.name: {size: latency_ms(model, t, size, device) for size in (256, 512)} for t in specs}
+        session.latency[key] = {t.name: {size: latency_ms(model, t, size, device) for size in sizes} for t in specs}
     resources = recorder.resources
     resources.device, resources.latency_ms, resources.memory = device_name(device), session.latency[key], \
         peak_memory_mb(device)
     resources.budgets = budget_checks(model.parameter_counts()["total"],
-                                      {t: v[512] for t, v in resources.latency_ms.items()}, resources.device)
+                                      {t: v.get(512) for t, v in resources.latency_ms.items()}, resources.device)
     recorder.write_resources()

@@ -70,7 +70,8 @@ class Strategy:
                         (loss + term).backward(); clip; optimizer.step()
                         strategy.after_step(ctx)
             strategy.after_stage(ctx)               # always, cached or not: restore slices, a Fisher, a buffer, ...
-            save checkpoint {model, strategy.state_dict()}; then evaluate every task and write its rows
+            evaluate every task (+ BN audit); save checkpoint {model, strategy.state_dict()}; only then
+            write the stage's rows to metrics.csv (a stage is in the tables only if its checkpoint exists)
 
     Hooks return values; they never reach into the loop's variables. ``ctx`` (a ``StageContext``) is what a
     hook may read; ``ctx.seed`` / ``ctx.generator()`` are where a strategy's randomness comes from.

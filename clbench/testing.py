@@ -28,7 +28,8 @@ TINY_DATA = SynthSpec(seed=0, n_train=12, n_val=10, min_side=40, max_side=56)
 def tiny_run_settings(data_root: Path, out: Path) -> dict[str, str]:
     """Settings of a 3-stage run that takes a few seconds on a CPU (timm's test_efficientnet, 48 px)."""
     return {"data_root": str(data_root), "out": str(out), "backbone": "test_efficientnet", "image_size": "48",
-            "head_channels": "16", "epochs": "1", "batch_size": "4", "device": "cpu", "progress": "false"}
+            "head_channels": "16", "epochs": "1", "batch_size": "4", "device": "cpu", "progress": "false",
+            "latency_sizes": ""}
 
 
 def smoke_test(strategy: str | type[Strategy], *, options: dict[str, Any] | None = None,

@@ -32,7 +32,7 @@ def test_compare_runs_the_grid_and_shares_stage_1_bit_identically(tiny_args, tmp
     assert sorted(p.name for p in (folder / "runs").iterdir()) == ["ewc-seed0", "ewc-seed1", "naive-seed0", "naive-seed1"]
     assert len(list((folder / "cache").glob("stage1-*.pt"))) == 2          # one per seed
     stage1 = lambda cell: json.loads((folder / "runs" / cell / "resources.json").read_text())["stages"]["1"]
-    assert stage1("naive-seed0")["train_seconds"] > 0 and stage1("ewc-seed0")["train_seconds"] == 0.0
+    assert stage1("naive-seed0")["seconds_saved_by_cache"] == 0.0 and stage1("ewc-seed0")["train_seconds"] == 0.0
     assert stage1("ewc-seed0")["seconds_saved_by_cache"] == pytest.approx(stage1("naive-seed0")["train_seconds"])
     assert json.loads((folder / "cache_report.json").read_text())["stage1_reused_by_cells_this_invocation"] == 2
     alone = run(resolve(None, {**tiny_args, "strategy": "ewc", "run_id": "ewc-seed0", "out": str(tmp_path / "alone")}))
@@ -52,7 +52,8 @@ def test_a_strategy_that_changes_stage_1_is_not_served_from_the_cache(tiny_args)
     assert main(args) == 0
     folder = compare_folder(tiny_args)
     resources = json.loads((folder / "runs" / "bn_frozen-seed0" / "resources.json").read_text())
-    assert resources["stages"]["1"]["train_seconds"] > 0
+    assert resources["stages"]["1"]["seconds_saved_by_cache"] == 0.0   # trained, not restored
+    assert len(list((folder / "cache").glob("stage1-*.pt"))) == 1       # written by naive only
 
 
 def test_reopening_a_comparison_with_other_settings_is_refused(tiny_args, capsys):
@@ -66,31 +67,37 @@ def test_an_option_no_strategy_of_the_grid_has_is_an_error(tiny_args, capsys):
     assert "--set lwf.lam: no strategy of --strategies naive,ewc has it" in capsys.readouterr().err
 
 
-def test_kill_9_then_rerun_resumes_and_keeps_finished_cells(tiny_args):
+def test_kill_9_at_a_known_point_then_rerun_resumes_and_equals_an_uninterrupted_comparison(tiny_args, tmp_path):
     script = Path(sys.executable).parent / "clbench"
-    command = [str(script), "compare", "--strategies", "naive,ewc,lwf", "--name", "killed", *flags(tiny_args)]
+    plugin = Path(__file__).parent / "plugins" / "counting.py"
+    command = [str(script), "compare", "--strategies", f"naive,{plugin}:Blocking,ewc", "--name", "killed",
+               *flags(tiny_args)]
     folder = Path(tiny_args["out"]) / "killed"
-    first_done = folder / "runs" / "naive-seed0" / "done.json"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = tmp_path / "blocked-in-stage-2"
+    env = {**os.environ, "CLBENCH_TEST_BLOCK": str(marker)}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env=env)
     deadline = time.time() + 240
-    while not first_done.exists() and process.poll() is None and time.time() < deadline:
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:  # it already finished: the resume below must then redo nothing
-        pass
+    assert marker.exists(), "the comparison never reached the blocking cell's stage 2"
+    os.killpg(process.pid, signal.SIGKILL)                 # certain: the process is waiting in stage 2
     process.wait()
-    assert first_done.exists()
-    stamp = first_done.stat().st_mtime_ns
-    unfinished = [d.name for d in (folder / "runs").iterdir() if not (d / "done.json").exists()]
-    for d in (folder / "runs").iterdir():          # whatever was written is whole: CSVs parse
-        if (d / "metrics.csv").exists():
-            pd.read_csv(d / "metrics.csv")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    naive_done = folder / "runs" / "naive-seed0" / "done.json"
+    assert naive_done.exists() and not (folder / "runs" / "blocking-seed0" / "done.json").exists()
+    assert sorted(pd.read_csv(folder / "runs" / "blocking-seed0" / "metrics.csv")["stage"].unique()) == [0, 1]
+    stamp = naive_done.stat().st_mtime_ns
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)   # no marker: nothing blocks
     assert result.returncode == 0, result.stderr
-    assert first_done.stat().st_mtime_ns == stamp                # not redone
-    assert all((folder / "runs" / f"{s}-seed0" / "done.json").exists() for s in ("naive", "ewc", "lwf"))
-    assert unfinished == [] or all((folder / "runs" / name / "done.json").exists() for name in unfinished)
+    assert naive_done.stat().st_mtime_ns == stamp         # the finished cell was not redone
+    other = tmp_path / "uninterrupted"
+    result = subprocess.run([*command[:-len(flags(tiny_args))], *flags(tiny_args, out=other)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (folder / "summary.md").read_text() == (other / "killed" / "summary.md").read_text()
+    for cell in ("naive-seed0", "blocking-seed0", "ewc-seed0"):
+        assert (folder / "runs" / cell / "metrics.csv").read_bytes() == \
+            (other / "killed" / "runs" / cell / "metrics.csv").read_bytes()
 
 
 def test_reference_runs_give_a_drop_for_every_task(tiny_args, capsys):

@@ -60,7 +60,7 @@ def test_saved_predictions_rescore_to_the_reported_map_with_pycocotools(tiny_arg
 
 
 def test_bn_audit_and_resource_report(tiny_args):
-    run_dir = run(resolve(None, {**tiny_args, "run_id": "audit"}))
+    run_dir = run(resolve(None, {**tiny_args, "run_id": "audit", "latency_sizes": "256,512"}))
     drift = pd.read_csv(run_dir / "bn_drift.csv")
     assert set(zip(drift.stage, drift.reference_stage)) == {(2, 1), (3, 1), (3, 2)}
     assert (drift.distance >= 0).all() and (drift.distance > 0).any()
@@ -69,13 +69,15 @@ def test_bn_audit_and_resource_report(tiny_args):
     # re-evaluated after the last stage only: the drop (and its attribution) is the last stage's
     assert set(zip(own.stage, own.eval_task, own.metric)) == {(3, "seg", "mIoU_own_bn"), (3, "det", "mAP_own_bn")}
     report = json.loads((run_dir / "resources.json").read_text())
-    assert set(report["latency_ms"]) == {"seg", "det", "cls"} and report["latency_ms"]["det"]["512"] > 0
+    assert set(report["latency_ms"]) == {"seg", "det", "cls"} and set(report["latency_ms"]["det"]) == {"256", "512"}
+    det_budget = next(b for b in report["budgets"] if b["budget"].startswith("det inference"))
+    assert det_budget["value"] == round(report["latency_ms"]["det"]["512"], 2) > 0
     assert report["stages"]["1"]["parameters"]["total"] == report["stages"]["3"]["parameters"]["total"]
-    for part in (report, *report["stages"].values()):
-        assert 0 < part["eval_share"] < part["eval_and_bn_audit_share"] < 1
-    stage = report["stages"]["3"]
-    assert stage["eval_share"] == pytest.approx(stage["eval_seconds"] / (
-        stage["train_seconds"] + stage["eval_seconds"] + stage["bn_audit_seconds"]))
+    for stage in report["stages"].values():
+        total = stage["train_seconds"] + stage["eval_seconds"] + stage["bn_audit_seconds"]
+        assert stage["eval_share"] == pytest.approx(stage["eval_seconds"] / total)
+        assert stage["eval_and_bn_audit_share"] == pytest.approx((stage["eval_seconds"] + stage["bn_audit_seconds"]) / total)
+    assert report["eval_seconds"] == pytest.approx(sum(s["eval_seconds"] for s in report["stages"].values()))
     assert report["budgets"][0]["pass"] is True and report["memory"]["process_peak_rss_mb"] > 0
 
 
