@@ -1,4 +1,4 @@
-"""The synthetic twin of the three datasets (DESIGN §7), written in exactly the real on-disk formats.
+"""The synthetic twin of the three datasets (DESIGN.md §7), written in exactly the real on-disk formats.
 
 Deterministic from a seed. Each task has its own image statistics (dark noisy detection scenes, bright
 segmentation scenes, saturated striped classification images) so BatchNorm drift between stages is

@@ -1,4 +1,4 @@
-"""The numbers clbench reports (DESIGN §3): COCO mAP via the COCO API, mIoU from one confusion matrix, top-k."""
+"""The numbers clbench reports (DESIGN.md §3): COCO mAP via the COCO API, mIoU from one confusion matrix, top-k."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """UniHeadNet: a timm backbone, an FPN-style fusion, and ONE head whose output conv is sliced per task.
 
-Output channels of ``head_out`` are laid out as named slices (DESIGN §2):
+Output channels of ``head_out`` are laid out as named slices (DESIGN.md §2):
 ``det`` = A × (5 + C_det) (per anchor: cx, cy, w, h, objectness, class logits), ``seg`` = C_seg,
 ``cls`` = C_cls. ``UniHeadNet.slices`` is the table freeze/restore strategies use.
 """
