@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from clbench import ClbenchError, __version__
-from clbench.config import FIELDS, RUN_ID, add_arguments, resolve, run_fields
+from clbench.config import FIELDS, RUN_ID, RunConfig, add_arguments, resolve, run_fields
 from clbench.drop import DEFAULT_THRESHOLD, DEFINITIONS
 
 BUILTIN_ORDER = "naive,freeze_restore,lwf,bn_frozen,ewc,replay"
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", allow_abbrev=False, help="train seg -> det -> cls with one strategy, print the table")
     run.add_argument("--config", type=Path, default=None, help="YAML file; its keys mirror these flags")
+    run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                     help="continue an interrupted run after its last finished stage (its own config.yaml)")
     add_arguments(run)
     _compare_parser(sub)
     table = sub.add_parser("table", allow_abbrev=False, help="the drop table of a run or comparison folder")
@@ -126,11 +128,28 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from clbench.report import run_summary
     from clbench.run import run as run_one
-    config = resolve(args.config, run_fields(vars(args)))
-    run_dir = run_one(config)
+    if args.resume is not None:
+        config = _resumed_config(args)
+    else:
+        config = resolve(args.config, run_fields(vars(args)))
+    run_dir = run_one(config, resume=args.resume is not None)
     print(run_summary(run_dir))
     print(f"\nresults: {run_dir}")
     return 0
+
+
+def _resumed_config(args: argparse.Namespace) -> RunConfig:
+    """The configuration an interrupted run saved; only --progress may be given beside --resume."""
+    import dataclasses
+    given = sorted(set(run_fields(vars(args))) - {"progress"}) + (["config"] if args.config else [])
+    if given:
+        raise ClbenchError(f"--resume {args.resume}: takes the run's own config.yaml; --{given[0].replace('_', '-')} "
+                           "cannot be given with it")
+    if not (args.resume / "config.yaml").is_file():
+        raise ClbenchError(f"--resume {args.resume}: not a run folder (no config.yaml)")
+    config = resolve(args.resume / "config.yaml", {})
+    return dataclasses.replace(config, out=str(args.resume.parent), run_id=args.resume.name,
+                               progress=getattr(args, "progress", config.progress))
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -114,19 +114,20 @@ def prepare_folder(settings: CompareSettings, folder: Path) -> None:
 
 def run_cell(folder: Path, cell_id: str, config: RunConfig, progress: Progress, stages: int,
              stage1_cache: Path | None, session: Session) -> float:
-    """Run one cell unless done; a cell folder without done.json is an interrupted run and is redone.
-    Returns the stage-1 training seconds saved by the cache."""
+    """Run one cell unless done; a cell folder without done.json is an interrupted run and is resumed after its
+    last finished stage. Returns the stage-1 training seconds saved by the cache."""
     from clbench.run import run
     run_dir = folder / cell_id
     progress.start_cell(cell_id)
     if (run_dir / "done.json").exists():
         progress.finish_cell(stages)
         return 0.0
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # our own unfinished output (the folder lock excludes any other writer)
+    resume = (run_dir / "config.yaml").exists()  # interrupted: continue after its last finished stage
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)  # a folder without a run in it (the folder lock excludes any other writer)
     start = time.perf_counter()
     run(dataclasses.replace(config, out=str(folder), run_id=cell_id, progress=False), stage1_cache=stage1_cache,
-        on_stage=progress.on_stage, session=session)
+        on_stage=progress.on_stage, session=session, resume=resume)
     atomic_write(run_dir / "done.json", to_json({"seconds": time.perf_counter() - start}))
     progress.finish_cell(stages)
     return read_resources(run_dir).stages[1].seconds_saved_by_cache
@@ -140,6 +141,9 @@ def cells(settings: CompareSettings) -> list[tuple[str, str, int, RunConfig, boo
     unused = sorted(set(settings.base.set) - used)
     if unused:
         raise ClbenchError(f"--set {unused[0]}: no strategy of --strategies {','.join(settings.strategies)} has it")
+    repeated = sorted({s for s in settings.strategies if settings.strategies.count(s) > 1})
+    if repeated:
+        raise ClbenchError(f"--strategies: {repeated[0]!r} appears twice")
     named: dict[str, str] = {}
     out = []
     for seed in settings.seeds:
@@ -175,7 +179,7 @@ def _run_grid(settings: CompareSettings, folder: Path, grid: list, progress: boo
     references = [(task, seed) for seed in settings.seeds for task in settings.base.order] if settings.reference else []
     bar = Progress(len(grid) * stages + len(references), progress)
     session, saved, reused = Session(), 0.0, 0
-    atomic_write(folder / "cells.json", to_json({cell: name for cell, name, *_ in grid}))
+    atomic_write(folder / "cells.json", to_json([[cell, name] for cell, name, *_ in grid]))  # grid order
     try:
         for cell_id, _, seed, config, shares in grid:
             cache = folder / "cache" / f"stage1-seed{seed}-{stage1_key(config)}.pt" if shares else None
@@ -241,7 +245,7 @@ def load_comparison(folder: Path) -> tuple[pd.DataFrame, list, dict[int, dict[st
 def missing_cells(folder: Path) -> list[str]:
     """Cells of the grid (cells.json) without a finished run."""
     path = folder / "cells.json"
-    expected = json.loads(path.read_text()) if path.exists() else {}
+    expected = [cell for cell, _ in json.loads(path.read_text())] if path.exists() else []
     done = {d.name for d in finished_runs(folder)}
     return [cell for cell in expected if cell not in done]
 
@@ -252,7 +256,7 @@ def comparison_summary(folder: Path, definition: str = "drop",
     rows, tasks, references = load_comparison(folder)
     if definition == "reference" and not references:
         raise ClbenchError(f"{folder}: --definition reference needs a comparison run with --reference single-task")
-    names = list(dict.fromkeys(json.loads((folder / "cells.json").read_text()).values())) \
+    names = list(dict.fromkeys(name for _, name in json.loads((folder / "cells.json").read_text()))) \
         if (folder / "cells.json").exists() else None
     table, note = comparison_table(rows, tasks, definition, references, threshold, names)
     missing = missing_cells(folder)

@@ -141,18 +141,43 @@ class Recorder:
                                      for layer, stat, d in drift]
 
     def commit(self, stage: int, checkpoint: dict[str, Any] | None) -> None:
-        """The stage's checkpoint first, then its rows: a stage is in the tables only if its checkpoint exists."""
-        if checkpoint is not None:
-            save_checkpoint(self.run_dir / "checkpoints" / f"stage{stage}.pt", checkpoint)
-        for name, text in self._pending["predictions"]:
-            atomic_write(self.run_dir / "predictions" / name, text)
+        """The stage's checkpoint first, then its rows: a stage is in the tables only if its checkpoint exists.
+        The checkpoint also holds every row up to this stage and the resources so far (``record``), so a run
+        resumed from it rewrites exactly these tables."""
         self.rows += self._pending["rows"]
         self.per_class += self._pending["per_class"]
         self.bn_rows += self._pending["bn_rows"]
-        self._pending = {key: [] for key in self._pending}
+        predictions, self._pending = self._pending["predictions"], {key: [] for key in self._pending}
+        if checkpoint is not None:
+            save_checkpoint(self.run_dir / "checkpoints" / f"stage{stage}.pt", {**checkpoint, "record": self.record()})
+        for name, text in predictions:
+            atomic_write(self.run_dir / "predictions" / name, text)
+        self.write_tables()
+
+    def write_tables(self) -> None:
         write_table(self.run_dir / "metrics.csv", self.rows, METRIC_COLUMNS)
         write_table(self.run_dir / "per_class.csv", self.per_class, PER_CLASS_COLUMNS)
         write_table(self.run_dir / "bn_drift.csv", self.bn_rows, BN_COLUMNS)
+
+    def record(self) -> dict[str, Any]:
+        """The rows and resources so far, as plain values (a checkpoint stays loadable with weights_only)."""
+        return {"rows": self.rows, "per_class": self.per_class, "bn_rows": self.bn_rows,
+                "stages": {k: dataclasses.asdict(s) for k, s in self.resources.stages.items()}}
+
+    @classmethod
+    def reopen(cls, run_dir: Path, base: dict[str, Any], record: dict[str, Any] | None, from_stage: int) -> "Recorder":
+        """An interrupted run's folder, back at the end of stage ``from_stage`` (``record`` from its checkpoint;
+        None: from the start). The tables are rewritten to hold exactly those stages; resume.json notes it."""
+        import time
+        recorder = cls(run_dir, {"run_id": run_dir.name, **base})
+        if record is not None:
+            recorder.rows, recorder.per_class, recorder.bn_rows = (list(record[k]) for k in ("rows", "per_class", "bn_rows"))
+            recorder.resources.stages = {int(k): StageResources(**v) for k, v in record["stages"].items()}
+        history = json.loads((run_dir / "resume.json").read_text()) if (run_dir / "resume.json").exists() else []
+        history.append({"resumed_after_stage": from_stage, "at": time.strftime("%Y-%m-%d %H:%M:%S")})
+        atomic_write(run_dir / "resume.json", to_json(history))
+        recorder.write_tables()
+        return recorder
 
     def write_resources(self) -> None:
         atomic_write(self.run_dir / "resources.json", self.resources.to_json())

@@ -13,28 +13,30 @@ import yaml
 from torch.utils.data import DataLoader
 
 from clbench.bn_audit import BatchNormAudit
-from clbench.config import RunConfig
+from clbench import ClbenchError
+from clbench.config import RunConfig, resolve
 from clbench.evaluate import EVAL_BATCH, evaluate_task
-from clbench.loop import StageSettings, task_loss, train_stage
+from clbench.loop import StageSettings, task_loss, to_device, train_stage
 from clbench.model import UniHeadNet
 from clbench.plugins import create
 from clbench.recorder import Recorder, StageResources
 from clbench.resources import budget_checks, device_name, latency_ms, peak_memory_mb
 from clbench.results import environment, save_checkpoint, to_json
 from clbench.runtime import (MemoryCache, ModelConfig, Session, build_model, cached_in_memory, data_root, loader,
-                             resolve_device, seed_everything)
+                             resolve_device, rng_state, seed_everything, set_rng_state)
 from clbench.strategy import StageContext, Strategy
 from clbench.tasks import TaskSpec
 
 
 def run(config: RunConfig, *, stage1_cache: Path | None = None, on_stage: Callable[[int, str], None] | None = None,
-        session: Session | None = None) -> Path:
+        session: Session | None = None, resume: bool = False) -> Path:
     """Train and evaluate every stage; returns the run folder. Finished stages stay on disk if a later one fails.
 
     ``stage1_cache``: a file holding the model right after stage-1 training for exactly this configuration
     (but the strategy); used if present and the strategy declares ``shares_first_stage``, written if absent.
     ``on_stage(stage, task)`` is called before each stage (progress displays). ``session``: shared caches
-    (a comparison passes one to all its cells).
+    (a comparison passes one to all its cells). ``resume``: ``out/run_id`` holds an interrupted run of this
+    configuration; continue it after its last readable stage checkpoint (every later stage is redone).
     """
     session = session or Session()
     seed_everything(config.seed)
@@ -51,14 +53,20 @@ def run(config: RunConfig, *, stage1_cache: Path | None = None, on_stage: Callab
                         pretrained_file=config.pretrained_file)
     tests = [cached_in_memory(t.test, config.image_size) for t in tasks]
     stream = build_stream([t.train for t in tasks], tests)
-    recorder = open_run(config, strategy, benchmark, root, device, model, specs, session)
     test_loaders = [loader(exp.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=config.seed, device=device,
                            workers=0 if isinstance(test, MemoryCache) else config.workers)
                     for exp, test in zip(stream.test_stream, tests)]
-    evaluate_all(recorder, model, tasks, test_loaders, device, stage=0, stage_task="none")
-    recorder.commit(0, None)
-    audit = BatchNormAudit()
+    audit, done = BatchNormAudit(), 0
+    if resume:
+        recorder, done = reopen_run(config, strategy, benchmark, model, audit, device)
+    else:
+        recorder = open_run(config, strategy, benchmark, root, device, model, specs, session)
+    if done == 0:
+        evaluate_all(recorder, model, tasks, test_loaders, device, stage=0, stage_task="none")
+        recorder.commit(0, None)
     for stage, experience in enumerate(stream.train_stream, start=1):
+        if stage <= done:
+            continue
         if on_stage:
             on_stage(stage, specs[stage - 1].name)
         ctx = stage_context(config, model, specs, stage, experience, device)
@@ -67,7 +75,8 @@ def run(config: RunConfig, *, stage1_cache: Path | None = None, on_stage: Callab
         evaluate_stage(recorder, audit, model, tasks, test_loaders, device, stage)
         recorder.commit(stage, {"model": model.state_dict(), "strategy": strategy.state_dict(), "stage": stage,
                                 "task": ctx.task.name, "model_config": model_config(config).to_dict(),
-                                "tasks": [t.to_dict() for t in specs]})
+                                "tasks": [t.to_dict() for t in specs], "rng": rng_state(),
+                                "loader_rng": ctx.train_loader.generator.get_state(), "bn_stats": audit.stats})
     write_resources(recorder, model, specs, device, session, config.latency_sizes)
     return recorder.run_dir
 
@@ -90,6 +99,40 @@ def open_run(config: RunConfig, strategy: Strategy, benchmark: str, root: Path, 
              "tasks.json": to_json([t.to_dict() for t in specs])}
     return Recorder.create(Path(config.out), run_id, {"benchmark": benchmark, "strategy": strategy.name,
                                                       "seed": config.seed}, files)
+
+
+RESUME_KEYS = {"model", "strategy", "rng", "bn_stats", "record"}
+
+
+def last_resume_point(run_dir: Path, stages: int) -> tuple[int, dict[str, Any] | None]:
+    """(k, checkpoint) of the last stage whose checkpoint loads and holds a resume point; (0, None) if none."""
+    for stage in range(stages, 0, -1):
+        try:
+            ckpt = torch.load(run_dir / "checkpoints" / f"stage{stage}.pt", map_location="cpu", weights_only=True)
+        except Exception:  # missing, truncated, not a checkpoint: that stage is redone
+            continue
+        if isinstance(ckpt, dict) and RESUME_KEYS <= set(ckpt):
+            return stage, ckpt
+    return 0, None
+
+
+def reopen_run(config: RunConfig, strategy: Strategy, benchmark: str, model: UniHeadNet, audit: BatchNormAudit,
+               device: torch.device) -> tuple[Recorder, int]:
+    """Back to the end of the interrupted run's last finished stage: model, strategy, RNGs, BN statistics and
+    every row as they were then. Returns the recorder and that stage (0: start again from stage 0)."""
+    run_dir, saved = Path(config.out) / str(config.run_id), Path(config.out) / str(config.run_id) / "config.yaml"
+    if not saved.exists() or resolve(saved, {}).without("output_only") != config.without("output_only"):
+        raise ClbenchError(f"{run_dir}: not an interrupted run of this configuration (its config.yaml differs or is "
+                           "missing); nothing was changed")
+    done, ckpt = last_resume_point(run_dir, len(config.order))
+    base = {"benchmark": benchmark, "strategy": strategy.name, "seed": config.seed}
+    recorder = Recorder.reopen(run_dir, base, ckpt["record"] if ckpt else None, done)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        strategy.load_state_dict(to_device(ckpt["strategy"], device))
+        audit.stats = {int(k): to_device(v, device) for k, v in ckpt["bn_stats"].items()}
+        set_rng_state(ckpt["rng"])
+    return recorder, done
 
 
 def stage_context(config: RunConfig, model: UniHeadNet, specs: tuple[TaskSpec, ...], stage: int, experience: Any,
@@ -120,16 +163,17 @@ def run_stage(recorder: Recorder, ctx: StageContext, strategy: Strategy, config:
 
 
 def save_stage1(cache: Path, ctx: StageContext, seconds: float) -> None:
-    """The model right after stage-1 training, the torch RNG and the loader's shuffle state."""
-    save_checkpoint(cache, {"model": ctx.model.state_dict(), "rng": torch.get_rng_state(),
+    """The model right after stage-1 training, the RNG states and the loader's shuffle state (the same state a
+    stage checkpoint's resume point holds)."""
+    save_checkpoint(cache, {"model": ctx.model.state_dict(), "rng": rng_state(),
                             "loader_rng": ctx.train_loader.generator.get_state(), "seconds": seconds})
 
 
 def restore_stage1(cache: Path, ctx: StageContext) -> float:
     """The state ``save_stage1`` wrote, as if this run had trained it; returns the training seconds it stands for."""
-    saved = torch.load(cache, map_location=ctx.device, weights_only=True)
+    saved = torch.load(cache, map_location="cpu", weights_only=True)
     ctx.model.load_state_dict(saved["model"])
-    torch.set_rng_state(saved["rng"])
+    set_rng_state(saved["rng"])
     ctx.train_loader.generator.set_state(saved["loader_rng"])  # as if its epochs had drawn their shuffles
     return float(saved["seconds"])
 

@@ -87,9 +87,14 @@ def test_kill_9_at_a_known_point_then_rerun_resumes_and_equals_an_uninterrupted_
     assert naive_done.exists() and not (folder / "runs" / "blocking-seed0" / "done.json").exists()
     assert sorted(pd.read_csv(folder / "runs" / "blocking-seed0" / "metrics.csv")["stage"].unique()) == [0, 1]
     stamp = naive_done.stat().st_mtime_ns
+    blocked_stage1 = folder / "runs" / "blocking-seed0" / "checkpoints" / "stage1.pt"
+    stage1_stamp = blocked_stage1.stat().st_mtime_ns
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)   # no marker: nothing blocks
     assert result.returncode == 0, result.stderr
     assert naive_done.stat().st_mtime_ns == stamp         # the finished cell was not redone
+    assert blocked_stage1.stat().st_mtime_ns == stage1_stamp    # the unfinished one kept its finished stage
+    resumed = json.loads((folder / "runs" / "blocking-seed0" / "resume.json").read_text())
+    assert [r["resumed_after_stage"] for r in resumed] == [1]
     other = tmp_path / "uninterrupted"
     result = subprocess.run([*command[:-len(flags(tiny_args))], *flags(tiny_args, out=other)], capture_output=True,
                             text=True, timeout=300)

@@ -35,14 +35,30 @@ class Counting(Strategy):
 
 @register("blocking")
 class Blocking(Strategy):
-    """Plain fine-tuning that, when $CLBENCH_TEST_BLOCK names a file, writes it at the start of stage 2 and
-    then waits to be killed."""
+    """Does nothing, unless $CLBENCH_TEST_BLOCK is ``MARKER[:STAGE[:STEP]]``: then, at the start of STAGE
+    (default 2; STEP 0, the default) or after its STEP-th training step, it writes MARKER and waits to be killed.
+    Composed with another strategy (``ewc+…:Blocking``) it stops that strategy at a known point."""
 
     shares_first_stage = True
 
-    def before_stage(self, ctx: StageContext) -> None:
-        marker = os.environ.get("CLBENCH_TEST_BLOCK")
-        if marker and ctx.stage == 2:
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def _block_if(self, stage: int, step: int) -> None:
+        setting = os.environ.get("CLBENCH_TEST_BLOCK")
+        if not setting:
+            return
+        marker, *where = setting.split(":")
+        wanted = (int(where[0]) if where else 2, int(where[1]) if len(where) > 1 else 0)
+        if (stage, step) == wanted:
             Path(marker).write_text(str(os.getpid()))
             while True:
                 time.sleep(1)
+
+    def before_stage(self, ctx: StageContext) -> None:
+        self.steps = 0
+        self._block_if(ctx.stage, 0)
+
+    def after_step(self, ctx: StageContext) -> None:
+        self.steps += 1
+        self._block_if(ctx.stage, self.steps)
