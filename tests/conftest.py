@@ -18,6 +18,19 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def _registry_restored():
+    """Strategies a test registers (plugins loaded by path, test classes) are gone after it; the built-ins,
+    imported first, stay."""
+    from clbench.plugins import registered
+    from clbench.strategy import REGISTRY
+    registered()
+    before = dict(REGISTRY)
+    yield
+    REGISTRY.clear()
+    REGISTRY.update(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("data") / "tiny", TINY)

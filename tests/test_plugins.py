@@ -14,27 +14,12 @@ from clbench.testing import smoke_test
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-@pytest.fixture
-def clean_registry():
-    """Plugins a test registers are gone afterwards (the built-ins are imported first, so they stay)."""
-    before = dict(registered_names())
-    yield
-    REGISTRY.clear()
-    REGISTRY.update(before)
-
-
-def registered_names():
-    from clbench.plugins import registered
-    registered()
-    return REGISTRY
-
-
 def readme_example() -> str:
     text = README.read_text()
     return re.search(r"<!-- example-plugin -->\n```python\n(.*?)```", text, re.S).group(1)
 
 
-def test_the_readme_example_plugin_is_short_and_passes_the_smoke_test(tmp_path, clean_registry):
+def test_the_readme_example_plugin_is_short_and_passes_the_smoke_test(tmp_path):
     source = readme_example()
     assert len(source.strip().splitlines()) < 40
     path = tmp_path / "my_l2.py"
@@ -44,7 +29,7 @@ def test_the_readme_example_plugin_is_short_and_passes_the_smoke_test(tmp_path, 
     assert find(f"{path}:L2Anchor").origin == f"file {path}"
 
 
-def test_package_module_reference(tmp_path, monkeypatch, clean_registry):
+def test_package_module_reference(tmp_path, monkeypatch):
     (tmp_path / "someplugins").mkdir()
     (tmp_path / "someplugins" / "__init__.py").write_text("")
     (tmp_path / "someplugins" / "mine.py").write_text(
@@ -65,7 +50,7 @@ def make_entry_point(tmp_path, monkeypatch, name, module_source, target="fakeplu
     importlib.invalidate_caches()
 
 
-def test_entry_point_strategies_are_found_and_listed(tmp_path, monkeypatch, capsys, clean_registry):
+def test_entry_point_strategies_are_found_and_listed(tmp_path, monkeypatch, capsys):
     make_entry_point(tmp_path, monkeypatch, "thing", "from clbench.strategy import Strategy, register\n\n"
                      "@register('thing')\nclass Thing(Strategy):\n    '''A third-party strategy.'''\n\n"
                      "    def __init__(self, *, knob: int = 3) -> None:\n        self.knob = knob\n")
@@ -78,7 +63,7 @@ def test_entry_point_strategies_are_found_and_listed(tmp_path, monkeypatch, caps
     assert "naive  [built-in]" in out and "--set ewc.lam=10.0" in out
 
 
-def test_a_broken_entry_point_breaks_only_its_own_name(tmp_path, monkeypatch, capsys, clean_registry):
+def test_a_broken_entry_point_breaks_only_its_own_name(tmp_path, monkeypatch, capsys):
     make_entry_point(tmp_path, monkeypatch, "broken", "x = 1\nimport no_such_module_anywhere\n")
     assert create("naive", {})[0].name == "naive"                  # loaded lazily: naive never touches it
     with pytest.raises(ClbenchError, match=r"entry point 'broken' \(fakeplug:Thing\): import failed at "
@@ -89,7 +74,7 @@ def test_a_broken_entry_point_breaks_only_its_own_name(tmp_path, monkeypatch, ca
     assert "broken  [entry point fakeplug:Thing]  BROKEN" in out and "naive  [built-in]" in out
 
 
-def test_an_entry_point_cannot_take_a_builtin_name(tmp_path, monkeypatch, capsys, clean_registry):
+def test_an_entry_point_cannot_take_a_builtin_name(tmp_path, monkeypatch, capsys):
     make_entry_point(tmp_path, monkeypatch, "naive", "from clbench.strategy import Strategy\n\n"
                      "class Thing(Strategy):\n    name = 'naive'\n")
     assert find("naive").origin == "built-in"
@@ -106,7 +91,7 @@ def test_an_entry_point_cannot_take_a_builtin_name(tmp_path, monkeypatch, capsys
     ("from clbench.strategy import Strategy, register\n\n@register('naive')\nclass X(Strategy):\n    pass\n", "X",
      "strategy name 'naive' registered twice"),
 ])
-def test_broken_file_plugins_are_errors_naming_the_plugin(tmp_path, source, ref, message, clean_registry):
+def test_broken_file_plugins_are_errors_naming_the_plugin(tmp_path, source, ref, message):
     path = tmp_path / f"plug_{abs(hash(source))}.py"
     path.write_text(source)
     with pytest.raises(ClbenchError, match=re.escape(f"strategy plugin '{path}:{ref}'") + ".*" +
@@ -114,7 +99,7 @@ def test_broken_file_plugins_are_errors_naming_the_plugin(tmp_path, source, ref,
         find(f"{path}:{ref}")
 
 
-def test_a_builtin_strategy_file_named_by_its_path_is_one_module(clean_registry):
+def test_a_builtin_strategy_file_named_by_its_path_is_one_module():
     import clbench.strategies.ewc as builtin
     found = find(f"{builtin.__file__}:EWC")                       # no second module, no double registration
     assert found.cls is builtin.EWC
