@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,46 +40,81 @@ def run(config: RunConfig, *, stage1_cache: Path | None = None, on_stage: Callab
     configuration; continue it after its last readable stage checkpoint (every later stage is redone).
     """
     session = session or Session()
+    setup = prepare(config, session)
+    recorder, audit, done = start(setup, session, resume)
+    for stage, experience in enumerate(setup.stream.train_stream, start=1):
+        if stage <= done:
+            continue
+        if on_stage:
+            on_stage(stage, setup.specs[stage - 1].name)
+        ctx = stage_context(setup.config, setup.model, setup.specs, stage, experience, setup.device)
+        use_cache = stage == 1 and setup.strategy.shares_first_stage
+        run_stage(recorder, ctx, setup.strategy, setup.config, stage1_cache if use_cache else None)
+        evaluate_stage(recorder, audit, setup, stage)
+        recorder.commit(stage, checkpoint(setup, ctx, audit))
+    write_resources(recorder, setup.model, setup.specs, setup.device, session, setup.config.latency_sizes)
+    return recorder.run_dir
+
+
+@dataclass
+class Setup:
+    """Everything a run builds before its first stage."""
+
+    config: RunConfig               # with every strategy hyperparameter resolved
+    device: torch.device
+    root: Path
+    benchmark: str
+    tasks: list[Any]                # TaskData: spec, train and test datasets
+    strategy: Strategy
+    model: UniHeadNet
+    stream: Any                     # the Avalanche benchmark
+    test_loaders: list[DataLoader]
+
+    @property
+    def specs(self) -> tuple[TaskSpec, ...]:
+        return tuple(t.spec for t in self.tasks)
+
+
+def prepare(config: RunConfig, session: Session) -> Setup:
+    """Seed, device, data (verified), strategy, network, stream and test loaders."""
+    from clbench.benchmarks import load_tasks
+    from clbench.benchmarks.stream import build_stream
     seed_everything(config.seed)
     device = resolve_device(config.device)
     root, benchmark = data_root(config.data_root, config.synth_train, config.synth_val)
     session.verify(root)
-    from clbench.benchmarks import load_tasks
-    from clbench.benchmarks.stream import build_stream
     tasks = load_tasks(root, config.order, image_size=config.image_size, augment=config.augment)
-    specs = tuple(t.spec for t in tasks)
     strategy, options = create(config.strategy, config.set)
     config = dataclasses.replace(config, set=options)  # config.yaml records every resolved hyperparameter
-    model = build_model(model_config(config), list(specs), device, pretrained=config.pretrained,
+    model = build_model(model_config(config), [t.spec for t in tasks], device, pretrained=config.pretrained,
                         pretrained_file=config.pretrained_file)
     tests = [cached_in_memory(t.test, config.image_size) for t in tasks]
     stream = build_stream([t.train for t in tasks], tests)
     test_loaders = [loader(exp.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=config.seed, device=device,
                            workers=0 if isinstance(test, MemoryCache) else config.workers)
                     for exp, test in zip(stream.test_stream, tests)]
+    return Setup(config, device, root, benchmark, tasks, strategy, model, stream, test_loaders)
+
+
+def start(setup: Setup, session: Session, resume: bool) -> tuple[Recorder, BatchNormAudit, int]:
+    """A new run folder with stage 0 evaluated, or an interrupted one restored; returns the last finished stage."""
     audit, done = BatchNormAudit(), 0
     if resume:
-        recorder, done = reopen_run(config, strategy, benchmark, model, audit, device)
+        recorder, done = reopen_run(setup, audit)
     else:
-        recorder = open_run(config, strategy, benchmark, root, device, model, specs, session)
+        recorder = open_run(setup, session)
     if done == 0:
-        evaluate_all(recorder, model, tasks, test_loaders, device, stage=0, stage_task="none")
+        evaluate_all(recorder, setup, stage=0, stage_task="none")
         recorder.commit(0, None)
-    for stage, experience in enumerate(stream.train_stream, start=1):
-        if stage <= done:
-            continue
-        if on_stage:
-            on_stage(stage, specs[stage - 1].name)
-        ctx = stage_context(config, model, specs, stage, experience, device)
-        use_cache = stage == 1 and strategy.shares_first_stage
-        run_stage(recorder, ctx, strategy, config, stage1_cache if use_cache else None)
-        evaluate_stage(recorder, audit, model, tasks, test_loaders, device, stage)
-        recorder.commit(stage, {"model": model.state_dict(), "strategy": strategy.state_dict(), "stage": stage,
-                                "task": ctx.task.name, "model_config": model_config(config).to_dict(),
-                                "tasks": [t.to_dict() for t in specs], "rng": rng_state(),
-                                "loader_rng": ctx.train_loader.generator.get_state(), "bn_stats": audit.stats})
-    write_resources(recorder, model, specs, device, session, config.latency_sizes)
-    return recorder.run_dir
+    return recorder, audit, done
+
+
+def checkpoint(setup: Setup, ctx: StageContext, audit: BatchNormAudit) -> dict[str, Any]:
+    """A stage's checkpoint: what `clbench eval` needs, and the resume point (with ``record`` added by the recorder)."""
+    return {"model": setup.model.state_dict(), "strategy": setup.strategy.state_dict(), "stage": ctx.stage,
+            "task": ctx.task.name, "model_config": model_config(setup.config).to_dict(),
+            "tasks": [t.to_dict() for t in setup.specs], "rng": rng_state(),
+            "loader_rng": ctx.train_loader.generator.get_state(), "bn_stats": audit.stats}
 
 
 def model_config(config: RunConfig) -> ModelConfig:
@@ -86,19 +122,22 @@ def model_config(config: RunConfig) -> ModelConfig:
                        image_size=config.image_size, order=config.order)
 
 
-def open_run(config: RunConfig, strategy: Strategy, benchmark: str, root: Path, device: torch.device,
-             model: UniHeadNet, specs: tuple[TaskSpec, ...], session: Session) -> Recorder:
+def open_run(setup: Setup, session: Session) -> Recorder:
     """Claim the run folder and write config.yaml, env.json and tasks.json into it."""
     from clbench.benchmarks import TASK_DIRS
-    run_id = config.run_id or f"{strategy.name}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    hashes = {t.name: (root / TASK_DIRS[t.kind], session.tree_hash(root / TASK_DIRS[t.kind])) for t in specs}
-    env = {**environment(device, hashes), "counts": model.parameter_counts(),
+    config, root = setup.config, setup.root
+    run_id = config.run_id or f"{setup.strategy.name}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    hashes = {t.name: (root / TASK_DIRS[t.kind], session.tree_hash(root / TASK_DIRS[t.kind])) for t in setup.specs}
+    env = {**environment(setup.device, hashes), "counts": setup.model.parameter_counts(),
            "seeding": {"python": config.seed, "numpy": config.seed, "torch": config.seed,
                        "loader_generator": "seed + 1000 * stage", "strategy": "StageContext.generator(seed, stage)"}}
     files = {"config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False), "env.json": to_json(env),
-             "tasks.json": to_json([t.to_dict() for t in specs])}
-    return Recorder.create(Path(config.out), run_id, {"benchmark": benchmark, "strategy": strategy.name,
-                                                      "seed": config.seed}, files)
+             "tasks.json": to_json([t.to_dict() for t in setup.specs])}
+    return Recorder.create(Path(config.out), run_id, row_base(setup), files)
+
+
+def row_base(setup: Setup) -> dict[str, Any]:
+    return {"benchmark": setup.benchmark, "strategy": setup.strategy.name, "seed": setup.config.seed}
 
 
 RESUME_KEYS = {"model", "strategy", "rng", "bn_stats", "record"}
@@ -116,21 +155,21 @@ def last_resume_point(run_dir: Path, stages: int) -> tuple[int, dict[str, Any] |
     return 0, None
 
 
-def reopen_run(config: RunConfig, strategy: Strategy, benchmark: str, model: UniHeadNet, audit: BatchNormAudit,
-               device: torch.device) -> tuple[Recorder, int]:
+def reopen_run(setup: Setup, audit: BatchNormAudit) -> tuple[Recorder, int]:
     """Back to the end of the interrupted run's last finished stage: model, strategy, RNGs, BN statistics and
     every row as they were then. Returns the recorder and that stage (0: start again from stage 0)."""
-    run_dir, saved = Path(config.out) / str(config.run_id), Path(config.out) / str(config.run_id) / "config.yaml"
+    config = setup.config
+    run_dir = Path(config.out) / str(config.run_id)
+    saved = run_dir / "config.yaml"
     if not saved.exists() or resolve(saved, {}).without("output_only") != config.without("output_only"):
         raise ClbenchError(f"{run_dir}: not an interrupted run of this configuration (its config.yaml differs or is "
                            "missing); nothing was changed")
     done, ckpt = last_resume_point(run_dir, len(config.order))
-    base = {"benchmark": benchmark, "strategy": strategy.name, "seed": config.seed}
-    recorder = Recorder.reopen(run_dir, base, ckpt["record"] if ckpt else None, done)
+    recorder = Recorder.reopen(run_dir, row_base(setup), ckpt["record"] if ckpt else None, done)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        strategy.load_state_dict(to_device(ckpt["strategy"], device))
-        audit.stats = {int(k): to_device(v, device) for k, v in ckpt["bn_stats"].items()}
+        setup.model.load_state_dict(ckpt["model"])
+        setup.strategy.load_state_dict(to_device(ckpt["strategy"], setup.device))
+        audit.stats = {int(k): to_device(v, setup.device) for k, v in ckpt["bn_stats"].items()}
         set_rng_state(ckpt["rng"])
     return recorder, done
 
@@ -178,35 +217,34 @@ def restore_stage1(cache: Path, ctx: StageContext) -> float:
     return float(saved["seconds"])
 
 
-def evaluate_all(recorder: Recorder, model: torch.nn.Module, tasks: list[Any], test_loaders: list[DataLoader],
-                 device: torch.device, *, stage: int, stage_task: str) -> dict[str, tuple[float, int]]:
+def evaluate_all(recorder: Recorder, setup: Setup, *, stage: int, stage_task: str) -> dict[str, tuple[float, int]]:
     """Every task's metrics into the recorder; returns each task's primary (value, n)."""
     primary = {}
-    for task, test_loader in zip(tasks, test_loaders):
-        result = evaluate_task(model, task.spec, test_loader, device, task.test.coco if task.spec.kind == "det" else None)
+    for task, test_loader in zip(setup.tasks, setup.test_loaders):
+        result = evaluate_task(setup.model, task.spec, test_loader, setup.device,
+                               task.test.coco if task.spec.kind == "det" else None)
         recorder.add_evaluation(stage, stage_task, task.spec, result)
         primary[task.spec.name] = result.metrics[task.spec.metric]
     return primary
 
 
-def evaluate_stage(recorder: Recorder, audit: BatchNormAudit, model: torch.nn.Module, tasks: list[Any],
-                   test_loaders: list[DataLoader], device: torch.device, stage: int) -> None:
+def evaluate_stage(recorder: Recorder, audit: BatchNormAudit, setup: Setup, stage: int) -> None:
     """After a stage: every task evaluated, BN drift audited (and attributed after the last stage); timed."""
-    stage_task = tasks[stage - 1].spec.name
-    start = time.perf_counter()
-    primary = evaluate_all(recorder, model, tasks, test_loaders, device, stage=stage, stage_task=stage_task)
+    stage_task = setup.specs[stage - 1].name
+    start_time = time.perf_counter()
+    primary = evaluate_all(recorder, setup, stage=stage, stage_task=stage_task)
     audit_start = time.perf_counter()
-    for reference_stage, drift in audit.record(model, stage):
+    for reference_stage, drift in audit.record(setup.model, stage):
         recorder.add_bn_drift(stage, stage_task, reference_stage, drift)
-    if stage == len(tasks):
-        for own_stage, (task, test_loader) in enumerate(zip(tasks[: stage - 1], test_loaders), start=1):
+    if stage == len(setup.tasks):
+        for own_stage, (task, test_loader) in enumerate(zip(setup.tasks[: stage - 1], setup.test_loaders), start=1):
             gt = task.test.coco if task.spec.kind == "det" else None
-            value, n = audit.own_bn_metric(model, own_stage, primary[task.spec.name],
-                                           lambda: evaluate_task(model, task.spec, test_loader, device,
+            value, n = audit.own_bn_metric(setup.model, own_stage, primary[task.spec.name],
+                                           lambda: evaluate_task(setup.model, task.spec, test_loader, setup.device,
                                                                  gt).metrics[task.spec.metric])
             recorder.add_metric(stage, stage_task, task.spec, f"{task.spec.metric}_own_bn", value, n)
     resources = recorder.resources.stages[stage]
-    resources.eval_seconds, resources.bn_audit_seconds = audit_start - start, time.perf_counter() - audit_start
+    resources.eval_seconds, resources.bn_audit_seconds = audit_start - start_time, time.perf_counter() - audit_start
 
 
 def write_resources(recorder: Recorder, model: UniHeadNet, specs: tuple[TaskSpec, ...], device: torch.device,
