@@ -8,7 +8,7 @@ import pandas as pd
 
 from clbench import ClbenchError
 from clbench.drop import DEFINITIONS
-from clbench.recorder import read_rows, read_tasks
+from clbench.recorder import read_bn_drift, read_rows, read_tasks
 from clbench.report import primary_metrics, run_measures
 from clbench.tasks import TaskSpec
 
@@ -38,8 +38,7 @@ def load_rows(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[TaskSpec]]
     if not runs:
         raise ClbenchError(f"{folder}: no finished run to plot")
     frames = [read_rows(d) for d in runs]
-    drift = [pd.read_csv(d / "bn_drift.csv") for d in runs if (d / "bn_drift.csv").exists()]
-    drift = pd.concat(drift, ignore_index=True) if drift else pd.DataFrame()
+    drift = pd.concat([read_bn_drift(d) for d in runs], ignore_index=True)
     return pd.concat(frames, ignore_index=True), drift, read_tasks(runs[0], frames[0])
 
 

@@ -183,25 +183,39 @@ class Recorder:
         atomic_write(self.run_dir / "resources.json", self.resources.to_json())
 
 
-def read_rows(run_dir: Path) -> pd.DataFrame:
-    """metrics.csv of a run, checked: a file that is not a clbench metrics table, or has no rows, is an error."""
-    path = Path(run_dir) / "metrics.csv"
+def read_table(path: Path, columns: tuple[str, ...], numeric: tuple[str, ...], what: str) -> pd.DataFrame:
+    """A CSV the recorder wrote, checked: garbage, missing columns or non-numbers in ``numeric`` are errors."""
     try:
         rows = pd.read_csv(path)
     except FileNotFoundError:
         raise ClbenchError(f"{path}: not found") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ClbenchError(f"{path}: not a clbench metrics table ({str(exc).splitlines()[0]})") from None
-    missing = [c for c in METRIC_COLUMNS if c not in rows.columns]
+        raise ClbenchError(f"{path}: not a clbench {what} ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in columns if c not in rows.columns]
     if missing:
-        raise ClbenchError(f"{path}: not a clbench metrics table: missing columns {', '.join(missing)} "
-                           f"(expected {', '.join(METRIC_COLUMNS)})")
-    if rows.empty:
-        raise ClbenchError(f"{path}: has no rows (the run finished no evaluation)")
-    for column in ("stage", "value", "seed"):
-        if not pd.api.types.is_numeric_dtype(rows[column]):
+        raise ClbenchError(f"{path}: not a clbench {what}: missing columns {', '.join(missing)} "
+                           f"(expected {', '.join(columns)})")
+    for column in numeric:
+        if not rows.empty and not pd.api.types.is_numeric_dtype(rows[column]):
             raise ClbenchError(f"{path}: column {column!r} holds non-numbers (e.g. {rows[column].iloc[0]!r})")
     return rows
+
+
+def read_rows(run_dir: Path) -> pd.DataFrame:
+    """metrics.csv of a run, checked: a file that is not a clbench metrics table, or has no rows, is an error."""
+    path = Path(run_dir) / "metrics.csv"
+    rows = read_table(path, METRIC_COLUMNS, ("stage", "value", "seed"), "metrics table")
+    if rows.empty:
+        raise ClbenchError(f"{path}: has no rows (the run finished no evaluation)")
+    return rows
+
+
+def read_bn_drift(run_dir: Path) -> pd.DataFrame:
+    """bn_drift.csv of a run (empty when the run has none), checked like metrics.csv."""
+    path = Path(run_dir) / "bn_drift.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=list(BN_COLUMNS))
+    return read_table(path, BN_COLUMNS, ("stage", "reference_stage", "distance"), "BN-drift table")
 
 
 def read_tasks(run_dir: Path, rows: pd.DataFrame | None = None) -> list[TaskSpec]:

@@ -169,6 +169,13 @@ def test_table_on_a_bad_metrics_csv_is_one_line(tmp_path, capsys, content, messa
     one_line_error(capsys, message)
 
 
+def test_plot_on_a_bad_bn_drift_csv_is_one_line(tiny_args, capsys):
+    run_dir = run(resolve(None, {**tiny_args, "run_id": "drift"}))
+    (run_dir / "bn_drift.csv").write_text("stage,layer\nx,y\n")
+    assert main(["plot", str(run_dir)]) == 2
+    one_line_error(capsys, "bn_drift.csv: not a clbench BN-drift table: missing columns")
+
+
 def test_eval_on_a_checkpoint_whose_config_does_not_match_its_weights(tiny_args, tmp_path, capsys):
     run_dir = run(resolve(None, {**tiny_args, "run_id": "e"}))
     ckpt = torch.load(run_dir / "checkpoints" / "stage3.pt", weights_only=True)
