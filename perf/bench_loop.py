@@ -67,7 +67,7 @@ def main() -> None:
             if name == "bare":
                 bare_epoch(model, data.spec, batches, optimizer, device, args.image_size, settings.grad_clip)
             else:
-                ctx = StageContext(model=model, stage=1, task=data.spec, tasks=(data.spec,), train_loader=batches,
+                ctx = StageContext(model=model, stage=1, task=data.spec, tasks=(data.spec,), seed=0, train_loader=batches,
                                    device=device, task_loss=lambda t, o, y, m=model: task_loss(
                                        m, t, o, y, (args.image_size, args.image_size)))
                 scaler = torch.amp.GradScaler(device.type, enabled=False)

@@ -141,3 +141,12 @@ def test_cli_run_prints_the_report_table(tiny_args, tmp_path):
     report = json.loads((Path(tiny_args["out"]) / "cli" / "resources.json").read_text())
     shares = " / ".join(f"{100 * s['eval_share']:.1f}%" for s in report["stages"].values())
     assert f"({100 * report['eval_share']:.1f}% of stage time; per stage {shares})" in out.stdout
+
+
+def test_the_loop_benchmark_script_still_runs():
+    """perf/ scripts print figures and are not timed here; this only keeps them in step with the API."""
+    script = Path(__file__).resolve().parent.parent / "perf" / "bench_loop.py"
+    out = subprocess.run([sys.executable, str(script), "--batches", "1", "--batch-size", "2", "--repeats", "1",
+                          "--image-size", "64", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ratio clbench/bare:" in out.stdout
