@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,6 @@ class Recorder:
     def reopen(cls, run_dir: Path, base: dict[str, Any], record: dict[str, Any] | None, from_stage: int) -> "Recorder":
         """An interrupted run's folder, back at the end of stage ``from_stage`` (``record`` from its checkpoint;
         None: from the start). The tables are rewritten to hold exactly those stages; resume.json notes it."""
-        import time
         recorder = cls(run_dir, {"run_id": run_dir.name, **base})
         if record is not None:
             recorder.rows, recorder.per_class, recorder.bn_rows = (list(record[k]) for k in ("rows", "per_class", "bn_rows"))
