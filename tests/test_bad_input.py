@@ -226,12 +226,15 @@ def test_a_stages_rows_are_written_only_after_its_checkpoint(tiny_args, monkeypa
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["stage1.pt", "stage2.pt"]
 
 
-def test_sigint_prints_one_line_and_keeps_finished_stages(tiny_args, tmp_path):
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_sigint_prints_one_line_and_keeps_finished_stages(command, tiny_args, tmp_path):
     marker = tmp_path / "stage2"
     env = {**os.environ, "CLBENCH_TEST_BLOCK": str(marker)}
-    plugin = Path(__file__).parent / "plugins" / "counting.py"
-    process = subprocess.Popen([CLBENCH, "run", *flags(tiny_args, run_id="int", strategy=f"{plugin}:Blocking")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    spec = f"{Path(__file__).parent / 'plugins' / 'counting.py'}:Blocking"
+    args = ["run", "--strategy", spec, "--run-id", "int"] if command == "run" else \
+        ["compare", "--strategies", spec, "--name", "int"]
+    process = subprocess.Popen([CLBENCH, *args, *flags(tiny_args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
     deadline = time.time() + 240
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -240,7 +243,8 @@ def test_sigint_prints_one_line_and_keeps_finished_stages(tiny_args, tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert err.count("\n") == 1 and err.startswith("clbench: interrupted") and "Traceback" not in err, err
-    assert sorted(pd.read_csv(Path(tiny_args["out"]) / "int" / "metrics.csv")["stage"].unique()) == [0, 1]
+    run_dir = Path(tiny_args["out"]) / ("int" if command == "run" else "int/runs/blocking-seed0")
+    assert sorted(pd.read_csv(run_dir / "metrics.csv")["stage"].unique()) == [0, 1]
 
 
 def test_a_second_compare_on_a_locked_folder_is_refused_and_a_dead_ones_lock_is_taken_over(tiny_args, capsys):
