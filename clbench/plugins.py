@@ -149,12 +149,14 @@ def _load(thunk: Any, what: str) -> Any:
 
 
 def _where(exc: BaseException) -> str:
-    """`` at file:line`` of the plugin's own code that raised (not importlib's frames)."""
+    """`` at file:line`` of the plugin's own statement that failed: the outermost frame that is neither
+    clbench's loader nor importlib's (an error deep inside a library the plugin calls still names the plugin's
+    line)."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f" at {exc.filename}:{exc.lineno}"
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "importlib" not in f.filename
-              and not f.filename.startswith("<frozen")]
-    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != __file__
+              and "importlib" not in f.filename and not f.filename.startswith("<frozen")]
+    return f" at {frames[0].filename}:{frames[0].lineno}" if frames else ""
 
 
 def _checked(obj: Any, what: str) -> type[Strategy]:

@@ -88,6 +88,7 @@ def test_an_entry_point_cannot_take_a_builtin_name(tmp_path, monkeypatch, capsys
     ("x = 1\n", "x", "is not a subclass of clbench.strategy.Strategy"),
     ("x = 1\nraise RuntimeError('boom')\n", "X", "import failed at {path}:2: RuntimeError: boom"),
     ("def f(:\n", "X", "import failed at {path}:1: SyntaxError"),
+    ("import json\n\njson.loads('{')\n", "X", "import failed at {path}:3: JSONDecodeError"),
     ("from clbench.strategy import Strategy, register\n\n@register('naive')\nclass X(Strategy):\n    pass\n", "X",
      "strategy name 'naive' registered twice"),
 ])
