@@ -44,7 +44,7 @@ class StageContext:
     def generator(self, purpose: int = 0) -> torch.Generator:
         """A CPU generator seeded from (run seed, stage, ``purpose``): the same draws on every rerun of this
         stage, other draws under another seed."""
-        return torch.Generator().manual_seed(hash((self.seed, self.stage, purpose)) % 2**63)
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + self.stage) * 1_009 + purpose) % 2**63)
 
 
 class Strategy:
@@ -82,6 +82,11 @@ class Strategy:
     after_stage alone sees it). A strategy that does not declare it always trains its own stage 1.
     ``clbench.testing.smoke_test`` checks the promise: a declared strategy must give the same metrics from
     the cache as from training.
+
+    Every stage checkpoint is also a resume point. A resumed run (``clbench run --resume``, an interrupted
+    comparison cell) rebuilds the strategy, calls ``load_state_dict`` with what ``state_dict`` returned after
+    the last finished stage, restores the model and the RNGs, and continues with the next stage's
+    ``before_stage``: whatever a strategy carries from one stage to the next belongs in ``state_dict``.
     """
 
     name: ClassVar[str] = ""
