@@ -41,8 +41,7 @@ class CompareSettings:
     base: RunConfig
 
     def to_dict(self) -> dict[str, Any]:
-        run = {k: v for k, v in self.base.without("output_only").items()
-               if not RunConfig.__dataclass_fields__[k].metadata.get("per_cell") and k != "set"}
+        run = {k: v for k, v in self.base.without("output_only", "per_cell").items() if k != "set"}
         return {"strategies": list(self.strategies), "seeds": list(self.seeds), "reference": self.reference,
                 "set": dict(self.base.set), "run": run}
 
@@ -52,8 +51,7 @@ class CompareSettings:
 
 def stage1_key(config: RunConfig) -> str:
     """Hash of every setting that can change what stage 1 computes (not the strategy: see shares_first_stage)."""
-    fields = {k: v for k, v in config.without("output_only").items()
-              if not RunConfig.__dataclass_fields__[k].metadata.get("strategy")}
+    fields = config.without("output_only", "strategy")
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

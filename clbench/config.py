@@ -226,9 +226,9 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    def without(self, role: str) -> dict[str, Any]:
-        """``to_dict()`` without the fields of a role (see the field roles above)."""
-        return {k: v for k, v in self.to_dict().items() if not FIELDS[k].metadata.get(role)}
+    def without(self, *roles: str) -> dict[str, Any]:
+        """``to_dict()`` without the fields of any of ``roles`` (see the field roles above)."""
+        return {k: v for k, v in self.to_dict().items() if not any(FIELDS[k].metadata.get(r) for r in roles)}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
