@@ -125,7 +125,7 @@ def _import_file(path: Path) -> Any:
     resolved = path.resolve()
     for module in list(sys.modules.values()):
         file = getattr(module, "__file__", None)
-        if file and Path(file).resolve() == resolved:
+        if file and Path(file).name == resolved.name and Path(file).resolve() == resolved:  # name first: cheap
             return module
     name = f"clbench_plugin_{hashlib.sha1(str(resolved).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(name, resolved)
