@@ -180,3 +180,16 @@ def test_table_and_plot_take_tasks_from_the_run_not_from_a_literal(tmp_path, cap
     assert table["Drop (%)"].tolist() == ["-50.00%", "-50.00%", "undefined (trained last)"]
     assert main(["plot", str(folder)]) == 0
     assert sorted(p.name for p in (folder / "plots").iterdir()) == ["drop_percent.png", "metric_by_stage.png"]
+
+
+def test_cached_test_sets_are_read_in_this_process_so_the_cache_holds_with_workers(tiny_args):
+    from clbench.run import prepare, stage_context
+    from clbench.runtime import MemoryCache, Session
+    setup = prepare(resolve(None, {**tiny_args, "workers": "2"}), Session())
+    assert [loader.num_workers for loader in setup.test_loaders] == [0, 0, 0]
+    cache = setup.test_loaders[2].dataset._datasets[0]  # noqa: SLF001 — the AvalancheDataset's one dataset
+    assert isinstance(cache, MemoryCache) and not cache.items
+    list(setup.test_loaders[2])                           # one pass fills the cache that the next pass reads
+    assert len(cache.items) == len(cache)
+    ctx = stage_context(setup.config, setup.model, setup.specs, 1, next(iter(setup.stream.train_stream)), setup.device)
+    assert ctx.train_loader.num_workers == 2              # training still uses the workers asked for
