@@ -30,6 +30,11 @@ class TaskData:
     train: Dataset
     test: Dataset
 
+    @property
+    def coco_gt(self) -> dict | None:
+        """The test split's COCO JSON (detection's evaluation reference); None for other kinds."""
+        return self.test.coco if self.spec.kind == "det" else None
+
 
 def load_task(root: Path, kind: str, *, image_size: int, augment: bool = False) -> TaskData:
     """One task's spec and its train (resized targets, optionally augmented) / test (original-resolution

@@ -76,6 +76,6 @@ def evaluate_checkpoint(weights: Path, root: Path | None, tasks: str, device: st
     for name, task, experience in zip(wanted, data, stream.test_stream):
         spec = by_name[name]
         batches = loader(experience.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=0, workers=0, device=dev)
-        value, _ = evaluate_task(model, spec, batches, dev, task.test.coco if spec.kind == "det" else None).metrics[spec.metric]
+        value, _ = evaluate_task(model, spec, batches, dev, task.coco_gt).metrics[spec.metric]
         results[name] = {spec.metric: value}
     return results

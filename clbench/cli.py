@@ -8,9 +8,11 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from clbench import ClbenchError, __version__
-from clbench.config import FIELDS, RUN_ID, RunConfig, add_arguments, resolve, run_fields
+from clbench.config import (FIELDS, RUN_ID, RunConfig, add_arguments, at_least, finite_float, resolve, run_fields,
+                            whole_number)
 from clbench.drop import DEFAULT_THRESHOLD, DEFINITIONS
 
 BUILTIN_ORDER = "naive,freeze_restore,lwf,bn_frozen,ewc,replay"
@@ -83,20 +85,21 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     add_arguments(compare, skip_role="per_cell")
 
 
-def _threshold(value: str) -> float:
-    out = float(value)
-    if not (out >= 0 and out != float("inf")):
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a finite number >= 0")
-    return out
+def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A RunConfig value parser as an argparse type (its message, not argparse's generic one)."""
+    def checked(value: str) -> Any:
+        try:
+            return parse(value)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"{value!r}: {exc}") from None
+    return checked
 
 
-def _count(low: int):  # noqa: ANN202 — an argparse type
-    def parse(value: str) -> int:
-        out = int(value)
-        if out < low:
-            raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number >= {low}")
-        return out
-    return parse
+_threshold = _argument(at_least(finite_float, 0))
+
+
+def _count(low: int) -> Callable[[str], int]:
+    return _argument(at_least(whole_number, low))
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -52,7 +52,7 @@ def _order(value: Any) -> tuple[str, ...]:
 def _sizes(value: Any) -> tuple[int, ...]:
     """Image sides, e.g. 256,512 (empty: none)."""
     items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value or ())
-    sizes = tuple(_int(v) for v in items)
+    sizes = tuple(whole_number(v) for v in items)
     if any(s < 32 for s in sizes):
         raise ValueError("expected sides >= 32")
     return sizes
@@ -76,7 +76,7 @@ def parse_bool(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
-def _int(value: Any) -> int:
+def whole_number(value: Any) -> int:
     """A whole number: 3, "3", 3.0; never a boolean or 2.5."""
     if isinstance(value, bool):
         raise ValueError("expected a whole number, not a boolean")
@@ -87,7 +87,7 @@ def _int(value: Any) -> int:
     return int(value)
 
 
-def _float(value: Any) -> float:
+def finite_float(value: Any) -> float:
     """A finite number (nan and inf are refused: they fail only later, as a NaN loss)."""
     if isinstance(value, bool):
         raise ValueError("expected a number, not a boolean")
@@ -97,7 +97,7 @@ def _float(value: Any) -> float:
     return out
 
 
-def _at_least(cast: Callable[[Any], Any], low: float, *, strict: bool = False) -> Callable[[Any], Any]:
+def at_least(cast: Callable[[Any], Any], low: float, *, strict: bool = False) -> Callable[[Any], Any]:
     def parse(value: Any) -> Any:
         out = cast(value)
         if out < low or (strict and out == low):
@@ -108,7 +108,7 @@ def _at_least(cast: Callable[[Any], Any], low: float, *, strict: bool = False) -
 
 
 def _positive(cast: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return _at_least(cast, 0, strict=True)
+    return at_least(cast, 0, strict=True)
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
@@ -179,36 +179,36 @@ class RunConfig:
                           "a combination a+b, or path/file.py:Class / package.module:Class"})
     set: dict[str, Any] = field(default_factory=dict, metadata={"parse": _options, "append": True, "strategy": True,
                                 "help": "strategy hyperparameter STRATEGY.PARAM=VALUE (repeatable)"})
-    seed: int = field(default=0, metadata={"parse": _at_least(_int, 0), "per_cell": True,
+    seed: int = field(default=0, metadata={"parse": at_least(whole_number, 0), "per_cell": True,
                                            "help": "seeds Python, NumPy, torch, the loaders and the strategy"})
     device: str = field(default="auto", metadata={"parse": _choice("auto", "cpu", "cuda"), "help": "auto = cuda if available"})
     data_root: str | None = field(default=None, metadata={"parse": _optional_str,
                                   "help": "dataset root; default: the synthetic benchmark, generated into the cache"})
     order: tuple[str, ...] = field(default=TASK_NAMES, metadata={"parse": _order, "help": "task order, e.g. seg,det,cls"})
     epochs: dict[str, int] = field(default_factory=lambda: {"seg": 4, "det": 6, "cls": 3},
-                                   metadata={"parse": _per_task(_positive(_int)), "help": "N or seg=N,det=N,cls=N"})
+                                   metadata={"parse": _per_task(_positive(whole_number)), "help": "N or seg=N,det=N,cls=N"})
     lr: dict[str, float] = field(default_factory=lambda: {"seg": 2e-3, "det": 2e-3, "cls": 2e-3},
-                                 metadata={"parse": _per_task(_positive(_float)), "help": "AdamW learning rate, per task"})
+                                 metadata={"parse": _per_task(_positive(finite_float)), "help": "AdamW learning rate, per task"})
     batch_size: dict[str, int] = field(default_factory=lambda: {"seg": 16, "det": 16, "cls": 16},
-                                       metadata={"parse": _per_task(_positive(_int)), "help": "training batch size, per task"})
+                                       metadata={"parse": _per_task(_positive(whole_number)), "help": "training batch size, per task"})
     augment: dict[str, bool] = field(default_factory=lambda: {"seg": False, "det": False, "cls": False},
                                      metadata={"parse": _per_task(parse_bool), "help": "training augmentation per task: "
                                                "random resized crop, flip, colour jitter (true|false|seg=true,...)"})
-    weight_decay: float = field(default=1e-4, metadata={"parse": _at_least(_float, 0), "help": "AdamW weight decay"})
-    grad_clip: float = field(default=10.0, metadata={"parse": _positive(_float), "help": "max gradient norm"})
-    image_size: int = field(default=128, metadata={"parse": _at_least(_int, 32),
+    weight_decay: float = field(default=1e-4, metadata={"parse": at_least(finite_float, 0), "help": "AdamW weight decay"})
+    grad_clip: float = field(default=10.0, metadata={"parse": _positive(finite_float), "help": "max gradient norm"})
+    image_size: int = field(default=128, metadata={"parse": at_least(whole_number, 32),
                             "help": "square input side (128 for the synthetic benchmark; 256-512 for real data)"})
     backbone: str = field(default="efficientnet_b0", metadata={"parse": str, "help": "any timm model name"})
     pretrained: bool = field(default=False, metadata={"parse": parse_bool, "help": "timm's pretrained weights (hub)"})
     pretrained_file: str | None = field(default=None, metadata={"parse": _optional_str,
                                         "help": "local timm checkpoint / backbone state_dict"})
-    head_channels: int = field(default=96, metadata={"parse": _positive(_int), "help": "width of the neck and head"})
-    head_stride: int = field(default=8, metadata={"parse": lambda v: int(_choice("8", "16")(str(_int(v)))),
+    head_channels: int = field(default=96, metadata={"parse": _positive(whole_number), "help": "width of the neck and head"})
+    head_stride: int = field(default=8, metadata={"parse": lambda v: int(_choice("8", "16")(str(whole_number(v)))),
                                                   "help": "output stride of the head: 8 or 16"})
     amp: bool = field(default=True, metadata={"parse": parse_bool, "help": "mixed precision (CUDA only)"})
-    workers: int = field(default=0, metadata={"parse": _at_least(_int, 0), "help": "DataLoader worker processes"})
-    synth_train: int = field(default=160, metadata={"parse": _positive(_int), "help": "synthetic images per task, train"})
-    synth_val: int = field(default=40, metadata={"parse": _positive(_int), "help": "synthetic images per task, val"})
+    workers: int = field(default=0, metadata={"parse": at_least(whole_number, 0), "help": "DataLoader worker processes"})
+    synth_train: int = field(default=160, metadata={"parse": _positive(whole_number), "help": "synthetic images per task, train"})
+    synth_val: int = field(default=40, metadata={"parse": _positive(whole_number), "help": "synthetic images per task, val"})
     out: str = field(default="results", metadata={"parse": str, "output_only": True,
                                                   "help": "folder that receives <run_id>/"})
     run_id: str | None = field(default=None, metadata={"parse": run_id_name, "per_cell": True, "output_only": True,

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from clbench import ClbenchError
 from clbench.evaluate import TaskEval
@@ -69,13 +68,17 @@ class Resources:
         return {"train_seconds": sum(s.train_seconds for s in stages), "eval_seconds": sum(s.eval_seconds for s in stages),
                 "bn_audit_seconds": sum(s.bn_audit_seconds for s in stages)}
 
-    def to_json(self) -> str:
+    def shares(self) -> dict[str, float | None]:
+        """The evaluation's share of the whole run's stage time (cached stages count what they stand for)."""
         totals = self.totals()
         trained = sum(s.trained_seconds for s in self.stages.values())
+        return eval_shares(trained, totals["eval_seconds"], totals["bn_audit_seconds"])
+
+    def to_json(self) -> str:
         return to_json({
             "device": self.device, "latency_ms": self.latency_ms, "memory": self.memory, "budgets": self.budgets,
             "stages": {k: {**dataclasses.asdict(s), **s.shares()} for k, s in self.stages.items()},
-            **totals, **eval_shares(trained, totals["eval_seconds"], totals["bn_audit_seconds"])})
+            **self.totals(), **self.shares()})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Resources":
@@ -244,6 +247,3 @@ def read_resources(run_dir: Path) -> Resources:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ClbenchError(f"{path}: not a clbench resources file ({exc})") from None
 
-
-def read_config(run_dir: Path) -> dict[str, Any]:
-    return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())

@@ -10,7 +10,7 @@ from typing import Sequence
 import pandas as pd
 
 from clbench.drop import DEFAULT_THRESHOLD, DEFINITIONS, Definition, metric_matrix, trained_at
-from clbench.recorder import Resources, eval_shares, read_resources, read_rows, read_tasks
+from clbench.recorder import Resources, read_resources, read_rows, read_tasks
 from clbench.tasks import TaskSpec
 
 
@@ -198,9 +198,7 @@ def run_summary(run_dir: Path) -> str:
 
 def resource_line(resources: Resources) -> str:
     """One line of resources.json: time split, evaluation share per stage, peak memory, device."""
-    totals = resources.totals()
-    trained = sum(s.trained_seconds for s in resources.stages.values())
-    share = eval_shares(trained, totals["eval_seconds"], totals["bn_audit_seconds"])["eval_share"]
+    totals, share = resources.totals(), resources.shares()["eval_share"]
     per_stage = " / ".join(f"{100 * s.shares()['eval_share']:.1f}%" for s in resources.stages.values())
     memory = resources.memory
     peak = (f"{memory['cuda_max_allocated_mb']:.0f} MB CUDA" if memory.get("cuda_max_allocated_mb") is not None

@@ -221,8 +221,7 @@ def evaluate_all(recorder: Recorder, setup: Setup, *, stage: int, stage_task: st
     """Every task's metrics into the recorder; returns each task's primary (value, n)."""
     primary = {}
     for task, test_loader in zip(setup.tasks, setup.test_loaders):
-        result = evaluate_task(setup.model, task.spec, test_loader, setup.device,
-                               task.test.coco if task.spec.kind == "det" else None)
+        result = evaluate_task(setup.model, task.spec, test_loader, setup.device, task.coco_gt)
         recorder.add_evaluation(stage, stage_task, task.spec, result)
         primary[task.spec.name] = result.metrics[task.spec.metric]
     return primary
@@ -238,10 +237,9 @@ def evaluate_stage(recorder: Recorder, audit: BatchNormAudit, setup: Setup, stag
         recorder.add_bn_drift(stage, stage_task, reference_stage, drift)
     if stage == len(setup.tasks):
         for own_stage, (task, test_loader) in enumerate(zip(setup.tasks[: stage - 1], setup.test_loaders), start=1):
-            gt = task.test.coco if task.spec.kind == "det" else None
             value, n = audit.own_bn_metric(setup.model, own_stage, primary[task.spec.name],
                                            lambda: evaluate_task(setup.model, task.spec, test_loader, setup.device,
-                                                                 gt).metrics[task.spec.metric])
+                                                                 task.coco_gt).metrics[task.spec.metric])
             recorder.add_metric(stage, stage_task, task.spec, f"{task.spec.metric}_own_bn", value, n)
     resources = recorder.resources.stages[stage]
     resources.eval_seconds, resources.bn_audit_seconds = audit_start - start_time, time.perf_counter() - audit_start
