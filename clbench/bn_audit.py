@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,17 +23,6 @@ def bn_drift(current: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
     return rows
 
 
-@contextmanager
-def batchnorm_stats_from(model: nn.Module, stats: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily give the model other BN running statistics (weights untouched); restored on exit."""
-    saved = batchnorm_state(model)
-    model.load_state_dict(stats, strict=False)
-    try:
-        yield
-    finally:
-        model.load_state_dict(saved, strict=False)
-
-
 class BatchNormAudit:
     """The BN statistics at the end of every stage, and what they explain.
 
@@ -50,12 +38,13 @@ class BatchNormAudit:
         self.stats[stage] = current = batchnorm_state(model)
         return [(ref, bn_drift(current, stats)) for ref, stats in self.stats.items() if ref < stage]
 
-    def own_bn_metric(self, model: nn.Module, own_stage: int, plain: tuple[float, int],
-                      evaluate: Callable[[], tuple[float, int]]) -> tuple[float, int]:
-        """The primary metric with ``own_stage``'s BN statistics. Where they equal the current ones (e.g.
-        bn_frozen) the forward would be identical, so ``plain`` (this stage's value) is returned."""
-        own, current = self.stats[own_stage], batchnorm_state(model)
-        if all(torch.equal(own[key], current[key]) for key in own):
+    def own_bn_metric(self, model: nn.Module, own_stage: int, plain: tuple[float, int], served: dict[str, torch.Tensor],
+                      evaluate: Callable[[dict[str, torch.Tensor]], tuple[float, int]]) -> tuple[float, int]:
+        """The primary metric with ``own_stage``'s BN statistics, through ``evaluate(state)`` (the task's own
+        evaluation, which loads ``state`` over the strategy's evaluation state). ``served``: the statistics
+        the plain evaluation used; where they equal the own ones (bn_frozen, bn_per_task) the forward would
+        be identical, so ``plain`` (this stage's value) is returned."""
+        own = self.stats[own_stage]
+        if all(torch.equal(own[key], served[key]) for key in own):
             return plain
-        with batchnorm_stats_from(model, own):
-            return evaluate()
+        return evaluate(own)

@@ -71,11 +71,16 @@ def evaluate_checkpoint(weights: Path, root: Path | None, tasks: str, device: st
     except (RuntimeError, ValueError) as exc:
         raise ClbenchError(f"{weights}: its model_config does not build a network ({exc})") from None
     load_weights(model, ckpt["model"], weights)
+    served = ckpt.get("evaluation") or {}
+    for name, state in served.items():
+        if not isinstance(state, dict) or any(key not in ckpt["model"] for key in state):
+            raise ClbenchError(f"{weights}: evaluation state of {name!r} names tensors the network does not have")
     stream = build_stream([t.test for t in data], [t.test for t in data])
     results = {}
     for name, task, experience in zip(wanted, data, stream.test_stream):
         spec = by_name[name]
         batches = loader(experience.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=0, workers=0, device=dev)
-        value, _ = evaluate_task(model, spec, batches, dev, task.coco_gt).metrics[spec.metric]
+        state = served.get(name)  # what the run served this task with (e.g. bn_per_task's statistics)
+        value, _ = evaluate_task(model, spec, batches, dev, task.coco_gt, state).metrics[spec.metric]
         results[name] = {spec.metric: value}
     return results

@@ -1,9 +1,12 @@
-"""Learning-without-Forgetting distillation (Li & Hoiem 2017) as pure functions of student/teacher outputs.
+"""Distillation as pure functions of student/teacher tensors: Learning without Forgetting's output terms
+(Li & Hoiem 2017) and PLOP's pooled local feature distillation (Douillard et al. 2021).
 
 Every term is 0 when student = teacher and grows as they diverge.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,3 +44,24 @@ def distillation_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, t
     box = (((student[..., :4] - teacher[..., :4]) ** 2).sum(-1) * weight).sum() / weight.sum().clamp(min=1e-6)
     cls = (kl_per_position(student[..., 5:], teacher[..., 5:], temperature, -1) * weight).sum() / weight.sum().clamp(min=1e-6)
     return objectness + box + cls * temperature ** 2
+
+
+def pooled_embedding(feature: torch.Tensor, scale: int) -> torch.Tensor:
+    """PLOP's Local POD embedding of a (B, C, H, W) map at one scale: the map is cut into scale × scale regions;
+    each region's squared activations (PODNet) are averaged over its width and over its height; the
+    concatenation is L2-normalised per image. Regions a small map cannot fill are skipped."""
+    squared = feature.float() ** 2
+    parts = [pooled for band in squared.tensor_split(scale, dim=2) for region in band.tensor_split(scale, dim=3)
+             if region.numel() for pooled in (region.mean(3).flatten(1), region.mean(2).flatten(1))]
+    return F.normalize(torch.cat(parts, dim=1), dim=1)
+
+
+def pod_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], scales: Sequence[int]) -> torch.Tensor:
+    """PLOP eq. 2-3: per layer, the L2 distance between student and teacher Local POD embeddings (all scales
+    concatenated), averaged over images, then over layers."""
+    distances = []
+    for s, t in zip(student, teacher, strict=True):
+        embed_s = torch.cat([pooled_embedding(s, k) for k in scales], dim=1)
+        embed_t = torch.cat([pooled_embedding(t, k) for k in scales], dim=1)
+        distances.append((embed_s - embed_t).norm(dim=1).mean())
+    return torch.stack(distances).mean()

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from clbench.freezing import swapped_state
 from clbench.decode import boxes_to_original, decode_detections, seg_labels
 from clbench.metrics import coco_evaluation, confusion_matrix, iou_from_confusion, topk_correct
 from clbench.tasks import TaskSpec
@@ -29,9 +30,16 @@ class TaskEval:
 
 @torch.inference_mode()
 def evaluate_task(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device,
-                  coco_gt: dict[str, Any] | None = None) -> TaskEval:
-    """Primary and secondary metrics of ``task``; the model is left in eval mode."""
+                  coco_gt: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> TaskEval:
+    """Primary and secondary metrics of ``task``, served with ``state`` (a strategy's ``evaluation_state``)
+    loaded into the model for the duration; the model is left in eval mode."""
     model.eval()
+    with swapped_state(model, state):
+        return _evaluate(model, task, batches, device, coco_gt)
+
+
+def _evaluate(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device,
+              coco_gt: dict[str, Any] | None) -> TaskEval:
     if task.kind == "det":
         return _evaluate_det(model, task, batches, device, coco_gt)
     if task.kind == "seg":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -39,6 +40,42 @@ def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every BN layer's running_mean, running_var and num_batches_tracked, cloned."""
     return {k: v.clone() for k, v in model.state_dict().items()
             if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+@contextmanager
+def no_bn_update(model: nn.Module) -> Iterator[None]:
+    """Forward passes that leave every BN running statistic (and its batch counter) bit-identical.
+
+    Normalisation stays what the layer's mode says (batch statistics in train mode, running ones in eval):
+    with ``track_running_stats`` off, PyTorch's BatchNorm neither reads nor writes the running buffers in
+    train mode. Backward passes of graphs built inside may run after the context exits."""
+    layers = batchnorm_layers(model)
+    tracking = [layer.track_running_stats for layer in layers]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer, track in zip(layers, tracking):
+            layer.track_running_stats = track
+
+
+@contextmanager
+def swapped_state(model: nn.Module, tensors: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Temporarily load ``tensors`` (``state_dict`` names) into the model; its own are put back on exit."""
+    if not tensors:
+        yield
+        return
+    own = model.state_dict()
+    unknown = [name for name in tensors if name not in own]
+    if unknown:
+        raise ClbenchError(f"tensor {unknown[0]!r} to swap in is not in the model")
+    saved = {name: own[name].clone() for name in tensors}
+    model.load_state_dict(tensors, strict=False)
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved, strict=False)
 
 
 def snapshot_slice(conv: nn.Conv2d, channels: slice) -> dict[str, torch.Tensor]:

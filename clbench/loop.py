@@ -54,10 +54,10 @@ def task_loss(model: torch.nn.Module, task: TaskSpec, outputs: dict[str, torch.T
 def train_stage(ctx: StageContext, strategy: Strategy, settings: StageSettings, *, progress: bool = True) -> list[float]:
     """Train one stage's epochs (the caller runs ``strategy.after_stage``); returns each epoch's mean loss."""
     strategy.before_stage(ctx)
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
     if not params:
         raise ClbenchError(f"stage {ctx.stage} ({ctx.task.name}): strategy {strategy.name!r} left no trainable parameter")
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings.amp and ctx.device.type == "cuda")
     losses = []
     for epoch in range(settings.epochs):
@@ -65,15 +65,15 @@ def train_stage(ctx: StageContext, strategy: Strategy, settings: StageSettings, 
         strategy.before_epoch(ctx)
         batches = tqdm(ctx.train_loader, desc=f"stage {ctx.stage} {ctx.task.name} epoch {epoch + 1}/{settings.epochs}",
                        leave=False, disable=not progress, dynamic_ncols=True)
-        losses.append(train_epoch(ctx, strategy, batches, optimizer, scaler, settings, epoch))
+        losses.append(train_epoch(ctx, strategy, batches, params, optimizer, scaler, settings, epoch))
     return losses
 
 
-def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, settings: StageSettings, epoch: int) -> float:
+def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, params: dict[str, torch.nn.Parameter],
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, settings: StageSettings,
+                epoch: int) -> float:
     """One pass over ``batches`` of (images, targets, task labels); returns the mean loss."""
     total, steps = 0.0, 0
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     for step, (images, targets, _) in enumerate(batches):
         images, targets = to_device(images, ctx.device), to_device(targets, ctx.device)
         with torch.autocast(ctx.device.type, enabled=scaler.is_enabled()):
@@ -89,7 +89,9 @@ def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, optimi
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        replace_gradients(params, strategy.after_backward(ctx, {n: p.grad for n, p in params.items()
+                                                                 if p.grad is not None}))
+        torch.nn.utils.clip_grad_norm_(params.values(), settings.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         strategy.after_step(ctx)
@@ -97,3 +99,14 @@ def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, optimi
         if hasattr(batches, "set_postfix") and step % 5 == 0:
             batches.set_postfix(loss=f"{value:.3f}")
     return total / max(steps, 1)
+
+
+def replace_gradients(params: dict[str, torch.nn.Parameter], new: dict[str, torch.Tensor] | None) -> None:
+    """Put the gradients ``after_backward`` returned in place; a name that is not trainable is an error."""
+    for name, grad in (new or {}).items():
+        if name not in params:
+            raise ClbenchError(f"after_backward returned a gradient for {name!r}, which is not a trainable parameter")
+        if grad.shape != params[name].shape:
+            raise ClbenchError(f"after_backward returned a {tuple(grad.shape)} gradient for {name!r}, which is "
+                               f"{tuple(params[name].shape)}")
+        params[name].grad = grad

@@ -1,4 +1,5 @@
-"""EWC (Kirkpatrick et al. 2017) as pure functions: a diagonal Fisher and the quadratic penalty."""
+"""Importance-weighted quadratic penalties as pure functions: EWC's diagonal Fisher (Kirkpatrick et al. 2017),
+MAS's output-sensitivity (Aljundi et al. 2018), SI's path integral (Zenke et al. 2017), and the penalty."""
 
 from __future__ import annotations
 
@@ -8,41 +9,76 @@ import torch
 from torch import nn
 
 
-def diagonal_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[object, object], torch.Tensor],
-                    max_batches: int) -> dict[str, torch.Tensor]:
-    """Empirical diagonal Fisher: the mean over ``max_batches`` batches of the squared gradient of the
-    task loss, for every parameter that requires grad (F_i in eq. 3 of Kirkpatrick et al.)."""
+def gradient_importance(model: nn.Module, batches: Iterable, objective: Callable[[object, object], torch.Tensor],
+                        max_batches: int, transform: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mean over ``max_batches`` batches of ``transform(∂ objective / ∂θ)`` for every parameter that
+    requires grad (zero where the objective does not reach)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
     count = 0
     for count, (images, targets) in enumerate(batches, start=1):
-        grads = torch.autograd.grad(loss_fn(images, targets), list(params.values()), allow_unused=True)
+        grads = torch.autograd.grad(objective(images, targets), list(params.values()), allow_unused=True)
         for (name, _), grad in zip(params.items(), grads):
             if grad is not None:
-                fisher[name] += grad.detach() ** 2
+                total[name] += transform(grad.detach())
         if count == max_batches:
             break
-    return {n: f / max(count, 1) for n, f in fisher.items()}
+    return {n: t / max(count, 1) for n, t in total.items()}
 
 
-def normalise_fisher(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Scale a Fisher so its mean entry is 1: task losses differ ~100x in scale, so one λ fits all tasks."""
-    total = sum(f.sum() for f in fisher.values())
-    entries = sum(f.numel() for f in fisher.values())
+def diagonal_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[object, object], torch.Tensor],
+                    max_batches: int) -> dict[str, torch.Tensor]:
+    """Empirical diagonal Fisher: the mean squared gradient of the task loss (F_i in eq. 3 of Kirkpatrick et al.)."""
+    return gradient_importance(model, batches, loss_fn, max_batches, torch.square)
+
+
+def output_sq_norm(kind: str, output: torch.Tensor) -> torch.Tensor:
+    """MAS's ‖F(x)‖²₂ for one task's output, taken where the task makes its predictions and averaged over
+    them and over the batch: per image (cls logits), per pixel (seg, over classes), per grid cell and anchor
+    (det, over box, objectness and class values)."""
+    output = output.float()
+    per_position = (output ** 2).sum(dim=1 if kind in ("cls", "seg") else -1)
+    return per_position.mean()
+
+
+def mas_importance(model: nn.Module, batches: Iterable, output_fn: Callable[[object], torch.Tensor], kind: str,
+                   max_batches: int) -> dict[str, torch.Tensor]:
+    """Ω_i = mean |∂ ‖F(x)‖²₂ / ∂θ_i| (Aljundi et al. eq. 3-4, with the batch mean in place of per-sample
+    gradients), F = this task's output slice."""
+    return gradient_importance(model, batches, lambda x, _: output_sq_norm(kind, output_fn(x)), max_batches,
+                               torch.abs)
+
+
+def si_importance(omega: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], xi: float) -> dict[str, torch.Tensor]:
+    """Zenke et al. eq. 5: Ω = ω / (Δ² + ξ), with Δ the parameter's change over the task. Negative path
+    integrals (steps that raised the loss, e.g. from weight decay or momentum) count as 0, so Ω ≥ 0."""
+    return {n: omega[n].clamp(min=0) / (delta[n] ** 2 + xi) for n in omega}
+
+
+def normalise_importance(importance: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scale so the mean entry is 1: task losses and outputs differ ~100x in scale, so one λ fits all tasks."""
+    total = sum(f.sum() for f in importance.values())
+    entries = sum(f.numel() for f in importance.values())
     mean = float(total) / max(entries, 1)
-    return {n: f / mean for n, f in fisher.items()} if mean > 0 else fisher
+    return {n: f / mean for n, f in importance.items()} if mean > 0 else importance
 
 
-def ewc_penalty(model: nn.Module, fisher: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Σ_i F_i (θ_i − θ*_i)² over the parameters in ``fisher`` (eq. 3 without λ/2)."""
+def quadratic_penalty(model: nn.Module, importance: dict[str, torch.Tensor],
+                      anchor: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_i Ω_i (θ_i − θ*_i)² over the parameters in ``importance`` (EWC eq. 3 without λ/2; SI eq. 4 and
+    MAS eq. 2 without their strength)."""
     params = dict(model.named_parameters())
-    terms = [(fisher[n] * (params[n] - anchor[n]) ** 2).sum() for n in fisher]
+    terms = [(importance[n] * (params[n] - anchor[n]) ** 2).sum() for n in importance]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def online_fisher(previous: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor],
-                  gamma: float) -> dict[str, torch.Tensor]:
-    """Online EWC (Schwarz et al. 2018): F ← γ F_prev + F_new."""
+def accumulate(previous: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor],
+               gamma: float) -> dict[str, torch.Tensor]:
+    """γ · previous + new, per parameter (a parameter missing from one counts as 0 there): online EWC's
+    F ← γ F_prev + F_new (Schwarz et al. 2018), and the running importance of SI and MAS (γ = 1)."""
     if previous is None:
         return dict(new)
-    return {n: gamma * previous.get(n, torch.zeros_like(f)) + f for n, f in new.items()}
+    out = {n: gamma * f for n, f in previous.items()}
+    for name, f in new.items():
+        out[name] = out[name] + f if name in out else f
+    return out

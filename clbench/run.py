@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from clbench.bn_audit import BatchNormAudit
 from clbench import ClbenchError
 from clbench.config import RunConfig, resolve
-from clbench.evaluate import EVAL_BATCH, evaluate_task
+from clbench.evaluate import EVAL_BATCH, TaskEval, evaluate_task
+from clbench.freezing import batchnorm_state
 from clbench.loop import StageSettings, task_loss, to_device, train_stage
 from clbench.model import UniHeadNet
 from clbench.plugins import create
@@ -114,7 +115,8 @@ def checkpoint(setup: Setup, ctx: StageContext, audit: BatchNormAudit) -> dict[s
     return {"model": setup.model.state_dict(), "strategy": setup.strategy.state_dict(), "stage": ctx.stage,
             "task": ctx.task.name, "model_config": model_config(setup.config).to_dict(),
             "tasks": [t.to_dict() for t in setup.specs], "rng": rng_state(),
-            "loader_rng": ctx.train_loader.generator.get_state(), "bn_stats": audit.stats}
+            "loader_rng": ctx.train_loader.generator.get_state(), "bn_stats": audit.stats,
+            "evaluation": evaluation_states(setup)}
 
 
 def model_config(config: RunConfig) -> ModelConfig:
@@ -220,11 +222,23 @@ def restore_stage1(cache: Path, ctx: StageContext) -> float:
 def evaluate_all(recorder: Recorder, setup: Setup, *, stage: int, stage_task: str) -> dict[str, tuple[float, int]]:
     """Every task's metrics into the recorder; returns each task's primary (value, n)."""
     primary = {}
-    for task, test_loader in zip(setup.tasks, setup.test_loaders):
-        result = evaluate_task(setup.model, task.spec, test_loader, setup.device, task.coco_gt)
+    for index, task in enumerate(setup.tasks):
+        result = serve(setup, index)
         recorder.add_evaluation(stage, stage_task, task.spec, result)
         primary[task.spec.name] = result.metrics[task.spec.metric]
     return primary
+
+
+def serve(setup: Setup, index: int, extra: dict[str, torch.Tensor] | None = None) -> TaskEval:
+    """Task ``index`` evaluated as the strategy serves it (its ``evaluation_state``), ``extra`` loaded on top."""
+    task = setup.tasks[index]
+    state = {**(setup.strategy.evaluation_state(setup.model, task.spec) or {}), **(extra or {})}
+    return evaluate_task(setup.model, task.spec, setup.test_loaders[index], setup.device, task.coco_gt, state)
+
+
+def evaluation_states(setup: Setup) -> dict[str, dict[str, torch.Tensor]]:
+    """What each task is served with now: the checkpoint keeps it, so `clbench eval` serves the same."""
+    return {t.name: dict(setup.strategy.evaluation_state(setup.model, t) or {}) for t in setup.specs}
 
 
 def evaluate_stage(recorder: Recorder, audit: BatchNormAudit, setup: Setup, stage: int) -> None:
@@ -236,11 +250,12 @@ def evaluate_stage(recorder: Recorder, audit: BatchNormAudit, setup: Setup, stag
     for reference_stage, drift in audit.record(setup.model, stage):
         recorder.add_bn_drift(stage, stage_task, reference_stage, drift)
     if stage == len(setup.tasks):
-        for own_stage, (task, test_loader) in enumerate(zip(setup.tasks[: stage - 1], setup.test_loaders), start=1):
-            value, n = audit.own_bn_metric(setup.model, own_stage, primary[task.spec.name],
-                                           lambda: evaluate_task(setup.model, task.spec, test_loader, setup.device,
-                                                                 task.coco_gt).metrics[task.spec.metric])
-            recorder.add_metric(stage, stage_task, task.spec, f"{task.spec.metric}_own_bn", value, n)
+        states = evaluation_states(setup)
+        for own_stage, task in enumerate(setup.specs[: stage - 1], start=1):
+            served = {**batchnorm_state(setup.model), **states[task.name]}
+            value, n = audit.own_bn_metric(setup.model, own_stage, primary[task.name], served,
+                                           lambda own, i=own_stage - 1: serve(setup, i, own).metrics[task.metric])
+            recorder.add_metric(stage, stage_task, task, f"{task.metric}_own_bn", value, n)
     resources = recorder.resources.stages[stage]
     resources.eval_seconds, resources.bn_audit_seconds = audit_start - start_time, time.perf_counter() - audit_start
 

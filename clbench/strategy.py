@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -41,6 +41,12 @@ class StageContext:
         """No stage follows: whatever an after_stage hook prepares for later stages would go unused."""
         return self.stage == len(self.tasks)
 
+    def device_batches(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        """(images, targets) of the stage's training set on the device: for Fisher and importance passes."""
+        from clbench.loop import to_device
+        for images, targets, _ in self.train_loader:
+            yield to_device(images, self.device), to_device(targets, self.device)
+
     def generator(self, purpose: int = 0) -> torch.Generator:
         """A CPU generator seeded from (run seed, stage, ``purpose``): the same draws on every rerun of this
         stage, other draws under another seed."""
@@ -50,13 +56,14 @@ class StageContext:
 class Strategy:
     """A forgetting strategy: subclass, register with ``@register("name")``, override the hooks you need.
 
-    The loop (``clbench.run`` + ``clbench.loop``), for stage k = 1..S that trains task T = tasks[k - 1]::
+    Seven hooks, each returning a value or None; the loop (``clbench.run`` + ``clbench.loop``) combines what
+    they return. For stage k = 1..S that trains task T = tasks[k - 1]::
 
-        evaluate every task (stage 0)
+        evaluate every task (stage 0)                 # see "evaluate" below
         for each stage k:
             if k == 1 and cached stage 1 exists and strategy.shares_first_stage:   # `clbench compare` only
-                model, RNG and loader state <- the cache   # before_stage, before_epoch, loss_term and
-                                                           # after_step are NOT called for stage 1
+                model, RNG and loader state <- the cache   # before_stage, before_epoch, loss_term,
+                                                           # after_backward and after_step are NOT called
             else:
                 strategy.before_stage(ctx)          # freeze parameters, snapshot a teacher, ...
                 optimizer = AdamW(p for p in model.parameters() if p.requires_grad)   # built AFTER before_stage
@@ -67,21 +74,37 @@ class Strategy:
                         outputs = model(images)
                         loss = ctx.task_loss(T, outputs, targets)
                         term = strategy.loss_term(ctx, images, outputs)   # a value: the loop adds it (None = nothing)
-                        (loss + term).backward(); clip; optimizer.step()
+                        (loss + term).backward(); unscale (AMP)
+                        grads = {name: p.grad for every trainable p that has one}
+                        new = strategy.after_backward(ctx, grads)         # replacement gradients (None = keep)
+                        p.grad <- new[name] for every name in new
+                        clip the gradient norm; optimizer.step()
                         strategy.after_step(ctx)
             strategy.after_stage(ctx)               # always, cached or not: restore slices, a Fisher, a buffer, ...
-            evaluate every task (+ BN audit); save checkpoint {model, strategy.state_dict()}; only then
-            write the stage's rows to metrics.csv (a stage is in the tables only if its checkpoint exists)
+            evaluate every task (+ BN audit); save checkpoint {model, strategy.state_dict(), evaluation states};
+            only then write the stage's rows to metrics.csv (a stage is in the tables only if its checkpoint exists)
+
+        evaluate task U (after any stage, in `clbench run`, `clbench eval` and the BN audit alike):
+            state = strategy.evaluation_state(model, U)   # tensors to serve U with (None = the model as it is)
+            with those tensors loaded into the model (and the model's own restored afterwards):
+                model.eval(); forward the test set; metrics
 
     Hooks return values; they never reach into the loop's variables. ``ctx`` (a ``StageContext``) is what a
-    hook may read; ``ctx.seed`` / ``ctx.generator()`` are where a strategy's randomness comes from.
+    hook may read; ``ctx.seed`` / ``ctx.generator()`` are where a strategy's randomness comes from;
+    ``ctx.task_loss(task, outputs, targets)`` is any task's own loss on a batch of that task.
+
+    Helpers a strategy builds on (functions, not hooks): ``clbench.teacher.frozen_teacher`` (a deep copy in
+    eval mode that never updates BN statistics), ``clbench.teacher.FeatureTaps`` (named backbone and neck
+    features of the forward pass that saw a given input, for student and teacher), ``clbench.freezing.
+    no_bn_update`` (forward passes that leave every BN running statistic bit-identical: every teacher, Fisher,
+    importance and buffer pass runs in it) and ``clbench.buffer.Buffer`` (at most N stored images per task).
 
     Stage-1 sharing is opt-in. ``clbench compare`` trains stage 1 once per seed and serves it to every
-    strategy that sets ``shares_first_stage = True``: a promise that before_stage, before_epoch, loss_term
-    and after_step change nothing and record nothing in stage 1 (so stage 1 equals naive fine-tuning, and
-    after_stage alone sees it). A strategy that does not declare it always trains its own stage 1.
-    ``clbench.testing.smoke_test`` checks the promise: a declared strategy must give the same metrics from
-    the cache as from training.
+    strategy that sets ``shares_first_stage = True``: a promise that before_stage, before_epoch, loss_term,
+    after_backward and after_step change nothing and record nothing in stage 1 (so stage 1 equals naive
+    fine-tuning, and after_stage alone sees it). A strategy that does not declare it always trains its own
+    stage 1. ``clbench.testing.smoke_test`` checks the promise: a declared strategy must give the same metrics
+    from the cache as from training.
 
     Every stage checkpoint is also a resume point. A resumed run (``clbench run --resume``, an interrupted
     comparison cell) rebuilds the strategy, calls ``load_state_dict`` with what ``state_dict`` returned after
@@ -106,11 +129,21 @@ class Strategy:
         """An extra loss term for this step, or None."""
         return None
 
+    def after_backward(self, ctx: StageContext, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Between ``backward()`` and ``optimizer.step()`` (before clipping; unscaled under AMP): every trainable
+        parameter's gradient by name. Return the gradients to use instead (any subset), or None."""
+        return None
+
     def after_step(self, ctx: StageContext) -> None:
         """After ``optimizer.step()``."""
 
     def after_stage(self, ctx: StageContext) -> None:
         """After the last epoch, before evaluation and the checkpoint."""
+
+    def evaluation_state(self, model: nn.Module, task: TaskSpec) -> dict[str, torch.Tensor] | None:
+        """Tensors (``model.state_dict()`` names) to load while ``task`` is evaluated or served; the model's own
+        are put back afterwards. None = evaluate the model as it is."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -119,6 +152,10 @@ class Strategy:
         if state:
             raise ClbenchError(f"strategy {self.name!r} keeps no state but the checkpoint has {sorted(state)}")
 
+
+# The hooks the loop calls, in the order it calls them within a stage (the evaluation hook last).
+HOOKS = ("before_stage", "before_epoch", "loss_term", "after_backward", "after_step", "after_stage",
+         "evaluation_state")
 
 REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -211,11 +248,31 @@ class Composite(Strategy):
         terms = [t for t in (p.loss_term(ctx, images, outputs) for p in self.parts) if t is not None]
         return sum(terms[1:], terms[0]) if terms else None
 
+    def after_backward(self, ctx: StageContext, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Each part sees the gradients the parts before it returned."""
+        changed: dict[str, torch.Tensor] = {}
+        for part in self.parts:
+            new = part.after_backward(ctx, {**grads, **changed})
+            changed.update(new or {})
+        return changed or None
+
     def after_step(self, ctx: StageContext) -> None:
         self._each("after_step", ctx)
 
     def after_stage(self, ctx: StageContext) -> None:
         self._each("after_stage", ctx)
+
+    def evaluation_state(self, model: nn.Module, task: TaskSpec) -> dict[str, torch.Tensor] | None:
+        """The parts' states merged; two parts that both set one tensor are refused (neither would be served)."""
+        merged: dict[str, torch.Tensor] = {}
+        for part in self.parts:
+            state = part.evaluation_state(model, task) or {}
+            clash = sorted(set(state) & set(merged))
+            if clash:
+                raise ClbenchError(f"{self.name}: two parts set {clash[0]!r} for evaluating {task.name}; "
+                                   "combine strategies that serve different tensors")
+            merged.update(state)
+        return merged or None
 
     def state_dict(self) -> dict[str, Any]:
         return {p.name: p.state_dict() for p in self.parts}

@@ -71,7 +71,8 @@ def main() -> None:
                                    device=device, task_loss=lambda t, o, y, m=model: task_loss(
                                        m, t, o, y, (args.image_size, args.image_size)))
                 scaler = torch.amp.GradScaler(device.type, enabled=False)
-                train_epoch(ctx, strategy, batches, optimizer, scaler, settings, epoch=0)
+                params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+                train_epoch(ctx, strategy, batches, params, optimizer, scaler, settings, epoch=0)
             sync(device)
             if repeat:
                 times[name].append(time.perf_counter() - start)

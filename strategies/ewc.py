@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from clbench.loop import to_device
-from clbench.regularization import diagonal_fisher, ewc_penalty, normalise_fisher, online_fisher
+from clbench.freezing import no_bn_update
+from clbench.regularization import accumulate, diagonal_fisher, normalise_importance, quadratic_penalty
 from clbench.strategy import StageContext, Strategy, register
 
 
@@ -28,20 +28,20 @@ class EWC(Strategy):
     def loss_term(self, ctx: StageContext, images: torch.Tensor, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if not self.fisher:
             return None
-        penalty = sum(ewc_penalty(ctx.model, self.fisher[k], self.anchor[k]) for k in self.fisher)
+        penalty = sum(quadratic_penalty(ctx.model, self.fisher[k], self.anchor[k]) for k in self.fisher)
         return self.lam / 2 * penalty
 
     def after_stage(self, ctx: StageContext) -> None:
         if ctx.is_last:
             return  # nothing left to protect: a Fisher here would cost 8 forward/backward passes for nothing
-        ctx.model.eval()  # the Fisher must not move BatchNorm statistics
-        batches = ((to_device(x, ctx.device), to_device(y, ctx.device)) for x, y, _ in ctx.train_loader)
-        fisher = diagonal_fisher(ctx.model, batches, lambda x, y: ctx.task_loss(ctx.task, ctx.model(x), y),
-                                 self.fisher_batches)
-        fisher = normalise_fisher(fisher) if self.normalize else fisher
+        ctx.model.eval()  # the Fisher of the network as it serves, and its BN statistics untouched
+        with no_bn_update(ctx.model):
+            fisher = diagonal_fisher(ctx.model, ctx.device_batches(),
+                                     lambda x, y: ctx.task_loss(ctx.task, ctx.model(x), y), self.fisher_batches)
+        fisher = normalise_importance(fisher) if self.normalize else fisher
         anchor = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if n in fisher}
         key = "online" if self.online else ctx.task.name
-        self.fisher[key] = online_fisher(self.fisher.get(key), fisher, self.gamma) if self.online else fisher
+        self.fisher[key] = accumulate(self.fisher.get(key), fisher, self.gamma) if self.online else fisher
         self.anchor[key] = anchor
 
     def state_dict(self) -> dict[str, Any]:

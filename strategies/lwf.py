@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from clbench.distill import distillation_loss
 from clbench.strategy import StageContext, Strategy, register
+from clbench.teacher import FrozenTeacher, frozen_teacher
 
 
 @register("lwf")
@@ -21,18 +20,15 @@ class LwF(Strategy):
             raise ValueError("lam must be >= 0 and temperature > 0")
         self.lam = lam                  # λ_o in Li & Hoiem's eq. 1
         self.temperature = temperature  # T in their eq. 2 (they use 2)
-        self.teacher: torch.nn.Module | None = None
+        self.teacher: FrozenTeacher | None = None
 
     def before_stage(self, ctx: StageContext) -> None:
-        self.teacher = None
-        if ctx.earlier_tasks:
-            self.teacher = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+        self.teacher = frozen_teacher(ctx.model) if ctx.earlier_tasks else None
 
     def loss_term(self, ctx: StageContext, images: torch.Tensor, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if self.teacher is None:
             return None
-        with torch.no_grad():
-            targets = self.teacher(images)
+        targets = self.teacher(images)
         terms = [distillation_loss(t.kind, outputs[t.name], targets[t.name], self.temperature) for t in ctx.earlier_tasks]
         return self.lam * torch.stack(terms).sum()
 

@@ -8,7 +8,7 @@ from clbench.distill import distillation_loss
 from clbench.freezing import name_matches
 from clbench.model import UniHeadNet
 from clbench.plugins import registered
-from clbench.regularization import diagonal_fisher, ewc_penalty, normalise_fisher, online_fisher
+from clbench.regularization import accumulate, diagonal_fisher, normalise_importance, quadratic_penalty
 from clbench.run import run
 from clbench.strategy import StageContext
 from clbench.testing import smoke_test
@@ -136,11 +136,11 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_quadratic_around_it(specs):
     model = UniHeadNet(tasks=specs, backbone="test_efficientnet", head_channels=8)
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
     fisher = {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()}
-    assert ewc_penalty(model, fisher, anchor).item() == 0.0
+    assert quadratic_penalty(model, fisher, anchor).item() == 0.0
     with torch.no_grad():
         model.head_out.bias.add_(0.5)
     expected = 2.0 * 0.25 * model.head_out.bias.numel()
-    assert ewc_penalty(model, fisher, anchor).item() == pytest.approx(expected)
+    assert quadratic_penalty(model, fisher, anchor).item() == pytest.approx(expected)
 
 
 def test_fisher_is_non_negative_and_non_zero_only_where_the_task_reaches(specs):
@@ -153,13 +153,13 @@ def test_fisher_is_non_negative_and_non_zero_only_where_the_task_reaches(specs):
     rows = fisher["head_out.weight"].sum(dim=(1, 2, 3))
     assert (rows[model.slices["cls"]] > 0).all()
     assert (rows[model.slices["det"]] == 0).all() and (rows[model.slices["seg"]] == 0).all()
-    assert normalise_fisher(fisher)["head_out.bias"].sum() > 0
+    assert normalise_importance(fisher)["head_out.bias"].sum() > 0
 
 
-def test_online_fisher_decays_as_specified():
+def test_accumulate_decays_as_specified():
     previous, new = {"w": torch.tensor([4.0, 2.0])}, {"w": torch.tensor([1.0, 1.0])}
-    assert online_fisher(previous, new, gamma=0.5)["w"].tolist() == [3.0, 2.0]
-    assert online_fisher(None, new, gamma=0.5)["w"].tolist() == [1.0, 1.0]
+    assert accumulate(previous, new, gamma=0.5)["w"].tolist() == [3.0, 2.0]
+    assert accumulate(None, new, gamma=0.5)["w"].tolist() == [1.0, 1.0]
 
 
 def test_ewc_online_keeps_one_decayed_fisher(tiny_args):

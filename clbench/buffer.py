@@ -1,0 +1,48 @@
+"""A rehearsal buffer: at most N training images per task (the assignment's rule), drawn from the run's seed."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from clbench.loop import to_device
+from clbench.strategy import StageContext
+
+STORE_PURPOSE, DRAW_PURPOSE = 2, 1  # ctx.generator purposes: which images are stored / replayed
+
+
+def take(targets: Any, index: torch.Tensor) -> Any:
+    """Select items of a collated target batch: a list (detection dicts) or a stacked tensor."""
+    return [targets[i] for i in index.tolist()] if isinstance(targets, list) else targets[index]
+
+
+class Buffer:
+    """Per task: ``images``, ``targets``, the dataset ``indices`` they came from, and whatever else a
+    strategy stores with them (DER's outputs), all on the CPU and in ``state_dict``."""
+
+    def __init__(self, per_task: int) -> None:
+        self.per_task = per_task
+        self.tasks: dict[str, dict[str, Any]] = {}
+
+    def store(self, ctx: StageContext, extra: Callable[[torch.Tensor], dict[str, Any]] | None = None) -> None:
+        """Draw at most ``per_task`` images of the stage's training set (training transforms applied);
+        ``extra(images)`` adds per-image entries computed from them (e.g. the network's outputs now)."""
+        dataset = ctx.train_loader.dataset
+        generator = ctx.generator(purpose=STORE_PURPOSE)
+        indices = torch.randperm(len(dataset), generator=generator)[: self.per_task].sort().values
+        images, targets, _ = dataset.collate_fn([dataset[i] for i in indices.tolist()])
+        entry = {"images": images, "targets": targets, "indices": indices}
+        self.tasks[ctx.task.name] = {**entry, **(extra(images) if extra else {})}
+
+    def draw(self, task: str, count: int, generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+        """``count`` stored items of ``task`` (without repetition), every entry sliced alike, on ``device``."""
+        stored = self.tasks[task]
+        pick = torch.randperm(len(stored["images"]), generator=generator)[:count]
+        return {key: to_device(take(value, pick), device) for key, value in stored.items() if key != "indices"}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.tasks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tasks = dict(state["buffer"])
