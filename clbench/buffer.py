@@ -6,8 +6,10 @@ from typing import Any, Callable
 
 import torch
 
+from clbench.freezing import no_bn_update
 from clbench.loop import to_device
-from clbench.strategy import StageContext
+from clbench.strategy import StageContext, Strategy
+from clbench.tasks import TaskSpec
 
 STORE_PURPOSE, DRAW_PURPOSE = 2, 1  # ctx.generator purposes: which images are stored / replayed
 
@@ -46,3 +48,34 @@ class Buffer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tasks = dict(state["buffer"])
+
+
+class Rehearsal(Strategy):
+    """Base of the buffer strategies (replay, der, agem): a ``Buffer`` of ``per_task`` images per task, filled
+    at the end of each task's stage, ``batch`` of them replayed per earlier task and step, every draw from
+    the run's seed, the buffer in the checkpoint. Not registered itself."""
+
+    shares_first_stage = True  # stage 1 has no earlier task; the buffer is filled in after_stage
+
+    def __init__(self, *, per_task: int = 10, batch: int = 4) -> None:
+        if not 1 <= batch <= per_task:
+            raise ValueError("need 1 <= batch <= per_task")
+        self.batch = batch
+        self.buffer = Buffer(per_task)
+        self._draws: torch.Generator | None = None
+
+    def before_stage(self, ctx: StageContext) -> None:
+        self._draws = ctx.generator(purpose=DRAW_PURPOSE)
+
+    def replay(self, ctx: StageContext, task: TaskSpec) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """A draw of ``batch`` stored items of ``task`` and the model's outputs on its images, computed with
+        batch statistics but without touching BN running statistics."""
+        stored = self.buffer.draw(task.name, self.batch, self._draws, ctx.device)
+        with no_bn_update(ctx.model):
+            return stored, ctx.model(stored["images"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.buffer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer.load_state_dict(state)

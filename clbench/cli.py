@@ -15,6 +15,9 @@ from clbench.config import (FIELDS, RUN_ID, RunConfig, add_arguments, at_least, 
                             whole_number)
 from clbench.drop import DEFAULT_THRESHOLD, DEFINITIONS
 
+# Every built-in, in the tables' order (`--strategies all`); the default runs the ones that fit 5 minutes on
+# 2 CPU cores (README, "What the table shows").
+ALL_BUILTINS = "naive,freeze_restore,lwf,bn_frozen,ewc,replay,bn_per_task,si,mas,der,agem,pod"
 BUILTIN_ORDER = "naive,freeze_restore,lwf,bn_frozen,ewc,replay"
 
 
@@ -70,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _compare_parser(sub: argparse._SubParsersAction) -> None:
     compare = sub.add_parser("compare", allow_abbrev=False,
                              help="strategy x seed grid on one benchmark; prints the summary drop table")
-    compare.add_argument("--strategies", default=BUILTIN_ORDER, help=f"comma-separated (default {BUILTIN_ORDER})")
+    compare.add_argument("--strategies", default=BUILTIN_ORDER,
+                         help=f"comma-separated; `all` = every built-in ({ALL_BUILTINS}) (default {BUILTIN_ORDER})")
     compare.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     compare.add_argument("--reference", choices=("none", "single-task"), default="none",
                          help="also train each task alone (same budget, seed) for the drop vs single-task")
@@ -171,7 +175,8 @@ def _compare(args: argparse.Namespace) -> int:
         raise ClbenchError(f"--seeds {args.seeds}: expected distinct comma-separated whole numbers >= 0")
     if args.name is not None and not RUN_ID.fullmatch(args.name):
         raise ClbenchError(f"--name {args.name}: expected a plain folder name, not a path")
-    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    strategies = tuple(name for s in args.strategies.split(",") if s.strip()
+                       for name in (ALL_BUILTINS.split(",") if s.strip() == "all" else [s.strip()]))
     settings = CompareSettings(strategies=strategies, seeds=seeds, reference=args.reference == "single-task", base=base)
     folder = compare(settings, out=Path(base.out), name=args.name, progress=base.progress)
     print(write_summary(folder, definition, args.threshold))

@@ -20,7 +20,9 @@ from clbench.tasks import TaskSpec
 
 @register("bn_per_task")
 class BNPerTask(Strategy):
-    """A bank of BN running statistics (optionally affine parameters) per task, saved at the end of the task's
+    """Serve each task with the BatchNorm statistics of its own stage; train naively.
+
+    A bank of BN running statistics (optionally affine parameters) per task, saved at the end of the task's
     stage and swapped in when that task is evaluated or served; training is naive fine-tuning."""
 
     shares_first_stage = True  # the bank is filled in after_stage

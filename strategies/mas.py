@@ -13,7 +13,9 @@ from clbench.strategy import StageContext, Strategy, register
 
 @register("mas")
 class MAS(Strategy):
-    """Importance = how strongly a parameter moves the task's output (|∂‖F(x)‖²/∂θ| on that task's own slice,
+    """Penalise moving the weights the earlier tasks' outputs are most sensitive to (eq. 2).
+
+    Importance = how strongly a parameter moves the task's output (|∂‖F(x)‖²/∂θ| on that task's own slice,
     per pixel for seg, per grid cell for det); penalty λ Σ Ω (θ − θ*)² (eq. 2), Ω summed over tasks."""
 
     shares_first_stage = True  # importances are measured in after_stage

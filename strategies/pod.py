@@ -13,7 +13,9 @@ from clbench.teacher import FeatureTaps, FrozenTeacher, frozen_teacher
 
 @register("pod")
 class POD(Strategy):
-    """Distil the width- and height-pooled features of every backbone stage and the neck (``layers``; empty =
+    """Distil pooled backbone and neck features from a snapshot taken before the stage (Local POD).
+
+    Distil the width- and height-pooled features of every backbone stage and the neck (``layers``; empty =
     all of them) at several scales (``scales``: 1 = whole map, 2 = 2×2 regions, ...) from a frozen snapshot
     taken before the stage, on the current task's images: λ · pod_loss."""
 

@@ -12,7 +12,9 @@ from clbench.strategy import StageContext, Strategy, register
 
 @register("si")
 class SI(Strategy):
-    """Importance from each parameter's contribution to the loss drop along its training path (ω = Σ −g·Δθ),
+    """Penalise moving the weights whose training path lowered the loss most (eq. 4).
+
+    Importance from each parameter's contribution to the loss drop along its training path (ω = Σ −g·Δθ),
     then a penalty c Σ Ω (θ − θ*)² (eq. 4). g is the gradient of the training loss as the optimizer receives it
     (unscaled, before clipping, including earlier penalty terms, as in the authors' code)."""
 

@@ -55,7 +55,7 @@ def test_unknown_strategy_lists_what_exists(tiny_args, capsys):
     args = ["run"] + [f"--{k.replace('_', '-')}={v}" for k, v in tiny_args.items()] + ["--strategy", "naiv"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "strategy 'naiv' not found; did you mean 'naive'?" in err and "naive, replay)" in err
+    assert "strategy 'naiv' not found; did you mean 'naive'?" in err and "naive, pod, replay, si)" in err
 
 
 def test_repeated_set_flags_reach_the_strategy(tiny_args, capsys):

@@ -30,8 +30,9 @@ def test_every_builtin_strategy_completes_a_tiny_three_stage_run(name, tmp_path)
     assert set(rows["strategy"]) == {name}
 
 
-def test_builtins_are_the_documented_six():
-    assert BUILTINS == ["bn_frozen", "ewc", "freeze_restore", "lwf", "naive", "replay"]
+def test_builtins_are_the_documented_twelve():
+    assert BUILTINS == ["agem", "bn_frozen", "bn_per_task", "der", "ewc", "freeze_restore", "lwf", "mas", "naive", "pod",
+                        "replay", "si"]
 
 
 # freeze_restore ---------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_replay_buffer_is_bounded_from_earlier_tasks_and_checkpointed(tiny_args,
     real = Replay.loss_term
 
     def spy(self, ctx, images, outputs):
-        assert set(self.buffer) == {t.name for t in ctx.earlier_tasks}   # only tasks already trained
+        assert set(self.buffer.tasks) == {t.name for t in ctx.earlier_tasks}   # only tasks already trained
         replayed.append(ctx.stage)
         return real(self, ctx, images, outputs)
 
