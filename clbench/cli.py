@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-root", type=Path, default=None, help="default: the synthetic benchmark")
     evaluate.add_argument("--tasks", default="all", help="all, or some of seg,det,cls")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    report = sub.add_parser("report", allow_abbrev=False,
+                            help="write report.html: one self-contained page for a run or comparison folder")
+    report.add_argument("folder", type=Path)
     sub.add_parser("strategies", help="list every strategy found, its origin and hyperparameters")
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", allow_abbrev=False, help="write the synthetic benchmark in the real formats")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, sys.argv[1:] if argv is None else argv)
     commands = {"run": _run, "compare": _compare, "table": _table, "plot": _plot, "eval": _eval,
-                "strategies": _strategies, "data": _data}
+                "strategies": _strategies, "data": _data, "report": _report}
     try:
         return commands[args.command](args)
     except ClbenchError as exc:
@@ -223,6 +226,12 @@ def _plot(args: argparse.Namespace) -> int:
     from clbench.plots import plot_folder
     for path in plot_folder(args.folder):
         print(path)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from clbench.page import write_report
+    print(write_report(args.folder))
     return 0
 
 

@@ -125,7 +125,7 @@ def run_cell(folder: Path, cell_id: str, config: RunConfig, progress: Progress, 
         shutil.rmtree(run_dir)  # a folder without a run in it (the folder lock excludes any other writer)
     start = time.perf_counter()
     run(dataclasses.replace(config, out=str(folder), run_id=cell_id, progress=False), stage1_cache=stage1_cache,
-        on_stage=progress.on_stage, session=session, resume=resume)
+        on_stage=progress.on_stage, session=session, resume=resume, group=(folder.parent.name, folder.parent))
     atomic_write(run_dir / "done.json", to_json({"seconds": time.perf_counter() - start}))
     progress.finish_cell(stages)
     return read_resources(run_dir).stages[1].seconds_saved_by_cache
@@ -190,6 +190,8 @@ def _run_grid(settings: CompareSettings, folder: Path, grid: list, progress: boo
         bar.close()
     write_summary(folder)
     write_resources(folder)
+    from clbench.page import write_report
+    write_report(folder)
     atomic_write(folder / "cache_report.json", to_json({"stage1_reused_by_cells_this_invocation": reused,
                                                         "stage1_seconds_saved_this_invocation": saved}))
 

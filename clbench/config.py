@@ -167,6 +167,18 @@ def _plain(value: Any) -> Any:
 
 # Field roles (metadata), read by `clbench compare` and the stage-1 cache instead of hand-kept name lists:
 #   per_cell:    compare sets it for each cell (no compare flag)
+TRACKER_NAMES = ("tensorboard", "mlflow")
+
+
+def _trackers(value: Any) -> tuple[str, ...]:
+    """Experiment trackers, e.g. tensorboard,mlflow (empty: none)."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value or ())
+    unknown = [v for v in items if v not in TRACKER_NAMES]
+    if unknown or len(set(items)) != len(items):
+        raise ValueError(f"expected distinct names among {', '.join(TRACKER_NAMES)}")
+    return tuple(items)
+
+
 #   output_only: changes where or how results are shown, never their values (out of every settings hash)
 #   strategy:    what a strategy is and its options (out of the stage-1 cache key: see Strategy.shares_first_stage)
 
@@ -217,6 +229,13 @@ class RunConfig:
     latency_sizes: tuple[int, ...] = field(default=(256, 512), metadata={
         "parse": _sizes, "output_only": True, "help": "input sides at which resources.json times batch-1 inference "
         "(empty: none; the 150 ms budget is checked at 512)"})
+
+    log: tuple[str, ...] = field(default=(), metadata={
+        "parse": _trackers, "output_only": True, "help": "experiment trackers: tensorboard,mlflow (extras "
+        "clbench[tensorboard], clbench[mlflow]; offline, nothing leaves the machine)"})
+    mlflow_uri: str | None = field(default=None, metadata={
+        "parse": _optional_str, "output_only": True, "help": "MLflow tracking URI (default: a local file store, "
+        "mlruns/ beside the runs)"})
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

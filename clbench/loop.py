@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm import tqdm
 
 from clbench import ClbenchError
 from clbench.losses import cls_loss, det_loss, seg_loss
-from clbench.strategy import StageContext, Strategy
+from clbench.strategy import StageContext, Strategy, loss_terms, summed
 from clbench.tasks import TaskSpec
 
 
@@ -51,8 +51,14 @@ def task_loss(model: torch.nn.Module, task: TaskSpec, outputs: dict[str, torch.T
     return cls_loss(out.float(), targets)
 
 
-def train_stage(ctx: StageContext, strategy: Strategy, settings: StageSettings, *, progress: bool = True) -> list[float]:
-    """Train one stage's epochs (the caller runs ``strategy.after_stage``); returns each epoch's mean loss."""
+OnStep = Callable[[int, dict[str, float]], None]
+
+
+def train_stage(ctx: StageContext, strategy: Strategy, settings: StageSettings, *, progress: bool = True,
+                on_step: OnStep | None = None) -> list[float]:
+    """Train one stage's epochs (the caller runs ``strategy.after_stage``); returns each epoch's mean loss.
+    ``on_step(step, values)``: after each step (counted from 1 over the stage), the loss, the task's loss and
+    each strategy's term (trackers)."""
     strategy.before_stage(ctx)
     params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
     if not params:
@@ -65,23 +71,25 @@ def train_stage(ctx: StageContext, strategy: Strategy, settings: StageSettings, 
         strategy.before_epoch(ctx)
         batches = tqdm(ctx.train_loader, desc=f"stage {ctx.stage} {ctx.task.name} epoch {epoch + 1}/{settings.epochs}",
                        leave=False, disable=not progress, dynamic_ncols=True)
-        losses.append(train_epoch(ctx, strategy, batches, params, optimizer, scaler, settings, epoch))
+        offset = epoch * len(ctx.train_loader)
+        epoch_step = (lambda i, values, o=offset: on_step(o + i, values)) if on_step else None
+        losses.append(train_epoch(ctx, strategy, batches, params, optimizer, scaler, settings, epoch, epoch_step))
     return losses
 
 
 def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, params: dict[str, torch.nn.Parameter],
                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, settings: StageSettings,
-                epoch: int) -> float:
+                epoch: int, on_step: OnStep | None = None) -> float:
     """One pass over ``batches`` of (images, targets, task labels); returns the mean loss."""
     total, steps = 0.0, 0
     for step, (images, targets, _) in enumerate(batches):
         images, targets = to_device(images, ctx.device), to_device(targets, ctx.device)
         with torch.autocast(ctx.device.type, enabled=scaler.is_enabled()):
             outputs = ctx.model(images)
-            loss = ctx.task_loss(ctx.task, outputs, targets)
-            term = strategy.loss_term(ctx, images, outputs)
-            if term is not None:
-                loss = loss + term
+            own = ctx.task_loss(ctx.task, outputs, targets)
+            terms = loss_terms(strategy, ctx, images, outputs)
+            term = summed(list(terms.values()))
+            loss = own if term is None else own + term
         value = loss.item()
         if not math.isfinite(value):
             raise NonFiniteLoss(f"stage {ctx.stage} ({ctx.task.name}), epoch {epoch + 1}, step {step + 1}: loss is "
@@ -96,6 +104,9 @@ def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, params
         scaler.update()
         strategy.after_step(ctx)
         total, steps = total + value, steps + 1
+        if on_step:
+            on_step(step + 1, {"train/loss": value, f"train/loss_{ctx.task.name}": own.item(),
+                               **{f"train/term_{name}": t.item() for name, t in terms.items()}})
         if hasattr(batches, "set_postfix") and step % 5 == 0:
             batches.set_postfix(loss=f"{value:.3f}")
     return total / max(steps, 1)

@@ -90,7 +90,7 @@ def plot_drops(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path, definit
     ax.set_xticklabels([t.label for t in tasks])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel(f"{d.column} ({'higher' if d.higher_is_better else 'lower'} is better)")
-    ax.set_title(d.text.split(":")[0].split(";")[0])
+    ax.set_title(f"{d.column}, mean ± std over seeds")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars reach the top edge
     return _save(fig, path)
 

@@ -4,6 +4,8 @@ docstring for the loop). The environment pieces live in ``clbench.runtime``, the
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from clbench import ClbenchError
 from clbench.config import RunConfig, resolve
 from clbench.evaluate import EVAL_BATCH, TaskEval, evaluate_task
 from clbench.freezing import batchnorm_state
-from clbench.loop import StageSettings, task_loss, to_device, train_stage
+from clbench.loop import OnStep, StageSettings, task_loss, to_device, train_stage
 from clbench.model import UniHeadNet
 from clbench.plugins import create
 from clbench.recorder import Recorder, StageResources
@@ -28,10 +30,11 @@ from clbench.runtime import (MemoryCache, ModelConfig, Session, build_model, cac
                              resolve_device, rng_state, seed_everything, set_rng_state)
 from clbench.strategy import StageContext, Strategy
 from clbench.tasks import TaskSpec
+from clbench.trackers import TrackedRun, Trackers, check_installed
 
 
 def run(config: RunConfig, *, stage1_cache: Path | None = None, on_stage: Callable[[int, str], None] | None = None,
-        session: Session | None = None, resume: bool = False) -> Path:
+        session: Session | None = None, resume: bool = False, group: tuple[str, Path] | None = None) -> Path:
     """Train and evaluate every stage; returns the run folder. Finished stages stay on disk if a later one fails.
 
     ``stage1_cache``: a file holding the model right after stage-1 training for exactly this configuration
@@ -39,22 +42,68 @@ def run(config: RunConfig, *, stage1_cache: Path | None = None, on_stage: Callab
     ``on_stage(stage, task)`` is called before each stage (progress displays). ``session``: shared caches
     (a comparison passes one to all its cells). ``resume``: ``out/run_id`` holds an interrupted run of this
     configuration; continue it after its last readable stage checkpoint (every later stage is redone).
+    ``group``: (name, folder) the trackers file this run under (a comparison: its name and folder; default
+    ("clbench", out)).
     """
     session = session or Session()
     setup = prepare(config, session)
     recorder, audit, done = start(setup, session, resume)
-    for stage, experience in enumerate(setup.stream.train_stream, start=1):
-        if stage <= done:
-            continue
-        if on_stage:
-            on_stage(stage, setup.specs[stage - 1].name)
-        ctx = stage_context(setup.config, setup.model, setup.specs, stage, experience, setup.device)
-        use_cache = stage == 1 and setup.strategy.shares_first_stage
-        run_stage(recorder, ctx, setup.strategy, setup.config, stage1_cache if use_cache else None)
-        evaluate_stage(recorder, audit, setup, stage)
-        recorder.commit(stage, checkpoint(setup, ctx, audit))
-    write_resources(recorder, setup.model, setup.specs, setup.device, session, setup.config.latency_sizes)
+    trackers = open_trackers(setup, recorder, done, group or ("clbench", Path(config.out)))
+    try:
+        for stage, experience in enumerate(setup.stream.train_stream, start=1):
+            if stage > done:
+                if on_stage:
+                    on_stage(stage, setup.specs[stage - 1].name)
+                run_and_commit(setup, recorder, audit, trackers, stage, experience, stage1_cache)
+        write_resources(recorder, setup.model, setup.specs, setup.device, session, setup.config.latency_sizes)
+        log_resources(trackers, recorder.resources)
+    except BaseException as exc:
+        trackers.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    trackers.close()
     return recorder.run_dir
+
+
+def run_and_commit(setup: "Setup", recorder: Recorder, audit: BatchNormAudit, trackers: Trackers, stage: int,
+                   experience: Any, stage1_cache: Path | None) -> None:
+    """One stage: train (or restore), after_stage, evaluate and audit, checkpoint and rows, trackers."""
+    ctx = stage_context(setup.config, setup.model, setup.specs, stage, experience, setup.device)
+    use_cache = stage == 1 and setup.strategy.shares_first_stage
+    offset = sum(stage_steps(setup)[: stage - 1])
+    on_step = (lambda step, values: trackers.scalars(values, offset + step)) if trackers.active else None
+    run_stage(recorder, ctx, setup.strategy, setup.config, stage1_cache if use_cache else None, on_step)
+    evaluate_stage(recorder, audit, setup, stage)
+    recorder.commit(stage, checkpoint(setup, ctx, audit))
+    trackers.stage(stage, recorder.rows, setup.specs)
+
+
+def stage_steps(setup: "Setup") -> list[int]:
+    """Optimizer steps of each stage (the trackers' step axis runs over the whole run)."""
+    config = setup.config
+    return [config.epochs[t.name] * math.ceil(len(exp.dataset) / config.batch_size[t.name])
+            for t, exp in zip(setup.specs, setup.stream.train_stream)]
+
+
+def open_trackers(setup: "Setup", recorder: Recorder, done: int, group: tuple[str, Path]) -> Trackers:
+    """The trackers of ``--log`` (continued where trackers.json names them); stage 0 logged if it was just run."""
+    env = json.loads((recorder.run_dir / "env.json").read_text())
+    tracked = TrackedRun(recorder.run_dir, group[0], recorder.run_dir.name, group[1], setup.config.to_dict(), env)
+    first_step = sum(stage_steps(setup)[:done]) + 1 if done else 0
+    trackers = Trackers.open(setup.config.log, tracked, first_step, setup.config.mlflow_uri)
+    if done == 0:
+        trackers.stage(0, recorder.rows, setup.specs)
+    return trackers
+
+
+def log_resources(trackers: Trackers, resources: Any) -> None:
+    """Each stage's times (step = stage), then peak memory and latency (step = the last stage)."""
+    for stage, cost in resources.stages.items():
+        trackers.scalars({"resources/train_seconds": cost.train_seconds, "resources/eval_seconds": cost.eval_seconds,
+                          "resources/bn_audit_seconds": cost.bn_audit_seconds}, stage)
+    last = max(resources.stages, default=0)
+    latency = {f"resources/latency_ms_{task}_{size}": ms for task, sizes in resources.latency_ms.items()
+               for size, ms in sizes.items() if ms is not None}
+    trackers.scalars({**{f"resources/{k}": v for k, v in resources.memory.items()}, **latency}, last)
 
 
 @dataclass
@@ -80,6 +129,7 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     """Seed, device, data (verified), strategy, network, stream and test loaders."""
     from clbench.benchmarks import load_tasks
     from clbench.benchmarks.stream import build_stream
+    check_installed(config.log)
     seed_everything(config.seed)
     device = resolve_device(config.device)
     root, benchmark = data_root(config.data_root, config.synth_train, config.synth_val)
@@ -186,7 +236,8 @@ def stage_context(config: RunConfig, model: UniHeadNet, specs: tuple[TaskSpec, .
                         train_loader=train_loader, task_loss=lambda t, out, y: task_loss(model, t, out, y, size))
 
 
-def run_stage(recorder: Recorder, ctx: StageContext, strategy: Strategy, config: RunConfig, cache: Path | None) -> None:
+def run_stage(recorder: Recorder, ctx: StageContext, strategy: Strategy, config: RunConfig, cache: Path | None,
+              on_step: OnStep | None = None) -> None:
     """Train (or restore from the stage-1 cache), then the strategy's after_stage; records time and params."""
     settings = StageSettings(epochs=config.epochs[ctx.task.name], lr=config.lr[ctx.task.name],
                              weight_decay=config.weight_decay, grad_clip=config.grad_clip, amp=config.amp)
@@ -194,7 +245,7 @@ def run_stage(recorder: Recorder, ctx: StageContext, strategy: Strategy, config:
         seconds, saved = 0.0, restore_stage1(cache, ctx)
     else:
         start = time.perf_counter()
-        train_stage(ctx, strategy, settings, progress=config.progress)
+        train_stage(ctx, strategy, settings, progress=config.progress, on_step=on_step)
         seconds, saved = time.perf_counter() - start, 0.0
         if cache is not None:
             save_stage1(cache, ctx, seconds)

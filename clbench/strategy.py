@@ -225,6 +225,18 @@ def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind)) if typing.get_origin(kind) is not tuple else "a comma-separated list"
 
 
+def summed(terms: list[torch.Tensor]) -> torch.Tensor | None:
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def loss_terms(strategy: Strategy, ctx: StageContext, images: torch.Tensor,
+               outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each strategy's loss term by name (each part of a composite separately), those that returned one."""
+    parts = strategy.parts if isinstance(strategy, Composite) else [strategy]
+    terms = {part.name: part.loss_term(ctx, images, outputs) for part in parts}
+    return {name: term for name, term in terms.items() if term is not None}
+
+
 class Composite(Strategy):
     """Several strategies at once: every hook of each, in the order given; loss terms are summed."""
 
@@ -245,8 +257,7 @@ class Composite(Strategy):
 
     def loss_term(self, ctx: StageContext, images: torch.Tensor,
                   outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        terms = [t for t in (p.loss_term(ctx, images, outputs) for p in self.parts) if t is not None]
-        return sum(terms[1:], terms[0]) if terms else None
+        return summed(list(loss_terms(self, ctx, images, outputs).values()))
 
     def after_backward(self, ctx: StageContext, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Each part sees the gradients the parts before it returned."""

@@ -1,0 +1,252 @@
+"""`clbench report DIR`: one self-contained HTML page (no network, images inline) for a run or a comparison,
+made from the folder's files alone: the verdict in words, every definition's table, the stage × task
+matrices, the plots, the BN attribution, the cost, and the command that reproduces it."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import yaml
+
+from clbench import ClbenchError, __version__
+from clbench.config import FIELDS
+from clbench.drop import DEFINITIONS, metric_matrix
+from clbench.recorder import read_resources, read_rows, read_tasks
+from clbench.report import BN_NOTE, bn_attribution, comparison_table, primary_metrics, run_measures, run_table
+from clbench.results import atomic_write
+from clbench.tasks import TaskSpec
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .6em 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; } th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+p.note { color: #555; font-size: 12.5px; max-width: 1000px; }
+pre { background: #f6f6f6; padding: .8em; overflow-x: auto; font-size: 12px; }
+img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
+.verdict { background: #eef6ee; border-left: 4px solid #4a4; padding: .6em 1em; }
+"""
+
+# Marks the page once loaded: data-images="decoded/total", so a headless browser can tell it rendered whole.
+SELF_CHECK = ("<script>addEventListener('load', () => { const imgs = [...document.images]; document.body.dataset"
+              ".images = imgs.filter(i => i.complete && i.naturalWidth > 0).length + '/' + imgs.length; });</script>")
+
+
+def write_report(folder: Path) -> Path:
+    """``report.html`` in a run folder or a comparison folder; returns its path."""
+    folder = Path(folder)
+    if (folder / "compare.yaml").exists():
+        title, body = comparison_page(folder)
+    elif (folder / "metrics.csv").exists():
+        title, body = run_page(folder)
+    else:
+        raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
+    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
+            f"<style>{STYLE}</style></head>\n<body>\n<h1>{_e(title)}</h1>\n{body}\n{SELF_CHECK}\n"
+            f"<p class=\"note\">Written by clbench {__version__} on {time.strftime('%Y-%m-%d %H:%M')} from the files "
+            f"in {_e(str(folder))}; every number is in them.</p>\n</body></html>\n")
+    path = folder / "report.html"
+    atomic_write(path, page)
+    return path
+
+
+# a comparison ----------------------------------------------------------------------------------------------
+
+def comparison_page(folder: Path) -> tuple[str, str]:
+    from clbench.compare import load_comparison, missing_cells
+    from clbench.plots import plot_folder
+    rows, tasks, references = load_comparison(folder)
+    settings = yaml.safe_load((folder / "compare.yaml").read_text())
+    order = [s for s in dict.fromkeys(settings["strategies"]) if s in set(rows["strategy"])]
+    runs = sorted((folder / "runs").glob("*/done.json"))
+    costs = strategy_costs([p.parent for p in runs])
+    parts = [f"<div class=\"verdict\">{verdict(rows, tasks, costs)}</div>"]
+    missing = missing_cells(folder)
+    if missing:
+        parts.append(f"<p class=\"note\">Not finished (not in any table): {_e(', '.join(missing))}.</p>")
+    parts.append("<h2>Summary: every definition</h2>")
+    for name in DEFINITIONS:
+        if name == "reference" and not references:
+            continue
+        table, note = comparison_table(rows, tasks, name, references, strategies=order)
+        parts.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
+    parts.append("<h2>Cost</h2>" + _table(costs.reindex(order).reset_index()) +
+                 "<p class=\"note\">Mean over seeds. Training time counts a stage restored from the shared stage-1 "
+                 "cache at what it took to train; peak memory is the process's peak RSS (CUDA: max allocated).</p>")
+    parts.append("<h2>Primary metric after every stage (mean over seeds)</h2>")
+    for strategy in order:
+        parts.append(f"<h3>{_e(strategy)}</h3>" + _table(stage_matrix(rows[rows.strategy == strategy], tasks)))
+    parts.append("<h2>Plots</h2>" + "".join(_image(p) for p in plot_folder(folder)))
+    parts.append("<h2>BatchNorm attribution</h2>" + _table(bn_table(rows, tasks, order)) +
+                 f"<p class=\"note\">Mean over seeds. {_e(BN_NOTE)}</p>")
+    parts.append("<h2>Reproduce</h2><pre>" + _e(compare_command(folder, settings)) + "</pre><h3>Settings "
+                 "(compare.yaml)</h3><pre>" + _e((folder / "compare.yaml").read_text()) + "</pre>")
+    env = json.loads((runs[0].parent / "env.json").read_text()) if runs else {}
+    parts.append(environment_block(env))
+    return f"clbench comparison {folder.name}", "\n".join(parts)
+
+
+def verdict(rows: pd.DataFrame, tasks: Sequence[TaskSpec], costs: pd.DataFrame) -> str:
+    """Which strategy forgets least per task (drop %, mean over seeds), against naive, and at what cost."""
+    measures = run_measures(rows, tasks, "drop").dropna(subset=["value"])
+    if measures.empty:
+        return "No drop is defined yet (a comparison needs at least two stages)."
+    means = measures.groupby(["task", "strategy"])["value"].mean()
+    lines = []
+    for task in tasks:
+        if task.name not in means.index.get_level_values(0):
+            continue
+        per = means.loc[task.name].sort_values(ascending=False)
+        best = per.index[0]
+        naive = f"; naive {per['naive']:+.2f}%" if "naive" in per.index and best != "naive" else ""
+        cost = " (the baseline itself)" if best == "naive" else ""
+        if best != "naive" and best in costs.index and "naive" in costs.index and costs.at["naive", "train_seconds"] > 0:
+            ratio = costs.at[best, "train_seconds"] / costs.at["naive", "train_seconds"]
+            cost = f", at {ratio:.2f}× naive's training time"
+        lines.append(f"<b>{_e(task.label)}</b> ({_e(task.metric_label)}): least forgetting with <b>{_e(best)}</b>, "
+                     f"drop {per[best]:+.2f}%{naive}{cost}.")
+    last = tasks[-1]
+    final = rows[(rows.stage == rows.stage.max()) & (rows.eval_task == last.name) & (rows.metric == last.metric)]
+    learned = final.groupby("strategy")["value"].mean().sort_values()
+    lines.append(f"The task trained last, {_e(last.label)}, ends at {_e(last.metric_label)} from "
+                 f"{learned.iloc[0]:.3f} ({_e(learned.index[0])}) to {learned.iloc[-1]:.3f} ({_e(learned.index[-1])}): "
+                 "a strategy that forgets little but learns little shows here.")
+    seeds = rows["seed"].nunique()
+    lines.append(f"Drop % = 100 × (final − after own stage) / after own stage; mean over {seeds} seed(s).")
+    return "<br>".join(lines)
+
+
+def strategy_costs(run_dirs: Sequence[Path]) -> pd.DataFrame:
+    """Per strategy, mean over its runs: training, evaluation and BN-audit seconds, peak memory, latency."""
+    out = []
+    for run_dir in run_dirs:
+        resources = read_resources(run_dir)
+        strategy = yaml.safe_load((run_dir / "config.yaml").read_text())["strategy"]
+        memory = resources.memory
+        latency = [v.get(512) for v in resources.latency_ms.values() if v.get(512) is not None]
+        out.append({"strategy": strategy, "train_seconds": sum(s.trained_seconds for s in resources.stages.values()),
+                    "eval_seconds": resources.totals()["eval_seconds"],
+                    "bn_audit_seconds": resources.totals()["bn_audit_seconds"],
+                    "peak_memory_mb": memory.get("cuda_max_allocated_mb", memory.get("process_peak_rss_mb")),
+                    "latency_512_ms": max(latency) if latency else math.nan})
+    frame = pd.DataFrame(out, columns=["strategy", "train_seconds", "eval_seconds", "bn_audit_seconds",
+                                       "peak_memory_mb", "latency_512_ms"])
+    return frame.groupby("strategy").mean().round(1)
+
+
+def stage_matrix(rows: pd.DataFrame, tasks: Sequence[TaskSpec]) -> pd.DataFrame:
+    """After stage k (rows) × each task's primary metric (columns), mean over the runs in ``rows``."""
+    per_run = [metric_matrix(run, primary_metrics(tasks)) for _, run in rows.groupby("run_id")]
+    mean = pd.concat(per_run).groupby(level=0).mean()[[t.name for t in tasks]]
+    mean.columns = [f"{t.label} ({t.metric_label})" for t in tasks]
+    mean.index = [f"after stage {k}" if k else "before training" for k in mean.index]
+    return mean.round(4).reset_index(names="")
+
+
+def bn_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], order: Sequence[str]) -> pd.DataFrame:
+    """Per strategy and task not trained last: the change split into BN drift and weights (pp, mean over seeds)."""
+    out = []
+    for strategy in order:
+        for _, run in rows[rows.strategy == strategy].groupby("run_id"):
+            stages = run[run.stage > 0].drop_duplicates("stage")
+            trained = dict(zip(stages["stage_task"], stages["stage"]))
+            last = int(run["stage"].max())
+            for task in tasks:
+                if task.name in trained and trained[task.name] < last:
+                    split = bn_attribution(run, task, int(trained[task.name]), last)
+                    if split is not None:
+                        out.append({"strategy": strategy, "task": task.label, "BN drift (pp)": split[0],
+                                    "weights (pp)": split[1]})
+    frame = pd.DataFrame(out, columns=["strategy", "task", "BN drift (pp)", "weights (pp)"])
+    return frame.groupby(["strategy", "task"], sort=False).mean().round(2).reset_index()
+
+
+def compare_command(folder: Path, settings: dict[str, Any]) -> str:
+    """The `clbench compare` command that reruns (or resumes) exactly this comparison into this folder."""
+    words = ["clbench compare", f"--strategies {','.join(settings['strategies'])}",
+             f"--seeds {','.join(map(str, settings['seeds']))}"]
+    if settings.get("reference"):
+        words.append("--reference single-task")
+    words += [f"--set {k}={_flag_value(v)}" for k, v in settings.get("set", {}).items()]
+    words += changed_flags(settings["run"])
+    words += [f"--out {folder.parent}", f"--name {folder.name}"]
+    return " \\\n    ".join(words)
+
+
+def changed_flags(values: dict[str, Any]) -> list[str]:
+    """``--flag value`` for every setting that differs from its default."""
+    from clbench.config import RunConfig
+    defaults = RunConfig().to_dict()
+    return [f"--{k.replace('_', '-')} {_flag_value(v)}" for k, v in values.items()
+            if k in FIELDS and v != defaults.get(k) and v is not None]
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_flag_value(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+# one run ---------------------------------------------------------------------------------------------------
+
+def run_page(run_dir: Path) -> tuple[str, str]:
+    from clbench.plots import plot_folder
+    rows = read_rows(run_dir)
+    tasks = read_tasks(run_dir, rows)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    parts = ["<h2>Every definition</h2>"]
+    for name in (n for n in DEFINITIONS if n != "reference"):
+        table, note = run_table(rows, tasks, name)
+        parts.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
+    parts.append("<h2>Primary metric after every stage</h2>" + _table(stage_matrix(rows, tasks)))
+    parts.append("<h2>Plots</h2>" + "".join(_image(p) for p in plot_folder(run_dir)))
+    if (run_dir / "resources.json").exists():
+        from clbench.report import resource_line
+        parts.append("<h2>Cost</h2><p>" + _e(resource_line(read_resources(run_dir))) + "</p>")
+    command = " \\\n    ".join(["clbench run", *changed_flags({k: v for k, v in config.items()
+                                                                if k not in ("out", "run_id", "set")}),
+                                *[f"--set {k}={_flag_value(v)}" for k, v in config.get("set", {}).items()]])
+    parts.append("<h2>Reproduce</h2><pre>" + _e(command) + "</pre><h3>config.yaml</h3><pre>" +
+                 _e((run_dir / "config.yaml").read_text()) + "</pre>")
+    parts.append(environment_block(json.loads((run_dir / "env.json").read_text())))
+    return f"clbench run {run_dir.name}", "\n".join(parts)
+
+
+# pieces ----------------------------------------------------------------------------------------------------
+
+def environment_block(env: dict[str, Any]) -> str:
+    """env.json of a run (versions, git commit, device, data hashes) as written."""
+    return "<h2>Environment</h2><pre>" + _e(json.dumps(env, indent=1, default=str)) + "</pre>" if env else ""
+
+
+def _table(frame: pd.DataFrame) -> str:
+    head = "".join(f"<th>{_e(str(c))}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in frame.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"<td class=\"num\">{'—' if math.isnan(value) else f'{value:g}'}</td>"
+    return f"<td>{_e(str(value))}</td>"
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"<figure><img alt=\"{_e(path.stem)}\" src=\"data:image/png;base64,{data}\"></figure>"
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
