@@ -195,8 +195,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _definition(definition: str | None, mode: str, has_reference: bool) -> str:
     if definition is None:
         return "abs" if mode == "absolute" else "drop"
-    if definition == "reference" and not has_reference:
-        raise ClbenchError("--definition reference needs --reference single-task")
+    if DEFINITIONS[definition].needs_reference and not has_reference:
+        raise ClbenchError(f"--definition {definition} needs --reference single-task")
     if mode == "absolute" and DEFINITIONS[definition].unit == "%":
         raise ClbenchError(f"--threshold-mode absolute applies to --definition abs or forgetting, not {definition}")
     return definition
@@ -210,8 +210,9 @@ def _table(args: argparse.Namespace) -> int:
         from clbench.compare import comparison_summary
         table, note = comparison_summary(folder, args.definition, args.threshold)
     elif (folder / "metrics.csv").exists():
-        if args.definition == "reference":
-            raise ClbenchError("--definition reference needs a comparison folder (clbench compare --reference single-task)")
+        if DEFINITIONS[args.definition].needs_reference:
+            raise ClbenchError(f"--definition {args.definition} needs a comparison folder (clbench compare --reference "
+                               "single-task)")
         rows = read_rows(folder)
         table, note = run_table(rows, read_tasks(folder, rows), args.definition, args.threshold)
     else:

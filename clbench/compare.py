@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from clbench import ClbenchError
 from clbench.config import RunConfig
+from clbench.drop import DEFINITIONS
 from clbench.recorder import read_resources, read_rows, read_tasks
 from clbench.report import comparison_table, render
 from clbench.results import atomic_write, to_json, write_table
@@ -254,8 +255,8 @@ def comparison_summary(folder: Path, definition: str = "drop",
                        threshold: float | None = None) -> tuple[pd.DataFrame, str]:
     """The strategies × tasks table of a comparison folder, from its CSVs alone, and its footnote."""
     rows, tasks, references = load_comparison(folder)
-    if definition == "reference" and not references:
-        raise ClbenchError(f"{folder}: --definition reference needs a comparison run with --reference single-task")
+    if DEFINITIONS[definition].needs_reference and not references:
+        raise ClbenchError(f"{folder}: --definition {definition} needs a comparison run with --reference single-task")
     names = list(dict.fromkeys(name for _, name in json.loads((folder / "cells.json").read_text()))) \
         if (folder / "cells.json").exists() else None
     table, note = comparison_table(rows, tasks, definition, references, threshold, names)

@@ -69,12 +69,6 @@ def forgetting(R: pd.DataFrame, trained: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def bwt(R: pd.DataFrame, trained: dict[str, int]) -> float:
-    """Backward transfer: mean over every task but the last trained of R[S,t] − R[s(t),t]."""
-    changes = [v for v in absolute_change(R, trained).values() if not math.isnan(v)]
-    return sum(changes) / len(changes) if changes else math.nan
-
-
 def reference_drop(R: pd.DataFrame, trained: dict[str, int], reference: dict[str, float]) -> dict[str, float]:
     """Drop vs a single-task reference: 100 (R[S,t] − R_ref[t]) / R_ref[t], R_ref[t] = task t trained alone
     with the same budget and seed. Defined for the task trained last too; NaN when R_ref is 0 or missing."""
@@ -83,6 +77,50 @@ def reference_drop(R: pd.DataFrame, trained: dict[str, int], reference: dict[str
         _, final = _base_and_final(R, task, s_t)
         base = reference.get(task, math.nan)
         out[task] = math.nan if base == 0 or math.isnan(base) else 100.0 * (final - base) / base
+    return out
+
+
+def normalised(R: pd.DataFrame, reference: dict[str, float]) -> pd.DataFrame:
+    """N[s,t] = R[s,t] / R_ref[t] for every task with a positive single-task reference, R[s,t] otherwise."""
+    N = R.copy()
+    for task in N.columns:
+        base = reference.get(task, math.nan)
+        if base > 0:
+            N[task] = N[task] / base
+    return N
+
+
+def _get(N: pd.DataFrame, stage: int, task: str) -> float:
+    return float(N.at[stage, task]) if stage in N.index and task in N.columns else math.nan
+
+
+def average_accuracy(R: pd.DataFrame, trained: dict[str, int], reference: dict[str, float]) -> dict[str, float]:
+    """ACC (Lopez-Paz & Ranzato 2017; Chaudhry et al. 2018): each task's final N[S,t]; its mean is ACC."""
+    N, last = normalised(R, reference), int(R.index.max())
+    return {task: _get(N, last, task) for task in trained}
+
+
+def backward_transfer(R: pd.DataFrame, trained: dict[str, int], reference: dict[str, float]) -> dict[str, float]:
+    """BWT (Lopez-Paz & Ranzato 2017): N[S,t] − N[s(t),t] per task but the last trained; their mean is BWT."""
+    N, last = normalised(R, reference), _last_trained(trained)
+    return {task: math.nan if task == last else _get(N, int(R.index.max()), task) - _get(N, s_t, task)
+            for task, s_t in trained.items()}
+
+
+def forward_transfer(R: pd.DataFrame, trained: dict[str, int], reference: dict[str, float]) -> dict[str, float]:
+    """FWT (Lopez-Paz & Ranzato 2017): N[s(t)−1,t] − N[0,t], what earlier stages did for task t before it was
+    trained, against the untrained network (stage 0); undefined for the task trained first. Mean = FWT."""
+    N = normalised(R, reference)
+    return {task: math.nan if s_t == 1 else _get(N, s_t - 1, task) - _get(N, 0, task) for task, s_t in trained.items()}
+
+
+def plasticity(R: pd.DataFrame, trained: dict[str, int], reference: dict[str, float]) -> dict[str, float]:
+    """R[s(t),t] / R_ref[t]: how much of what task t learns alone it learned in its own stage (needs the
+    single-task references); 1 = as much, < 1 = earlier stages or a strategy held it back."""
+    out = {}
+    for task, s_t in trained.items():
+        base = reference.get(task, math.nan)
+        out[task] = _get(R, s_t, task) / base if base > 0 else math.nan
     return out
 
 
@@ -103,6 +141,14 @@ class Definition:
     needs_reference: bool
     text: str
     function: Measure
+    summary: str = ""          # the name of the mean over tasks (ACC, BWT, ...); "" = no summary column
+    thresholded: bool = True   # pass/fail at a threshold applies (drops), or not (the standard CL metrics)
+    normalises: bool = False   # N = R / R_ref where a single-task reference exists
+
+    def summarised(self, values: dict[str, float]) -> float:
+        """The mean over the tasks where the definition has a value (NaN if none)."""
+        defined = [v for v in values.values() if not math.isnan(v)]
+        return sum(defined) / len(defined) if defined else math.nan
 
     def values(self, R: pd.DataFrame, trained: dict[str, int], reference: dict[str, float] | None = None
                ) -> dict[str, float]:
@@ -131,10 +177,25 @@ DEFINITIONS: dict[str, Definition] = {d.name: d for d in (
                lambda R, trained, ref: absolute_change(R, trained)),
     Definition("forgetting", "Forgetting (pp)", "pp", 100.0, False, "undefined", False,
                "Forgetting (Chaudhry et al. 2018) = 100 x max over s(t) <= s < S of (R[s,t] - R[S,t]), in "
-               "percentage points; positive = forgot; undefined for the task trained last.",
-               lambda R, trained, ref: forgetting(R, trained)),
+               "percentage points; positive = forgot; undefined for the task trained last; F = its mean over tasks.",
+               lambda R, trained, ref: forgetting(R, trained), summary="F"),
     Definition("reference", "Drop vs single-task (%)", "%", 1.0, True, "defined", True,
                "Drop vs single-task = 100 x (R[S,t] - R_ref[t]) / R_ref[t], R_ref[t] = task t trained alone with "
                "the same budget and seed; signed, negative = worse; defined for every task.",
                reference_drop),
+    Definition("acc", "ACC (x100)", "pp", 100.0, True, "defined", False,
+               "ACC = mean over tasks of N[S,t], the final metric; N = R / R_ref[t] where a single-task reference "
+               "exists, R otherwise (x100).",
+               average_accuracy, summary="ACC", thresholded=False, normalises=True),
+    Definition("bwt", "BWT (x100)", "pp", 100.0, True, "undefined", False,
+               "BWT = mean over tasks but the last of N[S,t] - N[s(t),t] (x100; negative = forgetting); N as for ACC.",
+               backward_transfer, summary="BWT", thresholded=False, normalises=True),
+    Definition("fwt", "FWT (x100)", "pp", 100.0, True, "defined", False,
+               "FWT = mean over tasks but the first of N[s(t)-1,t] - N[0,t]: what the stages before t did for it, "
+               "against the untrained network (x100); undefined for the task trained first; N as for ACC.",
+               forward_transfer, summary="FWT", thresholded=False, normalises=True),
+    Definition("plasticity", "Plasticity (%)", "%", 100.0, True, "defined", True,
+               "Plasticity = 100 x R[s(t),t] / R_ref[t]: task t's metric after its own stage against t trained alone "
+               "(same budget and seed); 100% = learned as much as alone.",
+               plasticity, summary="mean", thresholded=False),
 )}

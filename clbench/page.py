@@ -74,7 +74,7 @@ def comparison_page(folder: Path) -> tuple[str, str]:
         parts.append(f"<p class=\"note\">Not finished (not in any table): {_e(', '.join(missing))}.</p>")
     parts.append("<h2>Summary: every definition</h2>")
     for name in DEFINITIONS:
-        if name == "reference" and not references:
+        if DEFINITIONS[name].needs_reference and not references:
             continue
         table, note = comparison_table(rows, tasks, name, references, strategies=order)
         parts.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
@@ -207,7 +207,7 @@ def run_page(run_dir: Path) -> tuple[str, str]:
     tasks = read_tasks(run_dir, rows)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     parts = ["<h2>Every definition</h2>"]
-    for name in (n for n in DEFINITIONS if n != "reference"):
+    for name in (n for n, d in DEFINITIONS.items() if not d.needs_reference):
         table, note = run_table(rows, tasks, name)
         parts.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
     parts.append("<h2>Primary metric after every stage</h2>" + _table(stage_matrix(rows, tasks)))

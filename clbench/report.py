@@ -18,11 +18,16 @@ def primary_metrics(tasks: Sequence[TaskSpec]) -> dict[str, str]:
     return {t.name: t.metric for t in tasks}
 
 
+SUMMARY = "__summary__"  # the key of a definition's mean over tasks (ACC, BWT, ...) among the per-task values
+
+
 def measure(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str,
             reference: dict[str, float] | None = None) -> dict[str, float]:
-    """One run's per-task value under ``definition``, in its unit; NaN where undefined."""
-    R, trained = metric_matrix(rows, primary_metrics(tasks)), trained_at(rows)
-    return DEFINITIONS[definition].values(R, trained, reference)
+    """One run's per-task value under ``definition``, in its unit; NaN where undefined; plus the mean over
+    tasks under ``SUMMARY`` for a definition that has one."""
+    R, trained, d = metric_matrix(rows, primary_metrics(tasks)), trained_at(rows), DEFINITIONS[definition]
+    values = d.values(R, trained, reference)
+    return {**values, SUMMARY: d.summarised(values)} if d.summary else values
 
 
 def stage_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str = "drop",
@@ -39,7 +44,7 @@ def stage_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str =
             row[f"Stage {s}"] = f"{R.at[s, task.name]:.3f}" if s >= s_t and s in R.index else "-"
         row["Strategy"] = str(rows["strategy"].iloc[0])
         row[d.column] = cell_text(values[task.name], d, trained_last=s_t == last)
-        if threshold is not None:
+        if threshold is not None and d.thresholded:
             verdict = d.passes(values[task.name], threshold)
             row[f"Within {threshold:g}"] = "-" if verdict is None else ("pass" if verdict else "FAIL")
         split = bn_attribution(rows, task, s_t, last)
@@ -61,10 +66,15 @@ def run_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str = "
     """One run's stage table and its footnote (the definition, the threshold, the BN split when present)."""
     table = stage_table(rows, tasks, definition, threshold=threshold)
     d = DEFINITIONS[definition]
-    note = d.text + ("\n" + threshold_note(d, threshold) if threshold is not None else "")
+    note = d.text + ("\n" + threshold_note(d, threshold) if threshold is not None and d.thresholded else "")
+    if d.summary:
+        note += f"\n{d.summary} = {d.format(measure(rows, tasks, definition)[SUMMARY])}."
+    if d.normalises:
+        note += "\n" + NO_REFERENCE
     return table, note + ("\n" + BN_NOTE if BN_COLUMN in table else "")
 
 
+NO_REFERENCE = "N = R: no single-task reference (a comparison with --reference single-task normalises)."
 BN_COLUMN = "BN drift / weights (pp)"
 BN_NOTE = ("BN drift / weights: the change R[S,t] - R[s(t),t] (x100) split into 100 x (R[S,t] - R_ownBN) and "
            "100 x (R_ownBN - R[s(t),t]), where R_ownBN re-evaluates t with the final weights but the BatchNorm "
@@ -151,15 +161,20 @@ def comparison_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: 
             cell = _stat_cell(s, d) + (f" (n={int(s['n'])})" if 0 < s["n"] < seeds else "")
             if strategy != "naive" and (strategy, task.name) in diffs.index and not math.isnan(s["mean"]):
                 cell += f"; Δ naive {diffs.loc[(strategy, task.name), 'mean_diff']:+.2f}"
-            if threshold is not None and not math.isnan(s["mean"]):
+            if threshold is not None and d.thresholded and not math.isnan(s["mean"]):
                 cell += " pass" if d.passes(s["mean"], threshold) else " FAIL"
             row[f"{task.label} ({task.metric_label})"] = cell
+        if d.summary:
+            row[f"{d.summary} (mean over tasks)"] = _stat_cell(stats.loc[(strategy, SUMMARY)], d)
         row["seeds"] = seeds
         table.append(row)
     note = d.text + " Cells: mean ± sample std over seeds, [95% t-interval] with >= 3 seeds; " \
         "Δ naive = mean of the per-seed differences to naive; (n=k): only k seeds had a defined value."
-    if threshold is not None:
+    if threshold is not None and d.thresholded:
         note += " " + threshold_note(d, threshold)
+    if d.normalises:
+        note += " " + ("N = R / R_ref: normalised by each seed's single-task reference." if references
+                       else NO_REFERENCE)
     return pd.DataFrame(table), note
 
 

@@ -3,7 +3,8 @@ import math
 import pandas as pd
 import pytest
 
-from clbench.drop import absolute_change, bwt, drop_percent, forgetting, metric_matrix, reference_drop, trained_at
+from clbench.drop import (DEFINITIONS, absolute_change, average_accuracy, backward_transfer, drop_percent, forgetting,
+                          forward_transfer, metric_matrix, plasticity, reference_drop, trained_at)
 from clbench.report import aggregate, comparison_table, paired_difference, run_measures, run_table, stage_table
 from clbench.tasks import TaskSpec
 
@@ -50,7 +51,7 @@ def test_drop_abs_forgetting_and_bwt_by_hand():
     forget = forgetting(R, trained)
     assert forget["seg"] == pytest.approx(0.80 - 0.70)                 # max over stages 1, 2 minus final
     assert forget["det"] == pytest.approx(0.30) and math.isnan(forget["cls"])
-    assert bwt(R, trained) == pytest.approx((-0.10 - 0.30) / 2)
+    assert DEFINITIONS["bwt"].summarised(backward_transfer(R, trained, {})) == pytest.approx((-0.10 - 0.30) / 2)
 
 
 def test_improvement_gives_a_positive_drop():
@@ -156,3 +157,39 @@ def test_run_table_marks_pass_and_fail_at_the_threshold():
     assert note.startswith("Drop (%) = 100 x") and "Within 5: pass when the task lost at most 5%" in note
     _, note = run_table(rows_from(MATRIX), TASKS, "forgetting", threshold=5)
     assert "Within 5: pass when the task forgot at most 5 pp" in note
+
+
+# the standard continual-learning metrics ----------------------------------------------------------------------
+
+REFERENCE = {"seg": 0.875, "det": 0.5, "cls": 1.0}
+
+
+def test_acc_bwt_fwt_and_plasticity_by_hand():
+    m = {s: dict(v) for s, v in MATRIX.items()}
+    m[1]["det"], m[2]["cls"] = 0.05, 0.3   # earlier stages helped det and cls a little before their own
+    rows = rows_from(m)
+    R, trained = metric_matrix(rows, PRIMARY), trained_at(rows)
+    assert average_accuracy(R, trained, {}) == pytest.approx({"seg": 0.7, "det": 0.1, "cls": 0.9})
+    assert DEFINITIONS["acc"].summarised(average_accuracy(R, trained, REFERENCE)) == pytest.approx((0.8 + 0.2 + 0.9) / 3)
+    bwt = backward_transfer(R, trained, REFERENCE)
+    assert bwt["seg"] == pytest.approx((0.7 - 0.8) / 0.875) and bwt["det"] == pytest.approx((0.1 - 0.4) / 0.5)
+    assert math.isnan(bwt["cls"])
+    fwt = forward_transfer(R, trained, {})
+    assert math.isnan(fwt["seg"]) and fwt["det"] == pytest.approx(0.05) and fwt["cls"] == pytest.approx(0.2)
+    assert DEFINITIONS["fwt"].summarised(fwt) == pytest.approx(0.125)
+    assert plasticity(R, trained, REFERENCE) == pytest.approx({"seg": 0.8 / 0.875, "det": 0.4 / 0.5, "cls": 0.9})
+    assert all(math.isnan(v) for v in plasticity(R, trained, {}).values())   # needs the references
+
+
+def test_standard_metrics_get_a_mean_column_no_pass_fail_and_say_how_they_normalise():
+    table, note = comparison_table(comparison_rows(), TASKS, "acc", threshold=5)
+    naive = table.set_index("Strategy").loc["naive"]
+    # naive's final det over seeds: 0.10, 0.20, 0.30; seg 0.70, cls 0.90 → ACC per seed 56.67, 60, 63.33
+    assert naive["ACC (mean over tasks)"].startswith("+60.00 ± 3.33")
+    assert "pass" not in " ".join(table.astype(str).values.ravel()) and "FAIL" not in " ".join(table.astype(str).values.ravel())
+    assert "no single-task reference" in note
+    references = {seed: REFERENCE for seed in range(3)}
+    _, note = comparison_table(comparison_rows(), TASKS, "bwt", references)
+    assert "normalised by each seed's single-task reference" in note
+    table, _ = comparison_table(comparison_rows(), TASKS, "plasticity", references)
+    assert table.set_index("Strategy").loc["naive", "Segmentation (mIoU)"].startswith("+91.43%")
