@@ -203,7 +203,7 @@ def _definition(definition: str | None, mode: str, has_reference: bool) -> str:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from clbench.recorder import read_rows, read_tasks
+    from clbench.recorder import read_chance, read_rows, read_tasks
     from clbench.report import render, run_table
     folder = args.folder
     if (folder / "compare.yaml").exists():
@@ -214,7 +214,7 @@ def _table(args: argparse.Namespace) -> int:
             raise ClbenchError(f"--definition {args.definition} needs a comparison folder (clbench compare --reference "
                                "single-task)")
         rows = read_rows(folder)
-        table, note = run_table(rows, read_tasks(folder, rows), args.definition, args.threshold)
+        table, note = run_table(rows, read_tasks(folder, rows), args.definition, args.threshold, read_chance(folder))
     else:
         raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
     print(render(table, args.format).rstrip("\n"))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from clbench import ClbenchError
 from clbench.config import RunConfig
 from clbench.drop import DEFINITIONS
-from clbench.recorder import read_resources, read_rows, read_tasks
+from clbench.recorder import read_chance, read_resources, read_rows, read_tasks
 from clbench.report import comparison_table, render
 from clbench.results import atomic_write, to_json, write_table
 from clbench.runtime import Session
@@ -243,6 +243,12 @@ def load_comparison(folder: Path) -> tuple[pd.DataFrame, list, dict[int, dict[st
     return pd.concat(frames, ignore_index=True), tasks, references
 
 
+def comparison_chance(folder: Path) -> dict[str, float]:
+    """The tasks' chance levels (every cell evaluates the same test sets: the first finished run's)."""
+    runs = finished_runs(folder)
+    return read_chance(runs[0]) if runs else {}
+
+
 def missing_cells(folder: Path) -> list[str]:
     """Cells of the grid (cells.json) without a finished run."""
     path = folder / "cells.json"
@@ -259,7 +265,7 @@ def comparison_summary(folder: Path, definition: str = "drop",
         raise ClbenchError(f"{folder}: --definition {definition} needs a comparison run with --reference single-task")
     names = list(dict.fromkeys(name for _, name in json.loads((folder / "cells.json").read_text()))) \
         if (folder / "cells.json").exists() else None
-    table, note = comparison_table(rows, tasks, definition, references, threshold, names)
+    table, note = comparison_table(rows, tasks, definition, references, threshold, names, comparison_chance(folder))
     missing = missing_cells(folder)
     if missing:
         note += f" Missing (not finished, not in the table): {', '.join(missing)}."

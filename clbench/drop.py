@@ -80,6 +80,16 @@ def reference_drop(R: pd.DataFrame, trained: dict[str, int], reference: dict[str
     return out
 
 
+def own_stage_values(R: pd.DataFrame, trained: dict[str, int]) -> dict[str, float]:
+    """R[s(t),t]: each task's metric right after its own stage, the base of every drop."""
+    return {task: _get(R, s_t, task) for task, s_t in trained.items()}
+
+
+def near_chance(base: float, chance: float | None) -> bool:
+    """A base within 2x of the chance level (a drop from it says little); False when chance is unknown."""
+    return chance is not None and not math.isnan(base) and base <= 2 * chance
+
+
 def normalised(R: pd.DataFrame, reference: dict[str, float]) -> pd.DataFrame:
     """N[s,t] = R[s,t] / R_ref[t] for every task with a positive single-task reference, R[s,t] otherwise."""
     N = R.copy()
@@ -144,6 +154,7 @@ class Definition:
     summary: str = ""          # the name of the mean over tasks (ACC, BWT, ...); "" = no summary column
     thresholded: bool = True   # pass/fail at a threshold applies (drops), or not (the standard CL metrics)
     normalises: bool = False   # N = R / R_ref where a single-task reference exists
+    from_own_stage: bool = False  # measured from R[s(t),t]: flagged when that base is near chance
 
     def summarised(self, values: dict[str, float]) -> float:
         """The mean over the tasks where the definition has a value (NaN if none)."""
@@ -170,15 +181,15 @@ DEFINITIONS: dict[str, Definition] = {d.name: d for d in (
                "Drop (%) = 100 x (R[S,t] - R[s(t),t]) / R[s(t),t]: R[s,t] = task t's primary metric after stage s, "
                "s(t) = the stage that trains t, S = the last stage; signed, negative = worse; undefined for the task "
                "trained last and when the base is 0.",
-               lambda R, trained, ref: drop_percent(R, trained)),
+               lambda R, trained, ref: drop_percent(R, trained), from_own_stage=True),
     Definition("abs", "Abs. change (pp)", "pp", 100.0, True, "undefined", False,
                "Abs. change = 100 x (R[S,t] - R[s(t),t]), in percentage points of the metric; signed, negative = "
                "worse; undefined for the task trained last.",
-               lambda R, trained, ref: absolute_change(R, trained)),
+               lambda R, trained, ref: absolute_change(R, trained), from_own_stage=True),
     Definition("forgetting", "Forgetting (pp)", "pp", 100.0, False, "undefined", False,
                "Forgetting (Chaudhry et al. 2018) = 100 x max over s(t) <= s < S of (R[s,t] - R[S,t]), in "
                "percentage points; positive = forgot; undefined for the task trained last; F = its mean over tasks.",
-               lambda R, trained, ref: forgetting(R, trained), summary="F"),
+               lambda R, trained, ref: forgetting(R, trained), summary="F", from_own_stage=True),
     Definition("reference", "Drop vs single-task (%)", "%", 1.0, True, "defined", True,
                "Drop vs single-task = 100 x (R[S,t] - R_ref[t]) / R_ref[t], R_ref[t] = task t trained alone with "
                "the same budget and seed; signed, negative = worse; defined for every task.",
@@ -189,7 +200,7 @@ DEFINITIONS: dict[str, Definition] = {d.name: d for d in (
                average_accuracy, summary="ACC", thresholded=False, normalises=True),
     Definition("bwt", "BWT (x100)", "pp", 100.0, True, "undefined", False,
                "BWT = mean over tasks but the last of N[S,t] - N[s(t),t] (x100; negative = forgetting); N as for ACC.",
-               backward_transfer, summary="BWT", thresholded=False, normalises=True),
+               backward_transfer, summary="BWT", thresholded=False, normalises=True, from_own_stage=True),
     Definition("fwt", "FWT (x100)", "pp", 100.0, True, "defined", False,
                "FWT = mean over tasks but the first of N[s(t)-1,t] - N[0,t]: what the stages before t did for it, "
                "against the untrained network (x100); undefined for the task trained first; N as for ACC.",

@@ -10,7 +10,8 @@ from torch import nn
 
 from clbench.freezing import swapped_state
 from clbench.decode import boxes_to_original, decode_detections, seg_labels
-from clbench.metrics import coco_evaluation, confusion_matrix, iou_from_confusion, topk_correct
+from clbench.metrics import (chance_miou, chance_top1, coco_evaluation, confusion_matrix, iou_from_confusion,
+                             topk_correct)
 from clbench.tasks import TaskSpec
 
 # Test-set batch size: on 2 CPU threads at 128 px, 16 images per forward were the fastest per image (3.7 ms vs
@@ -98,3 +99,17 @@ def _evaluate_cls(model: nn.Module, task: TaskSpec, batches: Iterable, device: t
         top5 += topk_correct(logits, labels, 5)
         n += len(labels)
     return TaskEval({"top1": (top1 / n, n), "top5": (top5 / n, n)})
+
+
+def chance_level(task: TaskSpec, dataset: Any) -> float:
+    """The primary metric a network that learned nothing would get on this test set: top-1 of the most
+    frequent class, mIoU of predicting the most frequent class everywhere, mAP of no detection (0)."""
+    if task.kind == "det":
+        return 0.0
+    if task.kind == "cls":
+        return chance_top1(torch.tensor([int(dataset[i][1]) for i in range(len(dataset))]), task.num_classes)
+    pixels = torch.zeros(task.num_classes, dtype=torch.long)
+    for i in range(len(dataset)):
+        mask = dataset[i][1]
+        pixels += torch.bincount(mask[mask != 255].long().flatten(), minlength=task.num_classes)
+    return chance_miou(pixels)

@@ -76,3 +76,17 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     k = min(k, logits.shape[1])
     return int((logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum())
 
+
+
+def chance_top1(labels: torch.Tensor, num_classes: int) -> float:
+    """Top-1 of always answering the most frequent class: its share of the test set."""
+    return float(torch.bincount(labels.long(), minlength=num_classes).max()) / max(len(labels), 1)
+
+
+def chance_miou(pixels: torch.Tensor) -> float:
+    """mIoU of predicting the class with the most ground-truth pixels everywhere (the best constant
+    prediction): the confusion matrix of that prediction, through ``iou_from_confusion``. ``pixels``: the
+    count of ground-truth pixels per class (ignored pixels excluded)."""
+    cm = torch.zeros(len(pixels), len(pixels), dtype=torch.long)
+    cm[:, int(pixels.argmax())] = pixels.long()
+    return iou_from_confusion(cm)[0]

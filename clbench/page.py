@@ -18,7 +18,7 @@ import yaml
 from clbench import ClbenchError, __version__
 from clbench.config import FIELDS
 from clbench.drop import DEFINITIONS, metric_matrix
-from clbench.recorder import read_resources, read_rows, read_tasks
+from clbench.recorder import read_chance, read_resources, read_rows, read_tasks
 from clbench.report import BN_NOTE, bn_attribution, comparison_table, primary_metrics, run_measures, run_table
 from clbench.results import atomic_write
 from clbench.tasks import TaskSpec
@@ -61,7 +61,7 @@ def write_report(folder: Path) -> Path:
 # a comparison ----------------------------------------------------------------------------------------------
 
 def comparison_page(folder: Path) -> tuple[str, str]:
-    from clbench.compare import load_comparison, missing_cells
+    from clbench.compare import comparison_chance, load_comparison, missing_cells
     from clbench.plots import plot_folder
     rows, tasks, references = load_comparison(folder)
     settings = yaml.safe_load((folder / "compare.yaml").read_text())
@@ -76,7 +76,8 @@ def comparison_page(folder: Path) -> tuple[str, str]:
     for name in DEFINITIONS:
         if DEFINITIONS[name].needs_reference and not references:
             continue
-        table, note = comparison_table(rows, tasks, name, references, strategies=order)
+        table, note = comparison_table(rows, tasks, name, references, strategies=order,
+                                       chance=comparison_chance(folder))
         parts.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
     parts.append("<h2>Cost</h2>" + _table(costs.reindex(order).reset_index()) +
                  "<p class=\"note\">Mean over seeds. Training time counts a stage restored from the shared stage-1 "
@@ -208,7 +209,7 @@ def run_page(run_dir: Path) -> tuple[str, str]:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     parts = ["<h2>Every definition</h2>"]
     for name in (n for n, d in DEFINITIONS.items() if not d.needs_reference):
-        table, note = run_table(rows, tasks, name)
+        table, note = run_table(rows, tasks, name, chance=read_chance(run_dir))
         parts.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
     parts.append("<h2>Primary metric after every stage</h2>" + _table(stage_matrix(rows, tasks)))
     parts.append("<h2>Plots</h2>" + "".join(_image(p) for p in plot_folder(run_dir)))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 from clbench import ClbenchError
-from clbench.drop import DEFINITIONS
-from clbench.recorder import read_bn_drift, read_rows, read_tasks
+from clbench.drop import DEFINITIONS, near_chance
+from clbench.recorder import read_bn_drift, read_chance, read_rows, read_tasks
 from clbench.report import primary_metrics, run_measures
 from clbench.tasks import TaskSpec
 
@@ -27,8 +27,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def load_rows(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[TaskSpec]]:
-    """metrics and BN-drift rows of a run folder or of every finished run of a comparison, and the tasks."""
+def load_rows(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[TaskSpec], dict[str, float]]:
+    """metrics and BN-drift rows of a run folder or of every finished run of a comparison, the tasks and
+    their chance levels."""
     if (folder / "compare.yaml").exists():
         runs = [d for d in sorted((folder / "runs").glob("*")) if (d / "done.json").exists()]
     elif (folder / "metrics.csv").exists():
@@ -39,15 +40,15 @@ def load_rows(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[TaskSpec]]
         raise ClbenchError(f"{folder}: no finished run to plot")
     frames = [read_rows(d) for d in runs]
     drift = pd.concat([read_bn_drift(d) for d in runs], ignore_index=True)
-    return pd.concat(frames, ignore_index=True), drift, read_tasks(runs[0], frames[0])
+    return pd.concat(frames, ignore_index=True), drift, read_tasks(runs[0], frames[0]), read_chance(runs[0])
 
 
 def plot_folder(folder: Path) -> list[Path]:
-    metrics, drift, tasks = load_rows(folder)
+    metrics, drift, tasks, chance = load_rows(folder)
     out = folder / "plots"
     out.mkdir(exist_ok=True)
     paths = [plot_stages(metrics, tasks, out / "metric_by_stage.png"),
-             plot_drops(metrics, tasks, out / "drop_percent.png")]
+             plot_drops(metrics, tasks, out / "drop_percent.png", chance=chance)]
     if not drift.empty:
         paths.append(plot_bn_drift(drift, out / "bn_drift.png"))
     return paths
@@ -71,26 +72,34 @@ def plot_stages(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path) -> Pat
     return _save(fig, path)
 
 
-def plot_drops(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path, definition: str = "drop") -> Path:
+def plot_drops(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path, definition: str = "drop",
+               chance: dict[str, float] | None = None) -> Path:
     """A definition's value (drop % by default) per task and strategy, mean with sample-std error bars over
-    seeds; tasks where it is undefined (the task trained last) have no bars."""
+    seeds; tasks where it is undefined (the task trained last) have no bars; hatched bars: a seed's base
+    R[s(t),t] was within 2x of chance."""
     plt = _pyplot()
     d = DEFINITIONS[definition]
     measures = run_measures(metrics, tasks, definition).dropna(subset=["value"])
     stats = measures.groupby(["task", "strategy"], sort=False)["value"].agg(["mean", "std"]).reset_index()
     tasks = [t for t in tasks if t.name in set(stats["task"])]
     strategies = list(dict.fromkeys(metrics["strategy"]))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(strategies) * max(len(tasks), 1) / 2, 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.6 + 1.3 * len(strategies) * max(len(tasks), 1) / 2), 3.6))
     width = 0.8 / max(len(strategies), 1)
     for i, strategy in enumerate(strategies):
         part = stats[stats.strategy == strategy].set_index("task").reindex([t.name for t in tasks])
         xs = [k + i * width for k in range(len(tasks))]
-        ax.bar(xs, part["mean"], width, yerr=part["std"].fillna(0), capsize=3, label=strategy)
+        bars = ax.bar(xs, part["mean"], width, yerr=part["std"].fillna(0), capsize=3, label=strategy)
+        for bar, task in zip(bars, [t.name for t in tasks]):
+            if any(near_chance(b, (chance or {}).get(task)) for b in
+                   measures[(measures.strategy == strategy) & (measures.task == task)]["base"]):
+                bar.set_hatch("//")
     ax.set_xticks([k + width * (len(strategies) - 1) / 2 for k in range(len(tasks))])
     ax.set_xticklabels([t.label for t in tasks])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel(f"{d.column} ({'higher' if d.higher_is_better else 'lower'} is better)")
     ax.set_title(f"{d.column}, mean ± std over seeds")
+    if any(bar.get_hatch() for bar in ax.patches):
+        ax.bar([0], [0], 0, color="white", edgecolor="black", hatch="//", label="base near chance")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars reach the top edge
     return _save(fig, path)
 

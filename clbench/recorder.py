@@ -238,6 +238,17 @@ def read_tasks(run_dir: Path, rows: pd.DataFrame | None = None) -> list[TaskSpec
     return [TaskSpec(t, t, t, ()) for t in order]
 
 
+def read_chance(run_dir: Path) -> dict[str, float]:
+    """Each task's primary metric at chance on its test set (chance.json); empty for folders written before it."""
+    path = Path(run_dir) / "chance.json"
+    if not path.exists():
+        return {}
+    try:
+        return {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+        raise ClbenchError(f"{path}: expected task -> chance level ({exc})") from None
+
+
 def read_resources(run_dir: Path) -> Resources:
     path = Path(run_dir) / "resources.json"
     try:

@@ -9,8 +9,9 @@ from typing import Sequence
 
 import pandas as pd
 
-from clbench.drop import DEFAULT_THRESHOLD, DEFINITIONS, Definition, metric_matrix, trained_at
-from clbench.recorder import Resources, read_resources, read_rows, read_tasks
+from clbench.drop import (DEFAULT_THRESHOLD, DEFINITIONS, Definition, metric_matrix, near_chance, own_stage_values,
+                          trained_at)
+from clbench.recorder import Resources, read_chance, read_resources, read_rows, read_tasks
 from clbench.tasks import TaskSpec
 
 
@@ -31,7 +32,8 @@ def measure(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str,
 
 
 def stage_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str = "drop",
-                reference: dict[str, float] | None = None, threshold: float | None = None) -> pd.DataFrame:
+                reference: dict[str, float] | None = None, threshold: float | None = None,
+                chance: dict[str, float] | None = None) -> pd.DataFrame:
     """The original report's layout: Task | Metric | Stage 1..S | Strategy | <definition column> [| pass/fail]."""
     R, trained = metric_matrix(rows, primary_metrics(tasks)), trained_at(rows)
     d = DEFINITIONS[definition]
@@ -44,6 +46,8 @@ def stage_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str =
             row[f"Stage {s}"] = f"{R.at[s, task.name]:.3f}" if s >= s_t and s in R.index else "-"
         row["Strategy"] = str(rows["strategy"].iloc[0])
         row[d.column] = cell_text(values[task.name], d, trained_last=s_t == last)
+        if d.from_own_stage and s_t < last and near_chance(_value(R, s_t, task.name), (chance or {}).get(task.name)):
+            row[d.column] += f" ({NEAR_CHANCE})"
         if threshold is not None and d.thresholded:
             verdict = d.passes(values[task.name], threshold)
             row[f"Within {threshold:g}"] = "-" if verdict is None else ("pass" if verdict else "FAIL")
@@ -62,16 +66,32 @@ def threshold_note(d: Definition, threshold: float) -> str:
 
 
 def run_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str = "drop",
-              threshold: float | None = None) -> tuple[pd.DataFrame, str]:
+              threshold: float | None = None, chance: dict[str, float] | None = None) -> tuple[pd.DataFrame, str]:
     """One run's stage table and its footnote (the definition, the threshold, the BN split when present)."""
-    table = stage_table(rows, tasks, definition, threshold=threshold)
+    table = stage_table(rows, tasks, definition, threshold=threshold, chance=chance)
     d = DEFINITIONS[definition]
     note = d.text + ("\n" + threshold_note(d, threshold) if threshold is not None and d.thresholded else "")
     if d.summary:
         note += f"\n{d.summary} = {d.format(measure(rows, tasks, definition)[SUMMARY])}."
     if d.normalises:
         note += "\n" + NO_REFERENCE
+    if NEAR_CHANCE in " ".join(table.astype(str).values.ravel()):
+        note += "\n" + chance_note(chance or {})
     return table, note + ("\n" + BN_NOTE if BN_COLUMN in table else "")
+
+
+NEAR_CHANCE = "base near chance"
+
+
+def chance_note(chance: dict[str, float]) -> str:
+    levels = ", ".join(f"{task} {value:.3f}" for task, value in chance.items())
+    return (f"{NEAR_CHANCE}: the task's metric after its own stage was at most 2x its chance level on the test set "
+            f"({levels}: top-1 of the most frequent class, mIoU of predicting the most frequent class everywhere, "
+            "mAP of no detection), so a drop from it says little.")
+
+
+def _value(R: pd.DataFrame, stage: int, task: str) -> float:
+    return float(R.at[stage, task]) if stage in R.index and task in R.columns else math.nan
 
 
 NO_REFERENCE = "N = R: no single-task reference (a comparison with --reference single-task normalises)."
@@ -105,13 +125,16 @@ def cell_text(value: float, d: Definition, *, trained_last: bool) -> str:
 
 def run_measures(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str,
                  references: dict[int, dict[str, float]] | None = None) -> pd.DataFrame:
-    """Long table (strategy, seed, task, value): ``definition`` for every run in ``rows``."""
+    """Long table (strategy, seed, task, value, base): ``definition`` for every run in ``rows``; base = the
+    task's metric after its own stage, R[s(t),t]."""
     out = []
     for (strategy, seed, _), run in rows.groupby(["strategy", "seed", "run_id"], sort=True):
         reference = (references or {}).get(int(seed))
+        bases = own_stage_values(metric_matrix(run, primary_metrics(tasks)), trained_at(run))
         for task, value in measure(run, tasks, definition, reference).items():
-            out.append({"strategy": strategy, "seed": int(seed), "task": task, "value": value})
-    return pd.DataFrame(out, columns=["strategy", "seed", "task", "value"])
+            out.append({"strategy": strategy, "seed": int(seed), "task": task, "value": value,
+                        "base": bases.get(task, math.nan)})
+    return pd.DataFrame(out, columns=["strategy", "seed", "task", "value", "base"])
 
 
 def aggregate(measures: pd.DataFrame) -> pd.DataFrame:
@@ -144,7 +167,8 @@ def paired_difference(measures: pd.DataFrame, baseline: str = "naive") -> pd.Dat
 
 def comparison_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str = "drop",
                      references: dict[int, dict[str, float]] | None = None, threshold: float | None = None,
-                     strategies: list[str] | None = None) -> tuple[pd.DataFrame, str]:
+                     strategies: list[str] | None = None,
+                     chance: dict[str, float] | None = None) -> tuple[pd.DataFrame, str]:
     """Strategies × tasks: mean ± std over seeds [95% CI], Δ vs naive (paired), pass/fail; and its footnote."""
     d = DEFINITIONS[definition]
     measures = run_measures(rows, tasks, definition, references)
@@ -163,7 +187,7 @@ def comparison_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: 
                 cell += f"; Δ naive {diffs.loc[(strategy, task.name), 'mean_diff']:+.2f}"
             if threshold is not None and d.thresholded and not math.isnan(s["mean"]):
                 cell += " pass" if d.passes(s["mean"], threshold) else " FAIL"
-            row[f"{task.label} ({task.metric_label})"] = cell
+            row[f"{task.label} ({task.metric_label})"] = cell + chance_flag(measures, strategy, task.name, d, chance)
         if d.summary:
             row[f"{d.summary} (mean over tasks)"] = _stat_cell(stats.loc[(strategy, SUMMARY)], d)
         row["seeds"] = seeds
@@ -175,7 +199,21 @@ def comparison_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: 
     if d.normalises:
         note += " " + ("N = R / R_ref: normalised by each seed's single-task reference." if references
                        else NO_REFERENCE)
-    return pd.DataFrame(table), note
+    table = pd.DataFrame(table)
+    if NEAR_CHANCE in " ".join(table.astype(str).values.ravel()):
+        note += " " + chance_note(chance or {})
+    return table, note
+
+
+def chance_flag(measures: pd.DataFrame, strategy: str, task: str, d: Definition, chance: dict[str, float] | None) -> str:
+    """" (base near chance)" (or "... in k/n seeds") where a seed's base R[s(t),t] is within 2x of chance."""
+    if not d.from_own_stage or not chance or task not in chance:
+        return ""
+    cell = measures[(measures.strategy == strategy) & (measures.task == task) & measures["value"].notna()]
+    near = sum(near_chance(base, chance[task]) for base in cell["base"])
+    if not near:
+        return ""
+    return f" ({NEAR_CHANCE})" if near == len(cell) else f" ({NEAR_CHANCE} in {near}/{len(cell)} seeds)"
 
 
 def _stat_cell(s: pd.Series, d: Definition) -> str:
@@ -207,7 +245,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 def run_summary(run_dir: Path) -> str:
     """What `clbench run` prints: the stage table (DESIGN.md's default threshold) and the time line."""
     rows = read_rows(run_dir)
-    table, note = run_table(rows, read_tasks(run_dir, rows), threshold=DEFAULT_THRESHOLD)
+    table, note = run_table(rows, read_tasks(run_dir, rows), threshold=DEFAULT_THRESHOLD, chance=read_chance(run_dir))
     return to_markdown(table) + "\n" + note + "\n" + resource_line(read_resources(run_dir))
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from clbench.bn_audit import BatchNormAudit
 from clbench import ClbenchError
 from clbench.config import RunConfig, resolve
-from clbench.evaluate import EVAL_BATCH, TaskEval, evaluate_task
+from clbench.evaluate import EVAL_BATCH, TaskEval, chance_level, evaluate_task
 from clbench.freezing import batchnorm_state
 from clbench.loop import OnStep, StageSettings, task_loss, to_device, train_stage
 from clbench.model import UniHeadNet
@@ -119,6 +119,7 @@ class Setup:
     model: UniHeadNet
     stream: Any                     # the Avalanche benchmark
     test_loaders: list[DataLoader]
+    chance: dict[str, float]        # each task's primary metric at chance on its test set
 
     @property
     def specs(self) -> tuple[TaskSpec, ...]:
@@ -144,7 +145,8 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     test_loaders = [loader(exp.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=config.seed, device=device,
                            workers=0 if isinstance(test, MemoryCache) else config.workers)
                     for exp, test in zip(stream.test_stream, tests)]
-    return Setup(config, device, root, benchmark, tasks, strategy, model, stream, test_loaders)
+    chance = {t.spec.name: chance_level(t.spec, test) for t, test in zip(tasks, tests)}
+    return Setup(config, device, root, benchmark, tasks, strategy, model, stream, test_loaders, chance)
 
 
 def start(setup: Setup, session: Session, resume: bool) -> tuple[Recorder, BatchNormAudit, int]:
@@ -175,7 +177,7 @@ def model_config(config: RunConfig) -> ModelConfig:
 
 
 def open_run(setup: Setup, session: Session) -> Recorder:
-    """Claim the run folder and write config.yaml, env.json and tasks.json into it."""
+    """Claim the run folder and write config.yaml, env.json, tasks.json and chance.json into it."""
     from clbench.benchmarks import TASK_DIRS
     config, root = setup.config, setup.root
     run_id = config.run_id or f"{setup.strategy.name}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -184,7 +186,7 @@ def open_run(setup: Setup, session: Session) -> Recorder:
            "seeding": {"python": config.seed, "numpy": config.seed, "torch": config.seed,
                        "loader_generator": "seed + 1000 * stage", "strategy": "StageContext.generator(seed, stage)"}}
     files = {"config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False), "env.json": to_json(env),
-             "tasks.json": to_json([t.to_dict() for t in setup.specs])}
+             "tasks.json": to_json([t.to_dict() for t in setup.specs]), "chance.json": to_json(setup.chance)}
     return Recorder.create(Path(config.out), run_id, row_base(setup), files)
 
 

@@ -193,3 +193,30 @@ def test_standard_metrics_get_a_mean_column_no_pass_fail_and_say_how_they_normal
     assert "normalised by each seed's single-task reference" in note
     table, _ = comparison_table(comparison_rows(), TASKS, "plasticity", references)
     assert table.set_index("Strategy").loc["naive", "Segmentation (mIoU)"].startswith("+91.43%")
+
+
+# chance levels ------------------------------------------------------------------------------------------------
+
+def test_chance_levels_by_hand():
+    import torch
+    from clbench.metrics import chance_miou, chance_top1
+    assert chance_top1(torch.tensor([0, 0, 1, 2]), 3) == 0.5
+    # predict class 0 (6 of 10 pixels) everywhere: IoU 6/10, 0, 0 → mIoU 0.2
+    assert chance_miou(torch.tensor([6, 3, 1])) == pytest.approx(0.2)
+    # a class absent from the ground truth (and never predicted) is left out of the mean: (0.6 + 0) / 2
+    assert chance_miou(torch.tensor([6, 0, 4])) == pytest.approx(0.3)
+
+
+def test_drops_from_a_base_near_chance_are_flagged_in_tables():
+    chance = {"seg": 0.05, "det": 0.25, "cls": 0.1}   # det's base (0.40 after stage 2) is within 2x of 0.25
+    table, note = comparison_table(comparison_rows(), TASKS, "drop", chance=chance)
+    row = table.set_index("Strategy").loc["naive"]
+    assert row["Detection (mAP@[.5:.95])"].endswith("(base near chance)")
+    assert "near chance" not in row["Segmentation (mIoU)"]
+    assert "at most 2x its chance level" in note and "det 0.250" in note
+    table, _ = comparison_table(comparison_rows(), TASKS, "acc", chance=chance)   # not a drop: no flag
+    assert "near chance" not in " ".join(table.astype(str).values.ravel())
+    table, note = run_table(rows_from(MATRIX), TASKS, "drop", chance=chance)
+    assert table.set_index("Task").loc["Detection", "Drop (%)"] == "-75.00% (base near chance)"
+    _, note = run_table(rows_from(MATRIX), TASKS, "drop", chance={"seg": 0.01, "det": 0.01, "cls": 0.5})
+    assert "near chance" not in note

@@ -1,5 +1,6 @@
 """`clbench report`: one self-contained HTML page, checked as text and rendered in headless Chromium."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -48,6 +49,13 @@ def test_report_of_a_run_folder_through_the_cli(tiny_args, capsys):
     page = (run_dir / "report.html").read_text()
     assert capsys.readouterr().out.strip() == str(run_dir / "report.html")
     assert "clbench run" in page and "--strategy lwf" in page and "Primary metric after every stage" in page
+    # chance.json: top-1 of the most frequent test class (counted here from the folder itself), mAP 0
+    from collections import Counter
+    from clbench.benchmarks import load_task
+    chance = json.loads((run_dir / "chance.json").read_text())
+    labels = [label for _, label in load_task(tiny_args["data_root"], "cls", image_size=64).test.samples]
+    assert chance["cls"] == max(Counter(labels).values()) / len(labels)
+    assert chance["det"] == 0.0 and 0 < chance["seg"] < 1
 
 
 def test_report_of_a_folder_that_is_neither_is_one_line_exit_2(tmp_path, capsys):
