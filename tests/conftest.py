@@ -49,3 +49,19 @@ def specs() -> list[TaskSpec]:
     return [TaskSpec("seg", "seg", "Mini-VOC-Seg", tuple(f"s{i}" for i in range(6))),
             TaskSpec("det", "det", "Mini-COCO-Det", tuple(f"d{i}" for i in range(10)), tuple(range(1, 11))),
             TaskSpec("cls", "cls", "Imagenette-160", tuple(f"c{i}" for i in range(10)))]
+
+
+@pytest.fixture(scope="session")
+def small_comparison(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished comparison (naive, bn_per_task; seeds 0, 1) with both trackers, shared by the report-page
+    and tracker tests (a comparison is the slow part of both)."""
+    pytest.importorskip("tensorboard", reason="the test extra installs tensorboard")
+    pytest.importorskip("mlflow", reason="the test extra installs mlflow-skinny")
+    from clbench.compare import CompareSettings, compare
+    from clbench.config import resolve
+    args = {"data_root": str(tiny_root), "backbone": "test_efficientnet", "image_size": "64", "epochs": "1",
+            "batch_size": "4", "head_channels": "16", "device": "cpu", "progress": "false", "latency_sizes": "",
+            "log": "tensorboard,mlflow"}
+    settings = CompareSettings(strategies=("naive", "bn_per_task"), seeds=(0, 1), reference=False,
+                               base=resolve(None, args))
+    return compare(settings, out=tmp_path_factory.mktemp("comparison"), name="small", progress=False)

@@ -9,9 +9,7 @@ import pytest
 from PIL import Image
 
 from clbench.cli import main
-from clbench.compare import CompareSettings, compare
 from clbench.config import resolve
-from clbench.page import write_report
 from clbench.run import run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -23,14 +21,9 @@ OFFLINE = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "
            "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>", "--enable-logging=stderr", "--v=0"]
 
 
-@pytest.fixture(scope="module")
-def comparison(tiny_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("page")
-    args = {"data_root": str(tiny_root), "backbone": "test_efficientnet", "image_size": "64", "epochs": "1",
-            "batch_size": "4", "head_channels": "16", "device": "cpu", "progress": "false", "latency_sizes": ""}
-    settings = CompareSettings(strategies=("naive", "bn_per_task"), seeds=(0, 1), reference=False,
-                               base=resolve(None, args))
-    return compare(settings, out=out, name="page", progress=False)
+@pytest.fixture
+def comparison(small_comparison):
+    return small_comparison
 
 
 def test_compare_writes_one_self_contained_page(comparison):

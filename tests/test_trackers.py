@@ -10,7 +10,6 @@ import pytest
 
 from clbench import ClbenchError
 from clbench.cli import main
-from clbench.compare import CompareSettings, compare
 from clbench.config import resolve
 from clbench.run import run
 from clbench.trackers import check_installed
@@ -80,15 +79,13 @@ def test_a_resumed_run_continues_its_tracker_runs(tiny_args):
     assert steps == list(range(1, STEPS + 1))   # the redone stage's steps replace the interrupted ones
 
 
-def test_a_comparison_is_one_experiment_with_a_run_per_cell(tiny_args, tmp_path):
-    base = resolve(None, {**tiny_args, "log": "mlflow"})
-    folder = compare(CompareSettings(strategies=("naive", "lwf"), seeds=(0,), reference=False, base=base),
-                     out=tmp_path / "cmp", name="grid", progress=False)
-    client, _ = mlflow_client(folder / "runs" / "naive-seed0")
-    experiment = client.get_experiment_by_name("grid")
+def test_a_comparison_is_one_experiment_with_a_run_per_cell(small_comparison):
+    client, _ = mlflow_client(small_comparison / "runs" / "naive-seed0")
+    experiment = client.get_experiment_by_name(small_comparison.name)
     names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
-    assert names == {"naive-seed0", "lwf-seed0"}
-    assert (folder / "mlruns").is_dir()   # the local store sits in the comparison folder
+    assert names == {"naive-seed0", "bn_per_task-seed0", "naive-seed1", "bn_per_task-seed1"}
+    assert (small_comparison / "mlruns").is_dir()   # the local store sits in the comparison folder
+    assert all((small_comparison / "runs" / cell / "tensorboard").is_dir() for cell in names)
 
 
 def test_a_missing_tracker_package_is_a_one_line_error_naming_the_extra(tiny_args, monkeypatch, capsys):
