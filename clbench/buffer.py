@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -57,10 +58,10 @@ class Rehearsal(Strategy):
 
     shares_first_stage = True  # stage 1 has no earlier task; the buffer is filled in after_stage
 
-    def __init__(self, *, per_task: int = 10, batch: int = 4) -> None:
+    def __init__(self, *, per_task: int = 10, batch: int = 4, update_bn: bool = False) -> None:
         if not 1 <= batch <= per_task:
             raise ValueError("need 1 <= batch <= per_task")
-        self.batch = batch
+        self.batch, self.update_bn = batch, update_bn
         self.buffer = Buffer(per_task)
         self._draws: torch.Generator | None = None
 
@@ -69,9 +70,10 @@ class Rehearsal(Strategy):
 
     def replay(self, ctx: StageContext, task: TaskSpec) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """A draw of ``batch`` stored items of ``task`` and the model's outputs on its images, computed with
-        batch statistics but without touching BN running statistics."""
+        batch statistics; BN running statistics are left alone (``no_bn_update``) unless ``update_bn``, which
+        mixes the earlier tasks' statistics into the running ones, as a joint batch would."""
         stored = self.buffer.draw(task.name, self.batch, self._draws, ctx.device)
-        with no_bn_update(ctx.model):
+        with contextlib.nullcontext() if self.update_bn else no_bn_update(ctx.model):
             return stored, ctx.model(stored["images"])
 
     def state_dict(self) -> dict[str, Any]:

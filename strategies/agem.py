@@ -18,8 +18,8 @@ class AGEM(Rehearsal):
     gradient is projected onto its normal plane (eq. 11). The "applied update" is the gradient the optimizer
     receives (clipping only rescales it); AdamW's moments then shape the step, as in any A-GEM with Adam."""
 
-    def __init__(self, *, per_task: int = 10, batch: int = 4) -> None:
-        super().__init__(per_task=per_task, batch=batch)
+    def __init__(self, *, per_task: int = 10, batch: int = 4, update_bn: bool = False) -> None:
+        super().__init__(per_task=per_task, batch=batch, update_bn=update_bn)
         self.reference: dict[str, torch.Tensor] = {}  # this step's reference gradient (not checkpointed)
 
     def after_backward(self, ctx: StageContext, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:

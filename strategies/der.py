@@ -22,10 +22,11 @@ class DER(Rehearsal):
     Outputs are stored at the end of the task's stage, in eval mode (as the network serves the task then);
     one draw of ``batch`` items per task serves both terms (DER++ draws twice; one draw halves the passes)."""
 
-    def __init__(self, *, alpha: float = 0.5, beta: float = 0.5, per_task: int = 10, batch: int = 4) -> None:
+    def __init__(self, *, alpha: float = 0.5, beta: float = 0.5, per_task: int = 10, batch: int = 4,
+                 update_bn: bool = False) -> None:
         if alpha < 0 or beta < 0:
             raise ValueError("need alpha >= 0 and beta >= 0")
-        super().__init__(per_task=per_task, batch=batch)
+        super().__init__(per_task=per_task, batch=batch, update_bn=update_bn)
         self.alpha, self.beta = alpha, beta
 
     def loss_term(self, ctx: StageContext, images: torch.Tensor, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -14,10 +14,12 @@ class Replay(Rehearsal):
 
     Which images are stored and which are replayed is drawn from the run's seed (``ctx.generator``), so the
     spread over seeds includes the buffer's. The replayed batches are normalised with their own batch
-    statistics but do not update BN running statistics (``no_bn_update``), like every buffer pass."""
+    statistics but do not update BN running statistics (``no_bn_update``), like every buffer pass, unless
+    ``update_bn`` (this strategy's behaviour before that contract: it kept much more of the earlier tasks
+    on the synthetic benchmark, see the README)."""
 
-    def __init__(self, *, per_task: int = 10, batch: int = 4) -> None:
-        super().__init__(per_task=per_task, batch=batch)
+    def __init__(self, *, per_task: int = 10, batch: int = 4, update_bn: bool = False) -> None:
+        super().__init__(per_task=per_task, batch=batch, update_bn=update_bn)
 
     def loss_term(self, ctx: StageContext, images: torch.Tensor, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         terms = []

@@ -337,3 +337,17 @@ def test_state_carried_in_the_checkpoint_resumes_to_a_byte_identical_run(name, t
     rows = [(folder / "metrics.csv").read_text().replace("\ncut,", "\nRUN,").replace(f"\n{name},", "\nRUN,")
             for folder in (resumed, whole)]
     assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("update_bn", [False, True])
+def test_buffer_passes_leave_bn_statistics_alone_unless_update_bn(update_bn, specs):
+    from clbench.strategies.replay import Replay
+    model = tiny_model(specs).train()
+    replay = Replay(per_task=2, batch=2, update_bn=update_bn)
+    replay.buffer.tasks["cls"] = {"images": torch.randn(2, 3, 32, 32), "targets": torch.tensor([0, 1]),
+                                  "indices": torch.tensor([0, 1])}
+    replay._draws = torch.Generator().manual_seed(0)
+    before = batchnorm_state(model)
+    replay.replay(context(model, specs, 1), specs[2])
+    after = batchnorm_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before) is not update_bn
