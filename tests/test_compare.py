@@ -149,3 +149,15 @@ def test_the_stage_1_cache_key_changes_with_every_setting_that_changes_stage_1()
     assert stage1_key(base) == stage1_key(resolve(None, {"strategy": "ewc", "run_id": "x", "set": {"ewc.lam": "3"}}))
     for change in ({"workers": "2"}, {"epochs": "seg=5,det=6,cls=3"}, {"seed": "1"}, {"augment": "true"}, {"image_size": "96"}):
         assert stage1_key(resolve(None, change)) != stage1_key(base), change
+
+
+def test_the_default_comparison_is_the_one_the_readme_shows():
+    import re
+    from pathlib import Path
+    from clbench.cli import DEFAULT_STRATEGIES, build_parser
+    args = build_parser().parse_args(["compare"])
+    assert args.strategies == DEFAULT_STRATEGIES
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    quick = readme[readme.index("## Quick start"):readme.index("## Command line")]
+    rows = re.findall(r"^\| (\S+) +\| [-+0-9.]+%", quick, flags=re.MULTILINE)
+    assert rows == DEFAULT_STRATEGIES.split(",")
