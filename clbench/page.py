@@ -17,7 +17,7 @@ import yaml
 
 from clbench import ClbenchError, __version__
 from clbench.config import FIELDS
-from clbench.drop import DEFINITIONS, metric_matrix
+from clbench.drop import DEFINITIONS, metric_matrix, trained_at
 from clbench.recorder import read_chance, read_resources, read_rows, read_tasks
 from clbench.report import BN_NOTE, bn_attribution, comparison_table, primary_metrics, run_measures, run_table
 from clbench.results import atomic_write
@@ -157,12 +157,10 @@ def bn_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], order: Sequence[str]
     out = []
     for strategy in order:
         for _, run in rows[rows.strategy == strategy].groupby("run_id"):
-            stages = run[run.stage > 0].drop_duplicates("stage")
-            trained = dict(zip(stages["stage_task"], stages["stage"]))
-            last = int(run["stage"].max())
+            trained, last = trained_at(run), int(run["stage"].max())
             for task in tasks:
                 if task.name in trained and trained[task.name] < last:
-                    split = bn_attribution(run, task, int(trained[task.name]), last)
+                    split = bn_attribution(run, task, trained[task.name], last)
                     if split is not None:
                         out.append({"strategy": strategy, "task": task.label, "BN drift (pp)": split[0],
                                     "weights (pp)": split[1]})
