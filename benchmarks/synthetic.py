@@ -1,8 +1,15 @@
 """The synthetic twin of the three datasets (DESIGN.md §7), written in exactly the real on-disk formats.
 
-Deterministic from a seed. Each task has its own image statistics (dark noisy detection scenes, bright
-segmentation scenes, saturated striped classification images) so BatchNorm drift between stages is
-real, and content a small network learns in minutes on a CPU: the class is carried by colour.
+Deterministic from a seed. Two image domains (``SynthSpec.domain``):
+
+- ``distinct`` (the default): each task has its own image statistics (dark noisy detection scenes, bright
+  segmentation scenes, saturated striped classification images), so BatchNorm drift between stages is large.
+- ``shared``: the three tasks draw their images from one scene generator (the same backgrounds, the same
+  striped objects in the same ten colours); only the annotations differ, as COCO, VOC and Imagenette are all
+  natural photos. Detection boxes every object (its colour is its class), segmentation paints object colour
+  k as class 1 + k // 2 (two colours per class), classification shows one or two objects of its class.
+
+Either way, content a small network learns in minutes on a CPU: the class is carried by colour.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 SEG_COLOURS = [(200, 30, 30), (30, 160, 40), (30, 60, 200), (220, 200, 20), (140, 40, 170)]
 
 
+DOMAINS = ("distinct", "shared")
+
+
 @dataclass(frozen=True)
 class SynthSpec:
     seed: int = 0
@@ -41,6 +51,11 @@ class SynthSpec:
     n_val: int = FIELDS["synth_val"].default
     min_side: int = 96
     max_side: int = 160
+    domain: str = "distinct"   # or "shared": see the module docstring
+
+    def __post_init__(self) -> None:
+        if self.domain not in DOMAINS:
+            raise ClbenchError(f"synthetic domain {self.domain!r}: expected one of {', '.join(DOMAINS)}")
 
 
 def generate(out: Path, spec: SynthSpec = SynthSpec()) -> Path:
@@ -58,9 +73,9 @@ def generate(out: Path, spec: SynthSpec = SynthSpec()) -> Path:
     try:
         for split, n, offset in (("train", spec.n_train, 0), ("val", spec.n_val, 1)):
             streams = [np.random.default_rng([spec.seed, offset, task]) for task in range(3)]  # one per task
-            _write_det(tmp / "mini_coco_det" / split, n, spec, streams[0])
-            _write_seg(tmp / "mini_voc_seg" / split, n, spec, streams[1])
-            _write_cls(tmp / "imagenette_160" / split, n, spec, streams[2])
+            writers = SHARED_WRITERS if spec.domain == "shared" else (_write_det, _write_seg, _write_cls)
+            for write, folder, rng in zip(writers, ("mini_coco_det", "mini_voc_seg", "imagenette_160"), streams):
+                write(tmp / folder / split, n, spec, rng)
         (tmp / "mini_voc_seg" / "labels.txt").write_text("\n".join(SEG_CLASSES) + "\n")
         (tmp / "synth.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **asdict(spec)}, indent=2))
         try:
@@ -77,7 +92,7 @@ def cached(spec: SynthSpec = SynthSpec()) -> Path:
     """The synthetic data root in the cache ($CLBENCH_CACHE or ~/.cache/clbench), generated on first use."""
     cache = Path(os.environ.get("CLBENCH_CACHE", Path.home() / ".cache" / "clbench"))
     root = cache / (f"synthetic-v{FORMAT_VERSION}-seed{spec.seed}-n{spec.n_train}-{spec.n_val}"
-                    f"-side{spec.min_side}-{spec.max_side}")
+                    f"-side{spec.min_side}-{spec.max_side}" + ("" if spec.domain == "distinct" else f"-{spec.domain}"))
     if not (root / "synth.json").exists():
         try:
             generate(root, spec)
@@ -165,3 +180,67 @@ def _write_cls(split_dir: Path, n: int, spec: SynthSpec, rng: np.random.Generato
         colour = np.array(COLOURS[label], dtype=np.float64)
         canvas = np.where(np.broadcast_to(stripes, (h, w))[..., None], 0.35 * canvas + 0.65 * colour, canvas)
         _save_jpeg(canvas, split_dir / IMAGENETTE_NAMES[label] / f"{i + 1:06d}.jpg")
+
+
+def _shared_scene(rng: np.random.Generator, spec: SynthSpec,
+                  labels: list[int]) -> tuple[np.ndarray, list[tuple[int, tuple[int, int, int, int], bool]]]:
+    """The ``shared`` domain's one scene generator: a textured background and striped objects of colour
+    COLOURS[label], drawn in order (later ones cover earlier ones). Returns the image and (label, box, ellipse)."""
+    canvas = _canvas(rng, spec, mean=120, std=25)
+    h, w = canvas.shape[:2]
+    objects = []
+    for label in labels:
+        box, ellipse = _random_box(rng, h, w, 0.15, 0.55), bool(rng.random() < 0.5)
+        shape = Image.new("L", (w, h), 0)
+        _draw_shape(ImageDraw.Draw(shape), ellipse, box, fill=255)
+        period, vertical = int(rng.integers(6, 15)), rng.random() < 0.5
+        coord = np.arange(w)[None, :] if vertical else np.arange(h)[:, None]
+        stripes = np.broadcast_to((coord // (period // 2)) % 2 == 0, (h, w))[..., None]
+        colour, inside = np.array(COLOURS[label], dtype=np.float64), (np.asarray(shape) > 0)[..., None]
+        canvas = np.where(inside, np.where(stripes, 0.85 * colour + 0.15 * canvas, 0.55 * colour + 0.45 * canvas),
+                          canvas)
+        objects.append((label, box, ellipse))
+    return canvas, objects
+
+
+def _some_labels(rng: np.random.Generator) -> list[int]:
+    return [int(v) for v in rng.integers(0, 10, size=int(rng.integers(1, 4)))]
+
+
+def _write_shared_det(split_dir: Path, n: int, spec: SynthSpec, rng: np.random.Generator) -> None:
+    images, annotations = [], []
+    for i in range(n):
+        canvas, objects = _shared_scene(rng, spec, [] if i % 20 == 19 else _some_labels(rng))
+        h, w = canvas.shape[:2]
+        for label, box, _ in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label + 1,
+                                "bbox": [float(v) for v in box], "area": float(box[2] * box[3]), "iscrowd": 0})
+        images.append({"id": i + 1, "file_name": f"{i + 1:06d}.jpg", "width": w, "height": h})
+        _save_jpeg(canvas, split_dir / "images" / f"{i + 1:06d}.jpg")
+    categories = [{"id": k + 1, "name": name, "supercategory": "synthetic"} for k, name in enumerate(COCO_NAMES)]
+    (split_dir / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": categories}, indent=1))
+
+
+def _write_shared_seg(split_dir: Path, n: int, spec: SynthSpec, rng: np.random.Generator) -> None:
+    for i in range(n):
+        canvas, objects = _shared_scene(rng, spec, _some_labels(rng))
+        h, w = canvas.shape[:2]
+        mask = Image.new("P", (w, h), 0)
+        mask.putpalette(_voc_palette())
+        for label, box, ellipse in objects:  # colour k is class 1 + k // 2; VOC-style void border
+            _draw_shape(ImageDraw.Draw(mask), ellipse, box, fill=1 + label // 2, outline=255)
+        stem = f"{i + 1:06d}"
+        _save_jpeg(canvas, split_dir / "JPEGImages" / f"{stem}.jpg")
+        (split_dir / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+        mask.save(split_dir / "SegmentationClass" / f"{stem}.png")
+
+
+def _write_shared_cls(split_dir: Path, n: int, spec: SynthSpec, rng: np.random.Generator) -> None:
+    for i in range(n):
+        label = i % len(IMAGENETTE_NAMES)
+        canvas, _ = _shared_scene(rng, spec, [label] * int(rng.integers(1, 3)))
+        _save_jpeg(canvas, split_dir / IMAGENETTE_NAMES[label] / f"{i + 1:06d}.jpg")
+
+
+SHARED_WRITERS = (_write_shared_det, _write_shared_seg, _write_shared_cls)

@@ -59,7 +59,9 @@ def evaluate_checkpoint(weights: Path, root: Path | None, tasks: str, device: st
         raise ClbenchError(f"--tasks {tasks}: {unknown[0]!r} is not a task of {weights} "
                            f"(it has {', '.join(s.name for s in specs)})")
     dev = resolve_device(device)
-    data_dir, _ = data_root(str(root) if root else None, FIELDS["synth_train"].default, FIELDS["synth_val"].default)
+    synth = {key: ckpt.get("synthetic", {}).get(key, FIELDS[key].default)  # the run's synthetic benchmark
+             for key in ("synth_train", "synth_val", "synth_domain")}
+    data_dir, _ = data_root(str(root) if root else None, **synth)
     by_name = {s.name: s for s in specs}
     data = [load_task(data_dir, by_name[name].kind, image_size=model_config.image_size) for name in wanted]
     for name, task in zip(wanted, data):

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=_count(0), default=0)
     synth.add_argument("--n-train", type=_count(1), default=FIELDS["synth_train"].default)
     synth.add_argument("--n-val", type=_count(1), default=FIELDS["synth_val"].default)
+    synth.add_argument("--domain", choices=("distinct", "shared"), default="distinct",
+                       help="distinct: each task its own image statistics; shared: one scene generator for all tasks")
     prep = data.add_parser("prepare", allow_abbrev=False,
                            help="the mini subsets from the official downloads (folders or archives)")
     prep.add_argument("--coco", type=Path, required=True, help="folder with val2017/ + annotations/, or the zips")
@@ -261,7 +263,8 @@ def _strategies(args: argparse.Namespace) -> int:
 def _data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from clbench.benchmarks.synthetic import SynthSpec, generate
-        out = generate(args.out, SynthSpec(seed=args.seed, n_train=args.n_train, n_val=args.n_val))
+        out = generate(args.out, SynthSpec(seed=args.seed, n_train=args.n_train, n_val=args.n_val,
+                                                 domain=args.domain))
         print(f"synthetic benchmark written to {out}")
     elif args.data_command == "prepare":
         from clbench.benchmarks.prepare import Counts, prepare

@@ -221,6 +221,9 @@ class RunConfig:
     workers: int = field(default=0, metadata={"parse": at_least(whole_number, 0), "help": "DataLoader worker processes"})
     synth_train: int = field(default=160, metadata={"parse": _positive(whole_number), "help": "synthetic images per task, train"})
     synth_val: int = field(default=40, metadata={"parse": _positive(whole_number), "help": "synthetic images per task, val"})
+    synth_domain: str = field(default="distinct", metadata={"parse": _choice("distinct", "shared"), "help": (
+        "the synthetic benchmark's images (without --data-root): distinct = each task its own image statistics, "
+        "shared = one scene generator for all three tasks, only the annotations differ")})
     out: str = field(default="results", metadata={"parse": str, "output_only": True,
                                                   "help": "folder that receives <run_id>/"})
     run_id: str | None = field(default=None, metadata={"parse": run_id_name, "per_cell": True, "output_only": True,

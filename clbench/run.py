@@ -133,7 +133,7 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     check_installed(config.log)
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    root, benchmark = data_root(config.data_root, config.synth_train, config.synth_val)
+    root, benchmark = data_root(config.data_root, config.synth_train, config.synth_val, config.synth_domain)
     session.verify(root)
     tasks = load_tasks(root, config.order, image_size=config.image_size, augment=config.augment)
     strategy, options = create(config.strategy, config.set)
@@ -168,7 +168,8 @@ def checkpoint(setup: Setup, ctx: StageContext, audit: BatchNormAudit) -> dict[s
             "task": ctx.task.name, "model_config": model_config(setup.config).to_dict(),
             "tasks": [t.to_dict() for t in setup.specs], "rng": rng_state(),
             "loader_rng": ctx.train_loader.generator.get_state(), "bn_stats": audit.stats,
-            "evaluation": evaluation_states(setup)}
+            "evaluation": evaluation_states(setup),
+            "synthetic": {key: getattr(setup.config, key) for key in ("synth_train", "synth_val", "synth_domain")}}
 
 
 def model_config(config: RunConfig) -> ModelConfig:

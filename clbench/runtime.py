@@ -3,6 +3,8 @@ loaders, the network, and a Session that carries what is worth computing once pe
 
 from __future__ import annotations
 
+import json
+
 import hashlib
 import random
 from dataclasses import dataclass, field
@@ -94,15 +96,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
-def data_root(path: str | None, synth_train: int, synth_val: int) -> tuple[Path, str]:
-    """The data root and the benchmark's name: the user's folder, or the synthetic twin from the cache."""
+def data_root(path: str | None, synth_train: int, synth_val: int, synth_domain: str = "distinct") -> tuple[Path, str]:
+    """The data root and the benchmark's name: the user's folder, or the synthetic twin from the cache
+    ("synthetic", or "synthetic-shared" for the shared image domain)."""
     if path:
         root = Path(path)
         if not root.is_dir():
             raise ClbenchError(f"--data-root {root}: folder not found")
-        return root, "synthetic" if (root / "synth.json").exists() else root.name
+        return root, synthetic_name(root) if (root / "synth.json").exists() else root.name
     from clbench.benchmarks import synthetic
-    return synthetic.cached(synthetic.SynthSpec(seed=0, n_train=synth_train, n_val=synth_val)), "synthetic"
+    spec = synthetic.SynthSpec(seed=0, n_train=synth_train, n_val=synth_val, domain=synth_domain)
+    root = synthetic.cached(spec)
+    return root, synthetic_name(root)
+
+
+def synthetic_name(root: Path) -> str:
+    """"synthetic" or "synthetic-<domain>" from the folder's synth.json (older folders have no domain: distinct)."""
+    try:
+        domain = json.loads((root / "synth.json").read_text()).get("domain", "distinct")
+    except (OSError, ValueError, AttributeError):
+        domain = "distinct"
+    return "synthetic" if domain == "distinct" else f"synthetic-{domain}"
 
 
 class MemoryCache(Dataset):

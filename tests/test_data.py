@@ -43,6 +43,42 @@ def test_task_statistics_differ_so_batchnorm_drift_is_real(tiny_root):
     assert means["det"] < means["cls"] < means["seg"]
 
 
+def test_shared_domain_draws_every_task_from_one_scene_generator(tmp_path):
+    spec = SynthSpec(seed=5, n_train=12, n_val=10, min_side=40, max_side=48, domain="shared")
+    root = generate(tmp_path / "shared", spec)
+    assert files(root) == files(generate(tmp_path / "again", spec))  # deterministic
+    assert json.loads((root / "synth.json").read_text())["domain"] == "shared"
+    tasks = {t.spec.name: t for t in load_tasks(root, ("seg", "det", "cls"), image_size=32)}
+    stats = {name: torch.stack([t.train[i][0] for i in range(12)]) for name, t in tasks.items()}
+    means = [s.mean().item() for s in stats.values()]
+    assert max(means) - min(means) < 0.15, means  # the distinct domain's task means differ by > 1 (normalised)
+    distinct = {t.spec.name: torch.stack([t.train[i][0] for i in range(4)]).mean().item()
+                for t in load_tasks(generate(tmp_path / "distinct", SynthSpec(seed=5, n_train=4, n_val=10, min_side=40,
+                                                                             max_side=48)), ("seg", "det"), image_size=32)}
+    assert distinct["seg"] - distinct["det"] > 1.0
+    # segmentation paints object colour k as class 1 + k // 2: inside each class, the stripes' colour is one of two
+    from clbench.benchmarks.synthetic import COLOURS
+    for image, mask in zip(sorted((root / "mini_voc_seg" / "train" / "JPEGImages").glob("*.jpg")),
+                           sorted((root / "mini_voc_seg" / "train" / "SegmentationClass").glob("*.png"))):
+        pixels = np.asarray(Image.open(image), dtype=np.float64)
+        labels = np.asarray(Image.open(mask))
+        for c in set(np.unique(labels).tolist()) - {0, 255}:
+            colour = pixels[labels == c].mean(axis=0)
+            nearest = min(range(10), key=lambda k: np.abs(np.array(COLOURS[k]) - colour).sum())
+            assert 1 + nearest // 2 == c or (labels == c).sum() < 30  # a sliver under a later object may blend
+
+
+def test_synth_domain_is_a_run_setting_and_names_the_benchmark(tmp_path, monkeypatch):
+    from clbench.runtime import data_root
+    monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path))
+    root, name = data_root(None, 4, 2, "shared")
+    assert name == "synthetic-shared" and root.name.endswith("-shared")
+    assert data_root(str(root), 4, 2)[1] == "synthetic-shared"
+    with pytest.raises(ClbenchError, match="synth_domain"):
+        from clbench.config import RunConfig
+        RunConfig(synth_domain="natural")
+
+
 def test_boxes_follow_the_resize_and_keep_original_size(tiny_root):
     task = load_task(tiny_root, "det", image_size=32)
     coco = task.train.coco
