@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("folder", type=Path)
     table.add_argument("--format", choices=("md", "csv", "latex"), default="md")
     table.add_argument("--definition", choices=tuple(DEFINITIONS), default="drop")
+    table.add_argument("--pick", default=None, type=_pick,
+                       help="a comparison with --grid: pick each strategy's best setting (acc, forgetting, "
+                       "forgetting:plasticity>=P); default acc")
     table.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
                        help=f"allowed drop for pass/fail (default {DEFAULT_THRESHOLD:g})")
     plot = sub.add_parser("plot", allow_abbrev=False, help="PNG plots of a run or comparison folder")
@@ -90,6 +93,17 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
                          help=f"allowed drop for pass/fail (default {DEFAULT_THRESHOLD:g})")
     compare.add_argument("--threshold-mode", choices=("relative", "absolute"), default="relative",
                          help="relative: on drop %%; absolute: on the change in percentage points")
+    compare.add_argument("--bounds", default="joint",
+                         help="reference rows trained beside the strategies: some of joint,frozen, or none (default "
+                         "joint: every task trained at once, same budget; frozen: only each task's head slice trains "
+                         "after stage 1)")
+    compare.add_argument("--grid", action="append", default=[], metavar="STRATEGY.PARAM=V1,V2,...",
+                         help="one cell per value (repeatable; several keys of one strategy: their cross product), "
+                         "rows labelled lwf[lam=0.1]")
+    compare.add_argument("--pick", default=None, type=_pick,
+                         help="with --grid: pick each strategy's best setting by acc (highest ACC), forgetting "
+                         "(lowest F) or forgetting:plasticity>=P (lowest F among settings with plasticity >= P %%); "
+                         "default acc")
     compare.add_argument("--name", default=None, help="comparison folder name (default: compare-<settings hash>)")
     compare.add_argument("--config", type=Path, default=None, help="YAML run options shared by every cell")
     add_arguments(compare, skip_role="per_cell")
@@ -106,6 +120,22 @@ def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 _threshold = _argument(at_least(finite_float, 0))
+
+
+def _grid(text: str) -> tuple[str, tuple[str, ...]]:
+    key, sep, values = text.partition("=")
+    if not sep or "." not in key:
+        raise ClbenchError(f"--grid {text}: expected STRATEGY.PARAM=V1,V2,... e.g. lwf.lam=0.1,1,10")
+    return key.strip(), tuple(v.strip() for v in values.split(","))
+
+
+def _pick(text: str) -> str:
+    from clbench.compare import parse_pick
+    try:
+        parse_pick(text)
+    except ClbenchError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _count(low: int) -> Callable[[str], int]:
@@ -183,9 +213,13 @@ def _compare(args: argparse.Namespace) -> int:
         raise ClbenchError(f"--name {args.name}: expected a plain folder name, not a path")
     strategies = tuple(name for s in args.strategies.split(",") if s.strip()
                        for name in (ALL_BUILTINS.split(",") if s.strip() == "all" else [s.strip()]))
-    settings = CompareSettings(strategies=strategies, seeds=seeds, reference=args.reference == "single-task", base=base)
+    bounds = () if args.bounds.strip() == "none" else tuple(b.strip() for b in args.bounds.split(",") if b.strip())
+    settings = CompareSettings(strategies=strategies, seeds=seeds, reference=args.reference == "single-task", base=base,
+                               bounds=bounds, grid=tuple(_grid(g) for g in args.grid))
+    if definition == "plasticity" and not settings.reference and "joint" not in settings.bounds:
+        raise ClbenchError("--definition plasticity needs --reference single-task or the joint bound (--bounds joint)")
     folder = compare(settings, out=Path(base.out), name=args.name, progress=base.progress)
-    print(write_summary(folder, definition, args.threshold))
+    print(write_summary(folder, definition, args.threshold, pick=args.pick))
     report = json.loads((folder / "cache_report.json").read_text())
     if report["stage1_reused_by_cells_this_invocation"]:
         print(f"stage 1 came from the cache in {report['stage1_reused_by_cells_this_invocation']} cells: "
@@ -198,7 +232,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _definition(definition: str | None, mode: str, has_reference: bool) -> str:
     if definition is None:
         return "abs" if mode == "absolute" else "drop"
-    if DEFINITIONS[definition].needs_reference and not has_reference:
+    if DEFINITIONS[definition].needs_reference and not has_reference and definition != "plasticity":
         raise ClbenchError(f"--definition {definition} needs --reference single-task")
     if mode == "absolute" and DEFINITIONS[definition].unit == "%":
         raise ClbenchError(f"--threshold-mode absolute applies to --definition abs or forgetting, not {definition}")
@@ -211,7 +245,7 @@ def _table(args: argparse.Namespace) -> int:
     folder = args.folder
     if (folder / "compare.yaml").exists():
         from clbench.compare import comparison_summary
-        table, note = comparison_summary(folder, args.definition, args.threshold)
+        table, note = comparison_summary(folder, args.definition, args.threshold, args.pick)
     elif (folder / "metrics.csv").exists():
         if DEFINITIONS[args.definition].needs_reference:
             raise ClbenchError(f"--definition {args.definition} needs a comparison folder (clbench compare --reference "

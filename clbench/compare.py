@@ -2,7 +2,9 @@
 training shared by every strategy that declares ``shares_first_stage``, and optional single-task reference runs.
 
 Folder: ``<out>/<name>/`` with ``compare.yaml``, ``runs/<strategy name>-seed<N>/`` (each a normal run, finished
-when its ``done.json`` exists), ``reference/<task>-seed<N>/``, ``cache/stage1-…pt``, ``summary.{md,csv}``,
+when its ``done.json`` exists; a ``--grid`` setting's folder is its label made plain, ``lwf_lam=0.1-seed0``),
+``bounds/joint-seed<N>/`` (the joint bound, ``clbench.joint``), ``reference/<task>-seed<N>/``, ``cache/stage1-…pt``,
+``summary.{md,csv}``,
 ``resources.csv`` and, while a process works on it, ``lock``.
 """
 
@@ -11,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -34,16 +38,35 @@ from clbench.results import atomic_write, to_json, write_table
 from clbench.runtime import Session
 
 
+BOUNDS = ("joint", "frozen")
+
+
 @dataclass(frozen=True)
 class CompareSettings:
     strategies: tuple[str, ...]
     seeds: tuple[int, ...]
     reference: bool
     base: RunConfig
+    bounds: tuple[str, ...] = ()                          # of BOUNDS
+    grid: tuple[tuple[str, tuple[str, ...]], ...] = ()    # (STRATEGY.PARAM, values): one cell per value
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.bounds if b not in BOUNDS]
+        if unknown:
+            raise ClbenchError(f"--bounds {unknown[0]}: expected some of {', '.join(BOUNDS)} (or none)")
+        keys = [key for key, _ in self.grid]
+        for key, values in self.grid:
+            if "." not in key or not values or any(not v for v in values):
+                raise ClbenchError(f"--grid {key}: expected STRATEGY.PARAM=V1,V2,... e.g. lwf.lam=0.1,1,10")
+            if keys.count(key) > 1 or len(set(values)) != len(values):
+                raise ClbenchError(f"--grid {key}: given twice, or a value repeats")
+            if key in self.base.set:
+                raise ClbenchError(f"--grid {key} and --set {key}: give one or the other")
 
     def to_dict(self) -> dict[str, Any]:
         run = {k: v for k, v in self.base.without("output_only", "per_cell").items() if k != "set"}
         return {"strategies": list(self.strategies), "seeds": list(self.seeds), "reference": self.reference,
+                "bounds": list(self.bounds), "grid": {key: list(values) for key, values in self.grid},
                 "set": dict(self.base.set), "run": run}
 
     def name(self) -> str:
@@ -132,29 +155,84 @@ def run_cell(folder: Path, cell_id: str, config: RunConfig, progress: Progress, 
     return read_resources(run_dir).stages[1].seconds_saved_by_cache
 
 
-def cells(settings: CompareSettings) -> list[tuple[str, str, int, RunConfig, bool]]:
-    """(cell id, strategy name, seed, config, shares stage 1) for the grid; cell folders are named after the
-    strategy's registered name, never a path; two strategies with one name are an error."""
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its folder name, the label its rows carry (the table's row), seed, configuration."""
+
+    id: str
+    label: str
+    seed: int
+    config: RunConfig
+    shares_first_stage: bool
+
+
+def grid_settings(spec: str, name: str, grid: dict[str, tuple[str, ...]]) -> list[tuple[dict[str, str], str]]:
+    """The cross product of the --grid keys that belong to ``spec``: (options, label suffix) per setting;
+    [({}, "")] when none does. The suffix names each parameter without its strategy prefix where that prefix
+    is the cell's own strategy name: lwf[lam=0.1], bn_per_task+lwf[lwf.lam=0.1]."""
+    from clbench.plugins import options_for
+    keys = list(options_for(spec, dict(grid)))
+    out = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        shown = [(k.split(".", 1)[1] if k.split(".", 1)[0] == name else k, v) for k, v in zip(keys, combo)]
+        out.append((dict(zip(keys, combo)), "[" + ",".join(f"{k}={v}" for k, v in shown) + "]" if keys else ""))
+    return out
+
+
+def cell_folder(label: str, seed: int) -> str:
+    """A cell's folder name: the label made a plain name (lwf[lam=0.1] -> lwf_lam=0.1) and the seed."""
+    return re.sub(r"[\[\],]", "_", label).rstrip("_") + f"-seed{seed}"
+
+
+def run_joint_cell(folder: Path, cell_id: str, config: RunConfig, progress: Progress, session: Session) -> None:
+    """The joint bound of one seed unless done (an unfinished one is redone: it is a single stage)."""
+    from clbench.joint import run_joint
+    progress.start_cell(cell_id)
+    if not (folder / cell_id / "done.json").exists():
+        progress.on_stage(1, "joint")
+        start = time.perf_counter()
+        run_joint(dataclasses.replace(config, out=str(folder), run_id=cell_id, progress=False), session=session)
+        atomic_write(folder / cell_id / "done.json", to_json({"seconds": time.perf_counter() - start}))
+    progress.finish_cell(1)
+
+
+def cells(settings: CompareSettings) -> list[Cell]:
+    """The grid's cells, seed by seed: every strategy (the frozen bound last) × its --grid settings. Cell
+    folders are named after the strategy's registered name, never a path; two cells with one label are an error."""
     from clbench.plugins import create, options_for
-    used = {key for s in settings.strategies for key in options_for(s, settings.base.set)}
+    specs = settings.strategies + tuple(b for b in settings.bounds if b == "frozen" and b not in settings.strategies)
+    grid = dict(settings.grid)
+    used = {key for s in specs for key in options_for(s, {**settings.base.set, **grid})}
     unused = sorted(set(settings.base.set) - used)
     if unused:
         raise ClbenchError(f"--set {unused[0]}: no strategy of --strategies {','.join(settings.strategies)} has it")
+    unused = sorted(set(grid) - used)
+    if unused:
+        raise ClbenchError(f"--grid {unused[0]}: no strategy of --strategies {','.join(settings.strategies)} has it")
     repeated = sorted({s for s in settings.strategies if settings.strategies.count(s) > 1})
     if repeated:
         raise ClbenchError(f"--strategies: {repeated[0]!r} appears twice")
     named: dict[str, str] = {}
     out = []
     for seed in settings.seeds:
-        for spec in settings.strategies:
-            config = dataclasses.replace(settings.base, strategy=spec, seed=seed,
-                                         set=options_for(spec, settings.base.set))
-            strategy = create(spec, config.set)[0]
-            if named.setdefault(strategy.name, spec) != spec:
-                raise ClbenchError(f"--strategies: {named[strategy.name]!r} and {spec!r} are both named "
-                                   f"{strategy.name!r}; a comparison needs distinct names")
-            out.append((f"{strategy.name}-seed{seed}", strategy.name, seed, config, strategy.shares_first_stage))
+        for spec in specs:
+            name = create(spec, options_for(spec, settings.base.set))[0].name
+            if named.setdefault(name, spec) != spec:
+                raise ClbenchError(f"--strategies: {named[name]!r} and {spec!r} are both named "
+                                   f"{name!r}; a comparison needs distinct names")
+            for options, suffix in grid_settings(spec, name, grid):
+                config = dataclasses.replace(settings.base, strategy=spec, seed=seed,
+                                             set={**options_for(spec, settings.base.set), **options},
+                                             label=name + suffix if suffix else None)
+                strategy = create(spec, config.set)[0]  # every value checked before anything trains
+                out.append(Cell(cell_folder(name + suffix, seed), name + suffix, seed, config,
+                                strategy.shares_first_stage))
     return out
+
+
+def joint_config(settings: CompareSettings, seed: int) -> RunConfig:
+    """The joint bound's run: the comparison's run settings, no strategy, no latency timing."""
+    return dataclasses.replace(settings.base, strategy="naive", seed=seed, set={}, label="joint", latency_sizes=())
 
 
 def compare(settings: CompareSettings, *, out: Path, name: str | None = None, progress: bool = True) -> Path:
@@ -173,17 +251,21 @@ def compare(settings: CompareSettings, *, out: Path, name: str | None = None, pr
     return folder
 
 
-def _run_grid(settings: CompareSettings, folder: Path, grid: list, progress: bool) -> None:
+def _run_grid(settings: CompareSettings, folder: Path, grid: list[Cell], progress: bool) -> None:
     stages = len(settings.base.order)
     references = [(task, seed) for seed in settings.seeds for task in settings.base.order] if settings.reference else []
-    bar = Progress(len(grid) * stages + len(references), progress)
+    joint = list(settings.seeds) if "joint" in settings.bounds else []
+    bar = Progress(len(grid) * stages + len(references) + len(joint), progress)
     session, saved, reused = Session(), 0.0, 0
-    atomic_write(folder / "cells.json", to_json([[cell, name] for cell, name, *_ in grid]))  # grid order
+    atomic_write(folder / "cells.json", to_json([[cell.id, cell.label] for cell in grid]))  # grid order
     try:
-        for cell_id, _, seed, config, shares in grid:
-            cache = folder / "cache" / f"stage1-seed{seed}-{stage1_key(config)}.pt" if shares else None
-            seconds = run_cell(folder / "runs", cell_id, config, bar, stages, cache, session)
+        for cell in grid:
+            cache = folder / "cache" / f"stage1-seed{cell.seed}-{stage1_key(cell.config)}.pt" \
+                if cell.shares_first_stage else None
+            seconds = run_cell(folder / "runs", cell.id, cell.config, bar, stages, cache, session)
             saved, reused = saved + seconds, reused + (seconds > 0)
+        for seed in joint:
+            run_joint_cell(folder / "bounds", f"joint-seed{seed}", joint_config(settings, seed), bar, session)
         for task, seed in references:
             config = dataclasses.replace(settings.base, strategy="naive", seed=seed, order=(task,), set={})
             run_cell(folder / "reference", f"{task}-seed{seed}", config, bar, 1, None, session)
@@ -257,23 +339,121 @@ def missing_cells(folder: Path) -> list[str]:
     return [cell for cell in expected if cell not in done]
 
 
-def comparison_summary(folder: Path, definition: str = "drop",
-                       threshold: float | None = None) -> tuple[pd.DataFrame, str]:
-    """The strategies × tasks table of a comparison folder, from its CSVs alone, and its footnote."""
+def load_joint(folder: Path) -> pd.DataFrame | None:
+    """The joint bound's rows of every finished seed (bounds/joint-seed<N>), or None."""
+    runs = finished_runs(folder, "bounds")
+    return pd.concat([read_rows(d) for d in runs], ignore_index=True) if runs else None
+
+
+def joint_finals(joint: pd.DataFrame | None, tasks: list) -> dict[int, dict[str, float]]:
+    """seed -> task -> the joint bound's final primary metric."""
+    if joint is None:
+        return {}
+    primary = {t.name: t.metric for t in tasks}
+    final = joint[(joint.stage == joint.stage.max()) & (joint.metric == joint.eval_task.map(primary))]
+    return {int(seed): dict(zip(group.eval_task, group.value.astype(float))) for seed, group in final.groupby("seed")}
+
+
+def summary_inputs(folder: Path, definition: str) -> tuple[pd.DataFrame, list, dict, pd.DataFrame | None, str]:
+    """(rows, tasks, the references the definition is measured against, the joint bound's rows, a note on
+    where those references come from). Plasticity without single-task references is taken against joint."""
     rows, tasks, references = load_comparison(folder)
+    joint = load_joint(folder)
+    note = ""
     if DEFINITIONS[definition].needs_reference and not references:
-        raise ClbenchError(f"{folder}: --definition {definition} needs a comparison run with --reference single-task")
+        if definition == "plasticity" and joint is not None:
+            references, note = joint_finals(joint, tasks), (" R_ref = the joint bound's final metric of the same seed "
+                                                            "(no single-task reference in this comparison).")
+        else:
+            raise ClbenchError(f"{folder}: --definition {definition} needs a comparison run with --reference "
+                               "single-task" + (" or with the joint bound" if definition == "plasticity" else ""))
+    return rows, tasks, references, joint, note
+
+
+def also_shown(definition: str) -> tuple[str, ...]:
+    """The standard metrics shown beside a forgetting definition's columns: ACC and BWT."""
+    return ("acc", "bwt") if DEFINITIONS[definition].thresholded else ()
+
+
+def comparison_summary(folder: Path, definition: str = "drop", threshold: float | None = None,
+                       pick: str | None = None) -> tuple[pd.DataFrame, str]:
+    """The strategies × tasks table of a comparison folder, from its CSVs alone, and its footnote."""
+    rows, tasks, references, joint, reference_note = summary_inputs(folder, definition)
     names = list(dict.fromkeys(name for _, name in json.loads((folder / "cells.json").read_text()))) \
         if (folder / "cells.json").exists() else None
-    table, note = comparison_table(rows, tasks, definition, references, threshold, names, comparison_chance(folder))
+    table, note = comparison_table(rows, tasks, definition, references, threshold, names, comparison_chance(folder),
+                                   joint=joint, also=also_shown(definition))
+    note += reference_note
     missing = missing_cells(folder)
     if missing:
         note += f" Missing (not finished, not in the table): {', '.join(missing)}."
-    return table, note
+    sentence = pick_settings(folder, pick or "acc")[1]
+    return table, note + (" " + sentence if sentence else "")
 
 
-def write_summary(folder: Path, definition: str = "drop", threshold: float | None = None) -> str:
-    table, note = comparison_summary(folder, definition, threshold)
+PICK = re.compile(r"(acc|forgetting)(?::plasticity>=(\d+(?:\.\d+)?))?")
+
+
+def parse_pick(text: str) -> tuple[str, float | None]:
+    """``acc`` | ``forgetting`` | ``forgetting:plasticity>=P`` -> (criterion, P or None)."""
+    match = PICK.fullmatch(text.strip())
+    if not match:
+        raise ClbenchError(f"--pick {text}: expected acc, forgetting or forgetting:plasticity>=P (P in %)")
+    return match.group(1), float(match.group(2)) if match.group(2) else None
+
+
+def _summary_means(rows: pd.DataFrame, tasks: list, definition: str, references: dict) -> dict[str, float]:
+    """label -> a definition's mean over tasks, averaged over seeds."""
+    from clbench.report import SUMMARY, aggregate, run_measures
+    stats = aggregate(run_measures(rows, tasks, definition, references))
+    return dict(zip(stats.loc[stats.task == SUMMARY, "strategy"], stats.loc[stats.task == SUMMARY, "mean"]))
+
+
+def pick_settings(folder: Path, pick: str = "acc") -> tuple[dict[str, str], str]:
+    """Each grid strategy's best setting by ``pick`` (means over seeds), and the sentence that says how and on
+    what it was picked. ({}, "") without a grid."""
+    rows, tasks, references = load_comparison(folder)
+    labels = list(dict.fromkeys(rows["strategy"]))
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        if "[" in label:
+            groups.setdefault(label.split("[", 1)[0], []).append(label)
+    if not groups:
+        return {}, ""
+    criterion, floor = parse_pick(pick)
+    acc, forgetting = _summary_means(rows, tasks, "acc", references), _summary_means(rows, tasks, "forgetting", {})
+    plasticity: dict[str, float] = {}
+    if floor is not None:
+        reference = references or joint_finals(load_joint(folder), tasks)
+        if not reference:
+            raise ClbenchError(f"--pick {pick}: plasticity needs the single-task references or the joint bound")
+        stats = _summary_means(rows, tasks, "plasticity", reference)
+        plasticity = {k: v * 1.0 for k, v in stats.items()}
+    picked, parts = {}, []
+    for name, members in groups.items():
+        allowed = [m for m in members if floor is None or plasticity.get(m, -1.0) >= floor]
+        if not allowed:
+            parts.append(f"{name}: none (no setting reaches plasticity {floor:g}%)")
+            continue
+        best = max(allowed, key=lambda m: acc[m]) if criterion == "acc" else min(allowed, key=lambda m: forgetting[m])
+        picked[name] = best
+        parts.append(f"{best} (ACC {acc[best]:.2f}, F {forgetting[best]:.2f}"
+                     + (f", plasticity {plasticity[best]:.1f}%" if floor is not None else "") + ")")
+    how = {"acc": "highest ACC", "forgetting": "lowest F"}[criterion] + \
+        (f" among the settings with mean plasticity >= {floor:g}%" if floor is not None else "")
+    sentence = (f"Best setting per strategy ({how}, means over seeds): {'; '.join(parts)}. Picked on the same test "
+                "sets the table reports: the mini sets have no separate validation split, so the picked settings' "
+                "figures are optimistic.")
+    return picked, sentence
+
+
+def write_summary(folder: Path, definition: str = "drop", threshold: float | None = None,
+                  pick: str | None = None) -> str:
+    table, note = comparison_summary(folder, definition, threshold, pick)
+    picked, sentence = pick_settings(folder, pick or "acc")
+    if sentence:
+        atomic_write(folder / "picked.json", to_json({"criterion": pick or "acc", "picked": picked,
+                                                      "sentence": sentence}))
     text = render(table, "md") + "\n\n" + note + "\n"
     atomic_write(folder / "summary.md", text)
     atomic_write(folder / "summary.csv", render(table, "csv"))

@@ -228,6 +228,9 @@ class RunConfig:
                                                   "help": "folder that receives <run_id>/"})
     run_id: str | None = field(default=None, metadata={"parse": run_id_name, "per_cell": True, "output_only": True,
                                "help": "name of the run folder (a plain name); default <strategy>-seed<N>-<time>"})
+    label: str | None = field(default=None, metadata={"parse": _optional_str, "per_cell": True, "output_only": True,
+                              "help": "the strategy's name in the results rows (default: its registered name; "
+                              "`compare --grid` labels a cell lwf[lam=0.1])"})
     progress: bool = field(default=True, metadata={"parse": parse_bool, "output_only": True, "help": "tqdm progress bars"})
     latency_sizes: tuple[int, ...] = field(default=(256, 512), metadata={
         "parse": _sizes, "output_only": True, "help": "input sides at which resources.json times batch-1 inference "

@@ -90,18 +90,9 @@ def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, params
             terms = loss_terms(strategy, ctx, images, outputs)
             term = summed(list(terms.values()))
             loss = own if term is None else own + term
-        value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"stage {ctx.stage} ({ctx.task.name}), epoch {epoch + 1}, step {step + 1}: loss is "
-                                f"{value}; lower --lr or check the data (finished stages are kept)")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        replace_gradients(params, strategy.after_backward(ctx, {n: p.grad for n, p in params.items()
-                                                                 if p.grad is not None}))
-        torch.nn.utils.clip_grad_norm_(params.values(), settings.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        where = f"stage {ctx.stage} ({ctx.task.name}), epoch {epoch + 1}, step {step + 1}"
+        value = optimizer_step(loss, params, optimizer, scaler, settings.grad_clip, where,
+                               lambda grads: strategy.after_backward(ctx, grads))
         strategy.after_step(ctx)
         total, steps = total + value, steps + 1
         if on_step:
@@ -110,6 +101,25 @@ def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, params
         if hasattr(batches, "set_postfix") and step % 5 == 0:
             batches.set_postfix(loss=f"{value:.3f}")
     return total / max(steps, 1)
+
+
+def optimizer_step(loss: torch.Tensor, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, grad_clip: float, where: str,
+                   edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None] | None = None) -> float:
+    """One step: a non-finite loss is an error naming ``where``; backward (scaled under AMP), unscale, the
+    gradients ``edit`` returns put in place, clip, step. Returns the loss value."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"{where}: loss is {value}; lower --lr or check the data (finished stages are kept)")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if edit is not None:
+        replace_gradients(params, edit({n: p.grad for n, p in params.items() if p.grad is not None}))
+    torch.nn.utils.clip_grad_norm_(params.values(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return value
 
 
 def replace_gradients(params: dict[str, torch.nn.Parameter], new: dict[str, torch.Tensor] | None) -> None:

@@ -165,13 +165,66 @@ def paired_difference(measures: pd.DataFrame, baseline: str = "naive") -> pd.Dat
     return pd.DataFrame(rows, columns=["strategy", "task", "mean_diff", "n"])
 
 
+JOINT_LABEL = "joint (upper bound)"
+# What a joint run (no sequence: every task trained at once) has a value for: its final metrics against a reference.
+JOINT_DEFINED = ("acc", "reference", "plasticity")
+
+
+def joint_measures(joint: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str,
+                   references: dict[int, dict[str, float]] | None = None) -> pd.DataFrame:
+    """The joint bound's long table like ``run_measures`` (strategy = JOINT_LABEL): a definition of JOINT_DEFINED
+    on its final metrics (every task counts as trained at stage 1), the final metric itself otherwise."""
+    d, out = DEFINITIONS[definition], []
+    for (seed, _), run in joint.groupby(["seed", "run_id"], sort=True):
+        R = metric_matrix(run, primary_metrics(tasks))
+        trained = {t.name: 1 for t in tasks if t.name in R.columns}
+        if definition in JOINT_DEFINED:
+            values = d.values(R, trained, (references or {}).get(int(seed)))
+            values = {**values, SUMMARY: d.summarised(values)} if d.summary else values
+        else:
+            values = {task: _value(R, int(R.index.max()), task) for task in trained}
+        out += [{"strategy": JOINT_LABEL, "seed": int(seed), "task": task, "value": value, "base": math.nan}
+                for task, value in values.items()]
+    return pd.DataFrame(out, columns=["strategy", "seed", "task", "value", "base"])
+
+
+def joint_row(joint: pd.DataFrame, tasks: Sequence[TaskSpec], d: Definition, references: dict | None,
+              also: Sequence[str]) -> dict[str, object]:
+    """The joint bound's row of a comparison table: the definition where it has a meaning for a run without a
+    sequence, else the task's final metric ("final 0.734 ± 0.012"); each ``also`` summary likewise."""
+    stats = aggregate(joint_measures(joint, tasks, d.name, references)).set_index(["strategy", "task"])
+    row: dict[str, object] = {"Strategy": JOINT_LABEL}
+    for task in tasks:
+        if (JOINT_LABEL, task.name) not in stats.index:
+            continue
+        s = stats.loc[(JOINT_LABEL, task.name)]
+        row[f"{task.label} ({task.metric_label})"] = _stat_cell(s, d) if d.name in JOINT_DEFINED else \
+            f"final {s['mean']:.3f}" + (f" ± {s['std']:.3f}" if s["n"] >= 2 else "")
+    if d.summary:
+        row[f"{d.summary} (mean over tasks)"] = _stat_cell(stats.loc[(JOINT_LABEL, SUMMARY)], d) \
+            if d.name in JOINT_DEFINED else "-"
+    for name in also:
+        extra = DEFINITIONS[name]
+        if name in JOINT_DEFINED:
+            summary = aggregate(joint_measures(joint, tasks, name, references)).set_index(["strategy", "task"])
+            row[extra.summary] = _stat_cell(summary.loc[(JOINT_LABEL, SUMMARY)], extra)
+        else:
+            row[extra.summary] = "-"
+    row["seeds"] = joint["seed"].nunique()
+    return row
+
+
 def comparison_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str = "drop",
                      references: dict[int, dict[str, float]] | None = None, threshold: float | None = None,
-                     strategies: list[str] | None = None,
-                     chance: dict[str, float] | None = None) -> tuple[pd.DataFrame, str]:
-    """Strategies × tasks: mean ± std over seeds [95% CI], Δ vs naive (paired), pass/fail; and its footnote."""
+                     strategies: list[str] | None = None, chance: dict[str, float] | None = None,
+                     joint: pd.DataFrame | None = None, also: Sequence[str] = ()) -> tuple[pd.DataFrame, str]:
+    """Strategies × tasks: mean ± std over seeds [95% CI], Δ vs naive (paired), pass/fail; one column per
+    definition of ``also`` (its mean over tasks: ACC, BWT, ...); the joint bound's row when its runs are given;
+    and the footnote."""
     d = DEFINITIONS[definition]
     measures = run_measures(rows, tasks, definition, references)
+    extras = {name: aggregate(run_measures(rows, tasks, name, references)).set_index(["strategy", "task"])
+              for name in also}
     stats = aggregate(measures).set_index(["strategy", "task"])
     diffs = paired_difference(measures).set_index(["strategy", "task"])
     present = set(measures["task"])
@@ -182,7 +235,7 @@ def comparison_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: 
         seeds = rows.loc[rows["strategy"] == strategy, "seed"].nunique()
         for task in (t for t in tasks if t.name in present):
             s = stats.loc[(strategy, task.name)]
-            cell = _stat_cell(s, d) + (f" (n={int(s['n'])})" if 0 < s["n"] < seeds else "")
+            cell = _stat_cell(s, d, trained_last=task is tasks[-1]) + (f" (n={int(s['n'])})" if 0 < s["n"] < seeds else "")
             if strategy != "naive" and (strategy, task.name) in diffs.index and not math.isnan(s["mean"]):
                 cell += f"; Δ naive {diffs.loc[(strategy, task.name), 'mean_diff']:+.2f}"
             if threshold is not None and d.thresholded and not math.isnan(s["mean"]):
@@ -190,13 +243,23 @@ def comparison_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: 
             row[f"{task.label} ({task.metric_label})"] = cell + chance_flag(measures, strategy, task.name, d, chance)
         if d.summary:
             row[f"{d.summary} (mean over tasks)"] = _stat_cell(stats.loc[(strategy, SUMMARY)], d)
+        for name, extra in extras.items():
+            row[DEFINITIONS[name].summary] = _stat_cell(extra.loc[(strategy, SUMMARY)], DEFINITIONS[name])
         row["seeds"] = seeds
         table.append(row)
+    if joint is not None and not joint.empty:
+        table.append(joint_row(joint, tasks, d, references, also))
     note = d.text + " Cells: mean ± sample std over seeds, [95% t-interval] with >= 3 seeds; " \
         "Δ naive = mean of the per-seed differences to naive; (n=k): only k seeds had a defined value."
+    for name in also:
+        note += f" {DEFINITIONS[name].summary} column: {DEFINITIONS[name].text}"
+    if joint is not None and not joint.empty:
+        note += (f" {JOINT_LABEL}: every task trained at once with the same budget (clbench.joint); it has no "
+                 "sequence, so " + ("its value is on its final metrics." if d.name in JOINT_DEFINED else
+                                    "its cells give each task's final metric instead of this definition."))
     if threshold is not None and d.thresholded:
         note += " " + threshold_note(d, threshold)
-    if d.normalises:
+    if d.normalises or any(DEFINITIONS[name].normalises for name in also):
         note += " " + ("N = R / R_ref: normalised by each seed's single-task reference." if references
                        else NO_REFERENCE)
     table = pd.DataFrame(table)
@@ -216,9 +279,11 @@ def chance_flag(measures: pd.DataFrame, strategy: str, task: str, d: Definition,
     return f" ({NEAR_CHANCE})" if near == len(cell) else f" ({NEAR_CHANCE} in {near}/{len(cell)} seeds)"
 
 
-def _stat_cell(s: pd.Series, d: Definition) -> str:
+def _stat_cell(s: pd.Series, d: Definition, trained_last: bool = True) -> str:
     if s["n"] == 0:
-        return "undefined" + (" (trained last)" if d.trained_last == "undefined" else "")
+        if trained_last and d.trained_last == "undefined":
+            return "undefined (trained last)"
+        return "undefined (base 0)" if d.unit == "%" else "undefined"
     cell = d.format(s["mean"])
     if s["n"] >= 2:
         cell += f" ± {s['std']:.2f}"

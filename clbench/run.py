@@ -192,7 +192,8 @@ def open_run(setup: Setup, session: Session) -> Recorder:
 
 
 def row_base(setup: Setup) -> dict[str, Any]:
-    return {"benchmark": setup.benchmark, "strategy": setup.strategy.name, "seed": setup.config.seed}
+    return {"benchmark": setup.benchmark, "strategy": setup.config.label or setup.strategy.name,
+            "seed": setup.config.seed}
 
 
 RESUME_KEYS = {"model", "strategy", "rng", "bn_stats", "record"}

@@ -1,0 +1,114 @@
+"""The ``joint`` upper bound: one network trained on every task at once, with the sequential runs' budget.
+
+How batches are mixed (also written to the run's ``joint.json``): the joint run takes as many optimizer steps
+as the sequential schedule, N = sum over tasks of epochs[t] x ceil(n[t] / batch_size[t]), and sees exactly as
+many images of each task as its sequential stage, I[t] = epochs[t] x n[t]: step i (0-based) holds
+floor((i + 1) I[t] / N) - floor(i I[t] / N) images of every task t (about I[t] / N; the mixed batch is about
+the mean batch size), drawn from an endless sequence of shuffles of t's training set (its own generator, seed +
+1000 x its stage). One forward pass over the mixed batch (BatchNorm sees every task's images together), each
+task's own loss on its own images, summed. One AdamW over every parameter at the mean of the tasks' learning
+rates (the sequential stages may use one each), the same weight decay, clipping and AMP as a stage. Evaluated
+before training (stage 0) and after it (stage 1, stage_task ``joint``), every task, as a sequential run's
+stages are.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from clbench.config import RunConfig
+from clbench.loop import optimizer_step, to_device
+from clbench.recorder import StageResources
+from clbench.results import atomic_write, to_json
+from clbench.runtime import Session
+
+JOINT = "joint"
+
+
+def share(step: int, images: int, steps: int) -> int:
+    """Images of a task in joint step ``step`` (0-based): ``images`` spread evenly over ``steps``."""
+    return (step + 1) * images // steps - step * images // steps
+
+
+def shuffled(n: int, seed: int) -> Iterator[int]:
+    """Indices 0..n-1 in a new random order each pass, from a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.randperm(n, generator=generator).tolist()
+
+
+def run_joint(config: RunConfig, *, session: Session | None = None) -> Path:
+    """Train and evaluate the joint bound into ``config.out / config.run_id``; returns the run folder. A folder
+    left by an interrupted joint run is replaced (the joint run is one stage: nothing finished is lost)."""
+    from clbench.run import evaluate_all, prepare, stage_steps, start
+    session = session or Session()
+    run_dir = Path(config.out) / str(config.run_id)
+    if run_dir.exists() and not (run_dir / "done.json").exists():
+        shutil.rmtree(run_dir)
+    setup = prepare(config, session)
+    recorder, _, _ = start(setup, session, resume=False)
+    steps = sum(stage_steps(setup))
+    datasets = [exp.dataset for exp in setup.stream.train_stream]
+    images = [config.epochs[t.name] * len(d) for t, d in zip(setup.specs, datasets)]
+    lr = sum(config.lr[t.name] for t in setup.specs) / len(setup.specs)
+    start_time = time.perf_counter()
+    losses = train_joint(setup, datasets, images, steps, lr)
+    seconds = time.perf_counter() - start_time
+    recorder.resources.stages[1] = StageResources(JOINT, seconds, parameters=setup.model.parameter_counts())
+    eval_start = time.perf_counter()
+    evaluate_all(recorder, setup, stage=1, stage_task=JOINT)
+    recorder.resources.stages[1].eval_seconds = time.perf_counter() - eval_start
+    recorder.commit(1, {"model": setup.model.state_dict(), "stage": 1, "task": JOINT,
+                        "model_config": _model_config(setup), "tasks": [t.to_dict() for t in setup.specs],
+                        "evaluation": {}, "synthetic": {k: getattr(config, k)
+                                                        for k in ("synth_train", "synth_val", "synth_domain")}})
+    atomic_write(recorder.run_dir / "joint.json", to_json({
+        "steps": steps, "sequential_steps": dict(zip(config.order, stage_steps(setup))),
+        "images_seen": dict(zip(config.order, images)), "mean_images_per_step": sum(images) / steps,
+        "lr": lr, "mean_loss_first_last_10_steps": [_mean(losses[:10]), _mean(losses[-10:])],
+        "how": __doc__.split("\n\n")[1].replace("\n", " ")}))
+    recorder.write_resources()
+    return recorder.run_dir
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _model_config(setup: Any) -> dict[str, Any]:
+    from clbench.run import model_config
+    return model_config(setup.config).to_dict()
+
+
+def train_joint(setup: Any, datasets: list[Any], images: list[int], steps: int, lr: float) -> list[float]:
+    """``steps`` optimizer steps on mixed batches (``images[t]`` of task t in all); returns every step's loss."""
+    from clbench.loop import task_loss
+    config, model, specs = setup.config, setup.model, setup.specs
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(setup.device.type, enabled=config.amp and setup.device.type == "cuda")
+    orders = [shuffled(len(d), config.seed + 1000 * stage) for stage, d in enumerate(datasets, start=1)]
+    size, losses = (config.image_size,) * 2, []
+    model.train()
+    for step in range(steps):
+        parts = []
+        for task, dataset, order, total in zip(specs, datasets, orders, images):
+            k = share(step, total, steps)
+            if k:
+                batch = dataset.collate_fn([dataset[next(order)] for _ in range(k)])
+                parts.append((task, batch[0], to_device(batch[1], setup.device)))
+        batch_images = to_device(torch.cat([p[1] for p in parts]), setup.device)
+        with torch.autocast(setup.device.type, enabled=scaler.is_enabled()):
+            outputs, start, loss = model(batch_images), 0, None
+            for task, task_images, targets in parts:
+                end = start + len(task_images)
+                own = task_loss(model, task, {k: v[start:end] for k, v in outputs.items()}, targets, size)
+                loss, start = own if loss is None else loss + own, end
+        losses.append(optimizer_step(loss, params, optimizer, scaler, config.grad_clip, f"joint, step {step + 1}"))
+    return losses
