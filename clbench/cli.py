@@ -261,9 +261,12 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from clbench.plots import plot_folder
-    for path in plot_folder(args.folder):
+    from clbench.plots import SKIPPED, plot_folder
+    paths = plot_folder(args.folder)
+    for path in paths:
         print(path)
+    if (args.folder / "compare.yaml").exists() and not any(p.name == "stability_plasticity.png" for p in paths):
+        print(SKIPPED)
     return 0
 
 

@@ -61,11 +61,13 @@ def write_report(folder: Path) -> Path:
 # a comparison ----------------------------------------------------------------------------------------------
 
 def comparison_page(folder: Path) -> tuple[str, str]:
-    from clbench.compare import comparison_chance, load_comparison, missing_cells
+    from clbench.compare import also_shown, comparison_chance, load_comparison, missing_cells, summary_inputs
     from clbench.plots import plot_folder
     rows, tasks, references = load_comparison(folder)
     settings = yaml.safe_load((folder / "compare.yaml").read_text())
-    order = [s for s in dict.fromkeys(settings["strategies"]) if s in set(rows["strategy"])]
+    labels = [label for _, label in json.loads((folder / "cells.json").read_text())] \
+        if (folder / "cells.json").exists() else settings["strategies"]
+    order = [s for s in dict.fromkeys(labels) if s in set(rows["strategy"])]
     runs = sorted((folder / "runs").glob("*/done.json"))
     costs = strategy_costs([p.parent for p in runs])
     parts = [f"<div class=\"verdict\">{verdict(rows, tasks, costs)}</div>"]
@@ -74,10 +76,13 @@ def comparison_page(folder: Path) -> tuple[str, str]:
         parts.append(f"<p class=\"note\">Not finished (not in any table): {_e(', '.join(missing))}.</p>")
     parts.append("<h2>Summary: every definition</h2>")
     for name in DEFINITIONS:
-        if DEFINITIONS[name].needs_reference and not references:
+        try:
+            _, _, measured_against, joint, reference_note = summary_inputs(folder, name)
+        except ClbenchError:  # needs single-task references this comparison has not run
             continue
-        table, note = comparison_table(rows, tasks, name, references, strategies=order,
-                                       chance=comparison_chance(folder))
+        table, note = comparison_table(rows, tasks, name, measured_against, strategies=order,
+                                       chance=comparison_chance(folder), joint=joint, also=also_shown(name))
+        note += reference_note
         parts.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
     parts.append("<h2>Cost</h2>" + _table(costs.reindex(order).reset_index()) +
                  "<p class=\"note\">Mean over seeds. Training time counts a stage restored from the shared stage-1 "

@@ -44,6 +44,8 @@ def load_rows(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[TaskSpec],
 
 
 def plot_folder(folder: Path) -> list[Path]:
+    """Every plot the folder's CSVs allow; a comparison's stability-plasticity plot needs single-task
+    references or the joint bound (``SKIPPED`` says so when it has neither)."""
     metrics, drift, tasks, chance = load_rows(folder)
     out = folder / "plots"
     out.mkdir(exist_ok=True)
@@ -51,7 +53,73 @@ def plot_folder(folder: Path) -> list[Path]:
              plot_drops(metrics, tasks, out / "drop_percent.png", chance=chance)]
     if not drift.empty:
         paths.append(plot_bn_drift(drift, out / "bn_drift.png"))
+    if (folder / "compare.yaml").exists():
+        from clbench.compare import summary_inputs
+        try:
+            rows, tasks, references, joint, _ = summary_inputs(folder, "plasticity")
+        except ClbenchError:
+            (out / "stability_plasticity.png").unlink(missing_ok=True)
+        else:
+            paths.append(plot_stability_plasticity(rows, tasks, references, joint, out / "stability_plasticity.png"))
     return paths
+
+
+SKIPPED = "stability_plasticity.png: not drawn (needs --reference single-task or the joint bound, --bounds joint)"
+
+
+def stability_points(rows: pd.DataFrame, tasks: list[TaskSpec], references: dict[int, dict[str, float]]
+                     ) -> pd.DataFrame:
+    """Per strategy: plasticity (mean over tasks, %) and forgetting F (mean over tasks, pp), each a mean and a
+    sample std over seeds, and whether it lies on the Pareto front (no other strategy has at least its
+    plasticity and at most its forgetting, one of them strictly)."""
+    from clbench.report import SUMMARY
+    per_seed = []
+    for name in ("plasticity", "forgetting"):
+        m = run_measures(rows, tasks, name, references if name == "plasticity" else None)
+        per_seed.append(m[m.task == SUMMARY].set_index(["strategy", "seed"])["value"].rename(name))
+    both = pd.concat(per_seed, axis=1).reset_index()
+    points = both.groupby("strategy", sort=False).agg(
+        plasticity=("plasticity", "mean"), plasticity_std=("plasticity", "std"),
+        forgetting=("forgetting", "mean"), forgetting_std=("forgetting", "std"), seeds=("seed", "nunique"))
+    points = points.reindex(list(dict.fromkeys(rows["strategy"]))).dropna(subset=["plasticity", "forgetting"])
+    values = list(zip(points["plasticity"], points["forgetting"]))
+    points["pareto"] = [not any(p2 >= p and f2 <= f and (p2, f2) != (p, f) for p2, f2 in values) for p, f in values]
+    return points
+
+
+def plot_stability_plasticity(rows: pd.DataFrame, tasks: list[TaskSpec], references: dict[int, dict[str, float]],
+                              joint: pd.DataFrame | None, path: Path) -> Path:
+    """x = plasticity, y = forgetting F, one point per strategy (and grid setting), error bars = std over
+    seeds; the Pareto front joined and ringed; the bounds drawn as references."""
+    plt = _pyplot()
+    points = stability_points(rows, tasks, references)
+    fig, ax = plt.subplots(figsize=(9.0, 4.8))
+    for name, p in points.iterrows():
+        ax.errorbar(p["plasticity"], p["forgetting"], xerr=p["plasticity_std"] if p["seeds"] > 1 else None,
+                    yerr=p["forgetting_std"] if p["seeds"] > 1 else None, fmt="s" if name == "frozen" else "o",
+                    capsize=3, label=name)
+    front = points[points["pareto"]].sort_values("plasticity")
+    ax.plot(front["plasticity"], front["forgetting"], color="black", linewidth=1, linestyle="--", zorder=0,
+            label="Pareto front")
+    ax.scatter(front["plasticity"], front["forgetting"], s=160, facecolors="none", edgecolors="black", zorder=3)
+    if joint is not None and not joint.empty:
+        from clbench.report import JOINT_LABEL, SUMMARY, joint_measures
+        m = joint_measures(joint, tasks, "plasticity", references)
+        x = m[m.task == SUMMARY]["value"].mean()
+        ax.axvline(x, color="grey", linestyle=":", label=f"{JOINT_LABEL}: plasticity {x:.0f}%, no forgetting")
+    ax.axhline(0, color="black", linewidth=0.6)
+    reference = "joint" if _joint_is_reference(references, joint, tasks) else "single-task"
+    ax.set_xlabel(f"plasticity (%): own-stage metric / {reference}, mean over tasks")
+    ax.set_ylabel("forgetting F (pp), lower = better")
+    ax.set_title("Stability vs plasticity, mean ± std over seeds (better: right, down)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _save(fig, path)
+
+
+def _joint_is_reference(references: dict, joint: pd.DataFrame | None, tasks: list[TaskSpec]) -> bool:
+    from clbench.compare import joint_finals
+    return bool(references) and references == joint_finals(joint, tasks)
 
 
 def plot_stages(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path) -> Path:
