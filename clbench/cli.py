@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("folder", type=Path)
     table.add_argument("--format", choices=("md", "csv", "latex"), default="md")
     table.add_argument("--definition", choices=tuple(DEFINITIONS), default="drop")
-    table.add_argument("--pick", default=None, type=_pick,
+    table.add_argument("--pick", default=None,
                        help="a comparison with --grid: pick each strategy's best setting (acc, forgetting, "
                        "forgetting:plasticity>=P); default acc")
     table.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
@@ -100,7 +100,7 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("--grid", action="append", default=[], metavar="STRATEGY.PARAM=V1,V2,...",
                          help="one cell per value (repeatable; several keys of one strategy: their cross product), "
                          "rows labelled lwf[lam=0.1]")
-    compare.add_argument("--pick", default=None, type=_pick,
+    compare.add_argument("--pick", default=None,
                          help="with --grid: pick each strategy's best setting by acc (highest ACC), forgetting "
                          "(lowest F) or forgetting:plasticity>=P (lowest F among settings with plasticity >= P %%); "
                          "default acc")
@@ -127,15 +127,6 @@ def _grid(text: str) -> tuple[str, tuple[str, ...]]:
     if not sep or "." not in key:
         raise ClbenchError(f"--grid {text}: expected STRATEGY.PARAM=V1,V2,... e.g. lwf.lam=0.1,1,10")
     return key.strip(), tuple(v.strip() for v in values.split(","))
-
-
-def _pick(text: str) -> str:
-    from clbench.compare import parse_pick
-    try:
-        parse_pick(text)
-    except ClbenchError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def _count(low: int) -> Callable[[str], int]:
@@ -200,7 +191,7 @@ def _resumed_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from clbench.compare import CompareSettings, compare, eval_share_line, write_summary
+    from clbench.compare import CompareSettings, compare, eval_share_line, parse_pick, write_summary
     base = resolve(args.config, run_fields(vars(args)))
     definition = _definition(args.definition, args.threshold_mode, args.reference == "single-task")
     try:
@@ -213,6 +204,8 @@ def _compare(args: argparse.Namespace) -> int:
         raise ClbenchError(f"--name {args.name}: expected a plain folder name, not a path")
     strategies = tuple(name for s in args.strategies.split(",") if s.strip()
                        for name in (ALL_BUILTINS.split(",") if s.strip() == "all" else [s.strip()]))
+    if args.pick is not None:
+        parse_pick(args.pick)  # before anything trains
     bounds = () if args.bounds.strip() == "none" else tuple(b.strip() for b in args.bounds.split(",") if b.strip())
     settings = CompareSettings(strategies=strategies, seeds=seeds, reference=args.reference == "single-task", base=base,
                                bounds=bounds, grid=tuple(_grid(g) for g in args.grid))
@@ -244,7 +237,9 @@ def _table(args: argparse.Namespace) -> int:
     from clbench.report import render, run_table
     folder = args.folder
     if (folder / "compare.yaml").exists():
-        from clbench.compare import comparison_summary
+        from clbench.compare import comparison_summary, parse_pick
+        if args.pick is not None:
+            parse_pick(args.pick)
         table, note = comparison_summary(folder, args.definition, args.threshold, args.pick)
     elif (folder / "metrics.csv").exists():
         if DEFINITIONS[args.definition].needs_reference:

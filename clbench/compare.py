@@ -191,7 +191,8 @@ def run_joint_cell(folder: Path, cell_id: str, config: RunConfig, progress: Prog
     if not (folder / cell_id / "done.json").exists():
         progress.on_stage(1, "joint")
         start = time.perf_counter()
-        run_joint(dataclasses.replace(config, out=str(folder), run_id=cell_id, progress=False), session=session)
+        run_joint(dataclasses.replace(config, out=str(folder), run_id=cell_id, progress=False), session=session,
+                  group=(folder.parent.name, folder.parent))
         atomic_write(folder / cell_id / "done.json", to_json({"seconds": time.perf_counter() - start}))
     progress.finish_cell(1)
 

@@ -43,10 +43,11 @@ def shuffled(n: int, seed: int) -> Iterator[int]:
         yield from torch.randperm(n, generator=generator).tolist()
 
 
-def run_joint(config: RunConfig, *, session: Session | None = None) -> Path:
+def run_joint(config: RunConfig, *, session: Session | None = None, group: tuple[str, Path] | None = None) -> Path:
     """Train and evaluate the joint bound into ``config.out / config.run_id``; returns the run folder. A folder
-    left by an interrupted joint run is replaced (the joint run is one stage: nothing finished is lost)."""
-    from clbench.run import evaluate_all, prepare, stage_steps, start
+    left by an interrupted joint run is replaced (the joint run is one stage: nothing finished is lost).
+    ``group``: as for ``clbench.run.run`` (the trackers of ``--log`` file the run under it)."""
+    from clbench.run import open_trackers, prepare, stage_steps, start
     session = session or Session()
     run_dir = Path(config.out) / str(config.run_id)
     if run_dir.exists() and not (run_dir / "done.json").exists():
@@ -57,24 +58,39 @@ def run_joint(config: RunConfig, *, session: Session | None = None) -> Path:
     datasets = [exp.dataset for exp in setup.stream.train_stream]
     images = [config.epochs[t.name] * len(d) for t, d in zip(setup.specs, datasets)]
     lr = sum(config.lr[t.name] for t in setup.specs) / len(setup.specs)
-    start_time = time.perf_counter()
-    losses = train_joint(setup, datasets, images, steps, lr)
-    seconds = time.perf_counter() - start_time
+    trackers = open_trackers(setup, recorder, 0, group or ("clbench", Path(config.out)))
+    try:
+        start_time = time.perf_counter()
+        losses = train_joint(setup, datasets, images, steps, lr,
+                             (lambda step, values: trackers.scalars(values, step)) if trackers.active else None)
+        seconds = time.perf_counter() - start_time
+        finish(setup, recorder, seconds, losses, steps, images, lr)
+    except BaseException as exc:
+        trackers.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    trackers.stage(1, recorder.rows, setup.specs)
+    trackers.close()
+    return recorder.run_dir
+
+
+def finish(setup: Any, recorder: Any, seconds: float, losses: list[float], steps: int, images: list[int],
+           lr: float) -> None:
+    """Evaluate every task, then the checkpoint, the rows, joint.json and resources.json."""
+    from clbench.run import evaluate_all, stage_steps, synthetic_settings
+    config = setup.config
     recorder.resources.stages[1] = StageResources(JOINT, seconds, parameters=setup.model.parameter_counts())
     eval_start = time.perf_counter()
     evaluate_all(recorder, setup, stage=1, stage_task=JOINT)
     recorder.resources.stages[1].eval_seconds = time.perf_counter() - eval_start
     recorder.commit(1, {"model": setup.model.state_dict(), "stage": 1, "task": JOINT,
                         "model_config": _model_config(setup), "tasks": [t.to_dict() for t in setup.specs],
-                        "evaluation": {}, "synthetic": {k: getattr(config, k)
-                                                        for k in ("synth_train", "synth_val", "synth_domain")}})
+                        "evaluation": {}, "synthetic": synthetic_settings(config)})
     atomic_write(recorder.run_dir / "joint.json", to_json({
         "steps": steps, "sequential_steps": dict(zip(config.order, stage_steps(setup))),
         "images_seen": dict(zip(config.order, images)), "mean_images_per_step": sum(images) / steps,
         "lr": lr, "mean_loss_first_last_10_steps": [_mean(losses[:10]), _mean(losses[-10:])],
         "how": __doc__.split("\n\n")[1].replace("\n", " ")}))
     recorder.write_resources()
-    return recorder.run_dir
 
 
 def _mean(values: list[float]) -> float:
@@ -86,8 +102,10 @@ def _model_config(setup: Any) -> dict[str, Any]:
     return model_config(setup.config).to_dict()
 
 
-def train_joint(setup: Any, datasets: list[Any], images: list[int], steps: int, lr: float) -> list[float]:
-    """``steps`` optimizer steps on mixed batches (``images[t]`` of task t in all); returns every step's loss."""
+def train_joint(setup: Any, datasets: list[Any], images: list[int], steps: int, lr: float,
+                on_step: Any = None) -> list[float]:
+    """``steps`` optimizer steps on mixed batches (``images[t]`` of task t in all); returns every step's loss.
+    ``on_step(step, values)`` after each step (from 1): the loss and each task's own loss (trackers)."""
     from clbench.loop import task_loss
     config, model, specs = setup.config, setup.model, setup.specs
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -105,10 +123,13 @@ def train_joint(setup: Any, datasets: list[Any], images: list[int], steps: int, 
                 parts.append((task, batch[0], to_device(batch[1], setup.device)))
         batch_images = to_device(torch.cat([p[1] for p in parts]), setup.device)
         with torch.autocast(setup.device.type, enabled=scaler.is_enabled()):
-            outputs, start, loss = model(batch_images), 0, None
+            outputs, start, own = model(batch_images), 0, {}
             for task, task_images, targets in parts:
                 end = start + len(task_images)
-                own = task_loss(model, task, {k: v[start:end] for k, v in outputs.items()}, targets, size)
-                loss, start = own if loss is None else loss + own, end
+                own[task.name] = task_loss(model, task, {k: v[start:end] for k, v in outputs.items()}, targets, size)
+                start = end
+            loss = sum(own.values())
         losses.append(optimizer_step(loss, params, optimizer, scaler, config.grad_clip, f"joint, step {step + 1}"))
+        if on_step:
+            on_step(step + 1, {"train/loss": losses[-1], **{f"train/loss_{t}": v.item() for t, v in own.items()}})
     return losses

@@ -82,9 +82,14 @@ def stability_points(rows: pd.DataFrame, tasks: list[TaskSpec], references: dict
         plasticity=("plasticity", "mean"), plasticity_std=("plasticity", "std"),
         forgetting=("forgetting", "mean"), forgetting_std=("forgetting", "std"), seeds=("seed", "nunique"))
     points = points.reindex(list(dict.fromkeys(rows["strategy"]))).dropna(subset=["plasticity", "forgetting"])
-    values = list(zip(points["plasticity"], points["forgetting"]))
-    points["pareto"] = [not any(p2 >= p and f2 <= f and (p2, f2) != (p, f) for p2, f2 in values) for p, f in values]
+    points["pareto"] = pareto_front(list(zip(points["plasticity"], points["forgetting"])))
     return points
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """For each (plasticity, forgetting): True when no other point has at least its plasticity and at most its
+    forgetting with one of them strictly better (higher plasticity and lower forgetting are better)."""
+    return [not any(p2 >= p and f2 <= f and (p2, f2) != (p, f) for p2, f2 in points) for p, f in points]
 
 
 def plot_stability_plasticity(rows: pd.DataFrame, tasks: list[TaskSpec], references: dict[int, dict[str, float]],

@@ -169,7 +169,12 @@ def checkpoint(setup: Setup, ctx: StageContext, audit: BatchNormAudit) -> dict[s
             "tasks": [t.to_dict() for t in setup.specs], "rng": rng_state(),
             "loader_rng": ctx.train_loader.generator.get_state(), "bn_stats": audit.stats,
             "evaluation": evaluation_states(setup),
-            "synthetic": {key: getattr(setup.config, key) for key in ("synth_train", "synth_val", "synth_domain")}}
+            "synthetic": synthetic_settings(setup.config)}
+
+
+def synthetic_settings(config: RunConfig) -> dict[str, Any]:
+    """What `clbench eval` needs to find the run's synthetic benchmark without --data-root."""
+    return {key: getattr(config, key) for key in ("synth_train", "synth_val", "synth_domain")}
 
 
 def model_config(config: RunConfig) -> ModelConfig:

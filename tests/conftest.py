@@ -53,8 +53,8 @@ def specs() -> list[TaskSpec]:
 
 @pytest.fixture(scope="session")
 def small_comparison(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One finished comparison (naive, bn_per_task; seeds 0, 1) with both trackers, shared by the report-page
-    and tracker tests (a comparison is the slow part of both)."""
+    """One finished comparison (naive, bn_per_task and the joint bound; seeds 0, 1) with both trackers, shared
+    by the report-page and tracker tests (a comparison is the slow part of both)."""
     pytest.importorskip("tensorboard", reason="the test extra installs tensorboard")
     pytest.importorskip("mlflow", reason="the test extra installs mlflow-skinny")
     from clbench.compare import CompareSettings, compare
@@ -63,5 +63,5 @@ def small_comparison(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) 
             "batch_size": "4", "head_channels": "16", "device": "cpu", "progress": "false", "latency_sizes": "",
             "log": "tensorboard,mlflow"}
     settings = CompareSettings(strategies=("naive", "bn_per_task"), seeds=(0, 1), reference=False,
-                               base=resolve(None, args))
+                               base=resolve(None, args), bounds=("joint",))
     return compare(settings, out=tmp_path_factory.mktemp("comparison"), name="small", progress=False)

@@ -83,9 +83,11 @@ def test_a_comparison_is_one_experiment_with_a_run_per_cell(small_comparison):
     client, _ = mlflow_client(small_comparison / "runs" / "naive-seed0")
     experiment = client.get_experiment_by_name(small_comparison.name)
     names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
-    assert names == {"naive-seed0", "bn_per_task-seed0", "naive-seed1", "bn_per_task-seed1"}
+    assert names == {"naive-seed0", "bn_per_task-seed0", "naive-seed1", "bn_per_task-seed1", "joint-seed0",
+                     "joint-seed1"}
     assert (small_comparison / "mlruns").is_dir()   # the local store sits in the comparison folder
-    assert all((small_comparison / "runs" / cell / "tensorboard").is_dir() for cell in names)
+    assert all((small_comparison / ("bounds" if cell.startswith("joint") else "runs") / cell / "tensorboard").is_dir()
+               for cell in names)
 
 
 def test_a_missing_tracker_package_is_a_one_line_error_naming_the_extra(tiny_args, monkeypatch, capsys):
