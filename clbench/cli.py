@@ -104,6 +104,18 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
                          help="with --grid: pick each strategy's best setting by acc (highest ACC), forgetting "
                          "(lowest F) or forgetting:plasticity>=P (lowest F among settings with plasticity >= P %%); "
                          "default acc")
+    compare.add_argument("--executor", choices=("sequential", "ray"), default="sequential",
+                         help="sequential: the cells one after another in this process (default); ray: each cell a "
+                         "Ray task (extra clbench[ray]); the results are the same")
+    compare.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                         help="an existing Ray cluster (default: start a local instance, loopback only)")
+    compare.add_argument("--cell-cpus", type=_argument(at_least(whole_number, 1)), default=1,
+                         help="CPUs (and torch threads) per cell on Ray (default 1)")
+    compare.add_argument("--cell-gpus", type=_argument(at_least(finite_float, 0)), default=0.0,
+                         help="GPUs per cell on Ray, a fraction packs several cells on one GPU (default 0)")
+    compare.add_argument("--retries", type=_argument(at_least(whole_number, 0)), default=2,
+                         help="Ray reruns of a cell whose worker or node was lost (default 2; an error in the cell "
+                         "itself is not retried)")
     compare.add_argument("--name", default=None, help="comparison folder name (default: compare-<settings hash>)")
     compare.add_argument("--config", type=Path, default=None, help="YAML run options shared by every cell")
     add_arguments(compare, skip_role="per_cell")
@@ -192,6 +204,7 @@ def _resumed_config(args: argparse.Namespace) -> RunConfig:
 
 def _compare(args: argparse.Namespace) -> int:
     from clbench.compare import CompareSettings, compare, eval_share_line, parse_pick, write_summary
+    from clbench.executors import RayOptions
     base = resolve(args.config, run_fields(vars(args)))
     definition = _definition(args.definition, args.threshold_mode, args.reference == "single-task")
     try:
@@ -211,7 +224,13 @@ def _compare(args: argparse.Namespace) -> int:
                                bounds=bounds, grid=tuple(_grid(g) for g in args.grid))
     if definition == "plasticity" and not settings.reference and "joint" not in settings.bounds:
         raise ClbenchError("--definition plasticity needs --reference single-task or the joint bound (--bounds joint)")
-    folder = compare(settings, out=Path(base.out), name=args.name, progress=base.progress)
+    ray_flags = [f for f, given in (("--ray-address", args.ray_address is not None), ("--cell-cpus", args.cell_cpus != 1),
+                                    ("--cell-gpus", args.cell_gpus != 0), ("--retries", args.retries != 2)) if given]
+    if args.executor != "ray" and ray_flags:
+        raise ClbenchError(f"{ray_flags[0]}: applies to --executor ray only")
+    executor = RayOptions(args.ray_address, args.cell_cpus, args.cell_gpus, args.retries) \
+        if args.executor == "ray" else None
+    folder = compare(settings, out=Path(base.out), name=args.name, progress=base.progress, executor=executor)
     print(write_summary(folder, definition, args.threshold, pick=args.pick))
     report = json.loads((folder / "cache_report.json").read_text())
     if report["stage1_reused_by_cells_this_invocation"]:
@@ -219,7 +238,10 @@ def _compare(args: argparse.Namespace) -> int:
               f"{report['stage1_seconds_saved_this_invocation']:.0f} s of training saved")
     print(eval_share_line(folder))
     print(f"results: {folder}")
-    return 0
+    failures = json.loads((folder / "failed.json").read_text())
+    for line in failures:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _definition(definition: str | None, mode: str, has_reference: bool) -> str:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from clbench import ClbenchError
 from clbench.config import RunConfig
 from clbench.drop import DEFINITIONS
+from clbench.executors import Job, RayOptions, import_ray, run_on_ray, sequential_where
 from clbench.recorder import read_chance, read_resources, read_rows, read_tasks
 from clbench.report import comparison_table, render
 from clbench.results import atomic_write, to_json, write_table
@@ -135,24 +136,24 @@ def prepare_folder(settings: CompareSettings, folder: Path) -> None:
 
 
 def run_cell(folder: Path, cell_id: str, config: RunConfig, progress: Progress, stages: int,
-             stage1_cache: Path | None, session: Session) -> float:
+             stage1_cache: Path | None, session: Session) -> None:
     """Run one cell unless done; a cell folder without done.json is an interrupted run and is resumed after its
-    last finished stage. Returns the stage-1 training seconds saved by the cache."""
+    last finished stage."""
     from clbench.run import run
     run_dir = folder / cell_id
     progress.start_cell(cell_id)
     if (run_dir / "done.json").exists():
         progress.finish_cell(stages)
-        return 0.0
+        return
     resume = (run_dir / "config.yaml").exists()  # interrupted: continue after its last finished stage
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # a folder without a run in it (the folder lock excludes any other writer)
     start = time.perf_counter()
     run(dataclasses.replace(config, out=str(folder), run_id=cell_id, progress=False), stage1_cache=stage1_cache,
         on_stage=progress.on_stage, session=session, resume=resume, group=(folder.parent.name, folder.parent))
+    atomic_write(run_dir / "executor.json", to_json(sequential_where()))
     atomic_write(run_dir / "done.json", to_json({"seconds": time.perf_counter() - start}))
     progress.finish_cell(stages)
-    return read_resources(run_dir).stages[1].seconds_saved_by_cache
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ def run_joint_cell(folder: Path, cell_id: str, config: RunConfig, progress: Prog
         start = time.perf_counter()
         run_joint(dataclasses.replace(config, out=str(folder), run_id=cell_id, progress=False), session=session,
                   group=(folder.parent.name, folder.parent))
+        atomic_write(folder / cell_id / "executor.json", to_json(sequential_where()))
         atomic_write(folder / cell_id / "done.json", to_json({"seconds": time.perf_counter() - start}))
     progress.finish_cell(1)
 
@@ -236,9 +238,18 @@ def joint_config(settings: CompareSettings, seed: int) -> RunConfig:
     return dataclasses.replace(settings.base, strategy="naive", seed=seed, set={}, label="joint", latency_sizes=())
 
 
-def compare(settings: CompareSettings, *, out: Path, name: str | None = None, progress: bool = True) -> Path:
-    """Run (or resume) the grid and write summary.md / summary.csv; returns the comparison folder."""
+def compare(settings: CompareSettings, *, out: Path, name: str | None = None, progress: bool = True,
+            executor: RayOptions | None = None) -> Path:
+    """Run (or resume) the grid and write summary.md / summary.csv; returns the comparison folder.
+    ``executor``: None runs the cells here one after another; RayOptions runs them as Ray tasks (the
+    results are the same; see ``clbench.executors``). Cells that failed are listed in ``failed.json`` and
+    the summary (they stay resumable)."""
     grid = cells(settings)
+    if executor is not None:
+        import_ray(executor.address is None)
+        if "mlflow" in settings.base.log and not settings.base.mlflow_uri:
+            raise ClbenchError("--executor ray with --log mlflow needs --mlflow-uri (a tracking server every node "
+                               "reaches): a local file store would stay on the workers")
     folder = Path(out) / (name or settings.name())
     if folder.exists() and not folder.is_dir():
         raise ClbenchError(f"{folder}: is a file, expected a comparison folder")
@@ -248,36 +259,97 @@ def compare(settings: CompareSettings, *, out: Path, name: str | None = None, pr
         raise ClbenchError(f"--out {out}: cannot create the comparison folder ({exc.strerror or exc})") from None
     with folder_lock(folder):
         prepare_folder(settings, folder)
-        _run_grid(settings, folder, grid, progress)
+        _run_grid(settings, folder, grid, progress, executor)
     return folder
 
 
-def _run_grid(settings: CompareSettings, folder: Path, grid: list[Cell], progress: bool) -> None:
+def jobs(settings: CompareSettings, folder: Path, grid: list[Cell]) -> list[Job]:
+    """Every run of the comparison in order: the cells (seed by seed), the joint bound, the references."""
     stages = len(settings.base.order)
-    references = [(task, seed) for seed in settings.seeds for task in settings.base.order] if settings.reference else []
-    joint = list(settings.seeds) if "joint" in settings.bounds else []
-    bar = Progress(len(grid) * stages + len(references) + len(joint), progress)
-    session, saved, reused = Session(), 0.0, 0
+    out = [Job("run", "runs", cell.id, cell.config, stages,
+               folder / "cache" / f"stage1-seed{cell.seed}-{stage1_key(cell.config)}.pt"
+               if cell.shares_first_stage else None) for cell in grid]
+    if "joint" in settings.bounds:
+        out += [Job("joint", "bounds", f"joint-seed{seed}", joint_config(settings, seed), 1, None)
+                for seed in settings.seeds]
+    if settings.reference:
+        out += [Job("run", "reference", f"{task}-seed{seed}",
+                    dataclasses.replace(settings.base, strategy="naive", seed=seed, order=(task,), set={}), 1, None)
+                for seed in settings.seeds for task in settings.base.order]
+    return out
+
+
+def _run_grid(settings: CompareSettings, folder: Path, grid: list[Cell], progress: bool,
+              executor: RayOptions | None) -> None:
+    todo = jobs(settings, folder, grid)
     atomic_write(folder / "cells.json", to_json([[cell.id, cell.label] for cell in grid]))  # grid order
-    try:
-        for cell in grid:
-            cache = folder / "cache" / f"stage1-seed{cell.seed}-{stage1_key(cell.config)}.pt" \
-                if cell.shares_first_stage else None
-            seconds = run_cell(folder / "runs", cell.id, cell.config, bar, stages, cache, session)
-            saved, reused = saved + seconds, reused + (seconds > 0)
-        for seed in joint:
-            run_joint_cell(folder / "bounds", f"joint-seed{seed}", joint_config(settings, seed), bar, session)
-        for task, seed in references:
-            config = dataclasses.replace(settings.base, strategy="naive", seed=seed, order=(task,), set={})
-            run_cell(folder / "reference", f"{task}-seed{seed}", config, bar, 1, None, session)
-    finally:
-        bar.close()
+    unfinished = [job for job in todo if not (folder / job.sub / job.cell_id / "done.json").exists()]
+    failures: list[str] = []
+    if executor is None:
+        bar, session = Progress(sum(job.stages for job in todo), progress), Session()
+        try:
+            for job in todo:
+                if job.kind == "joint":
+                    run_joint_cell(folder / job.sub, job.cell_id, job.config, bar, session)
+                else:
+                    run_cell(folder / job.sub, job.cell_id, job.config, bar, job.stages, job.cache, session)
+        finally:
+            bar.close()
+    else:
+        bar = GridProgress(todo, progress)
+        try:
+            failures = run_on_ray(todo, folder, executor, bar)
+        finally:
+            bar.close()
+    atomic_write(folder / "failed.json", to_json(failures))
     write_summary(folder)
     write_resources(folder)
     from clbench.page import write_report
     write_report(folder)
-    atomic_write(folder / "cache_report.json", to_json({"stage1_reused_by_cells_this_invocation": reused,
-                                                        "stage1_seconds_saved_this_invocation": saved}))
+    saved = [read_resources(folder / job.sub / job.cell_id).stages[1].seconds_saved_by_cache for job in unfinished
+             if job.cache is not None and (folder / job.sub / job.cell_id / "done.json").exists()]
+    atomic_write(folder / "cache_report.json", to_json({"stage1_reused_by_cells_this_invocation": sum(s > 0 for s in saved),
+                                                        "stage1_seconds_saved_this_invocation": sum(saved)}))
+
+
+class GridProgress:
+    """One bar for a grid run on Ray: stages finished over all cells, and cells running / finished / failed."""
+
+    def __init__(self, todo: list[Job], enabled: bool) -> None:
+        self.bar = tqdm(total=sum(job.stages for job in todo), unit="stage", disable=not enabled, dynamic_ncols=True,
+                        bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} stages [{elapsed}<{remaining}]")
+        self.counted: dict[str, int] = {}
+        self.running = self.finished = self.failed = 0
+
+    def _show(self) -> None:
+        self.bar.set_description_str(f"cells: {self.running} running, {self.finished} finished, {self.failed} failed")
+
+    def job_done(self, job: Job, skipped: bool = False) -> None:
+        self.bar.update(job.stages - self.counted.get(job.cell_id + job.sub, 0))
+        self.finished += 1
+        self._show()
+
+    def job_started(self, job: Job) -> None:
+        self.running += 1
+        self._show()
+
+    def job_stage(self, job: Job, stage: int) -> None:
+        from clbench.run import DONE
+        if stage == DONE:
+            self.running -= 1
+            self.job_done(job)
+        elif stage > 0:
+            key = job.cell_id + job.sub
+            self.counted[key] = self.counted.get(key, 0) + 1
+            self.bar.update(1)
+
+    def job_failed(self, job: Job, line: str) -> None:
+        self.running, self.failed = self.running - 1, self.failed + 1
+        self.bar.write(line)
+        self._show()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 RESOURCE_COLUMNS = ("cell", "stage", "task", "train_seconds", "seconds_saved_by_cache", "eval_seconds",

@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 import torch
 import yaml
@@ -45,23 +45,49 @@ def run(config: RunConfig, *, stage1_cache: Path | None = None, on_stage: Callab
     ``group``: (name, folder) the trackers file this run under (a comparison: its name and folder; default
     ("clbench", out)).
     """
+    stages = run_stages(config, stage1_cache=stage1_cache, on_stage=on_stage, session=session, resume=resume,
+                        group=group)
+    while True:
+        try:
+            next(stages)
+        except StopIteration as finished:
+            return finished.value
+
+
+def run_stages(config: RunConfig, *, stage1_cache: Path | None = None,
+               on_stage: Callable[[int, str], None] | None = None, session: Session | None = None,
+               resume: bool = False, group: tuple[str, Path] | None = None,
+               last_stage: int | None = None) -> Generator[int, None, Path]:
+    """``run`` as a generator: yields each stage's number once its checkpoint and rows are on disk (0: the
+    stage-0 evaluation of a new run), then ``DONE`` once resources.json is written; returns the run folder.
+    ``last_stage``: stop after that stage (no resources.json: the run stays resumable)."""
     session = session or Session()
     setup = prepare(config, session)
     recorder, audit, done = start(setup, session, resume)
+    if done == 0:
+        yield 0
     trackers = open_trackers(setup, recorder, done, group or ("clbench", Path(config.out)))
     try:
         for stage, experience in enumerate(setup.stream.train_stream, start=1):
+            if last_stage is not None and stage > last_stage:
+                trackers.close()
+                return recorder.run_dir
             if stage > done:
                 if on_stage:
                     on_stage(stage, setup.specs[stage - 1].name)
                 run_and_commit(setup, recorder, audit, trackers, stage, experience, stage1_cache)
+                yield stage
         write_resources(recorder, setup.model, setup.specs, setup.device, session, setup.config.latency_sizes)
         log_resources(trackers, recorder.resources)
     except BaseException as exc:
         trackers.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     trackers.close()
+    yield DONE
     return recorder.run_dir
+
+
+DONE = -1  # what run_stages yields once the run is complete
 
 
 def run_and_commit(setup: "Setup", recorder: Recorder, audit: BatchNormAudit, trackers: Trackers, stage: int,
