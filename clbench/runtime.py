@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
+import ctypes
 import hashlib
 import random
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +84,17 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32  # torch derives each worker's seed from the loader's generator
     random.seed(seed)
     np.random.seed(seed)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """A data-loader worker gets SIGKILL the moment its training process dies (Linux), so a killed cell leaves
+    no orphan (torch's own check notices a dead parent only after seconds)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 def loader(dataset: Any, *, batch_size: int, shuffle: bool, seed: int, workers: int, device: torch.device) -> DataLoader:
