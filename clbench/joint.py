@@ -1,4 +1,5 @@
-"""The ``joint`` upper bound: one network trained on every task at once, with the sequential runs' budget.
+"""The ``joint`` bound: one network trained on every task at once, with the sequential runs' budget (the
+literature's usual upper bound; with the same budget it need not be one: measure, do not assume).
 
 How batches are mixed (also written to the run's ``joint.json``): the joint run takes as many optimizer steps
 as the sequential schedule, N = sum over tasks of epochs[t] x ceil(n[t] / batch_size[t]), and sees exactly as

@@ -92,17 +92,21 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(p2 >= p and f2 <= f and (p2, f2) != (p, f) for p2, f2 in points) for p, f in points]
 
 
+MARKERS = ("o", "s", "^", "D", "v")
+
+
 def plot_stability_plasticity(rows: pd.DataFrame, tasks: list[TaskSpec], references: dict[int, dict[str, float]],
                               joint: pd.DataFrame | None, path: Path) -> Path:
-    """x = plasticity, y = forgetting F, one point per strategy (and grid setting), error bars = std over
-    seeds; the Pareto front joined and ringed; the bounds drawn as references."""
+    """x = plasticity, y = forgetting F, one point per strategy (and grid setting), labelled, error bars = std
+    over seeds; the Pareto front joined and ringed; the joint bound drawn as a reference line."""
     plt = _pyplot()
     points = stability_points(rows, tasks, references)
     fig, ax = plt.subplots(figsize=(9.0, 4.8))
-    for name, p in points.iterrows():
+    for i, (name, p) in enumerate(points.iterrows()):  # ten colours, then the next marker: every point distinct
         ax.errorbar(p["plasticity"], p["forgetting"], xerr=p["plasticity_std"] if p["seeds"] > 1 else None,
-                    yerr=p["forgetting_std"] if p["seeds"] > 1 else None, fmt="s" if name == "frozen" else "o",
-                    capsize=3, label=name)
+                    yerr=p["forgetting_std"] if p["seeds"] > 1 else None, fmt=MARKERS[(i // 10) % len(MARKERS)],
+                    color=f"C{i % 10}", capsize=3, label=name, alpha=0.9)
+        ax.annotate(name, (p["plasticity"], p["forgetting"]), xytext=(4, 4), textcoords="offset points", fontsize=7)
     front = points[points["pareto"]].sort_values("plasticity")
     ax.plot(front["plasticity"], front["forgetting"], color="black", linewidth=1, linestyle="--", zorder=0,
             label="Pareto front")

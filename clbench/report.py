@@ -165,7 +165,7 @@ def paired_difference(measures: pd.DataFrame, baseline: str = "naive") -> pd.Dat
     return pd.DataFrame(rows, columns=["strategy", "task", "mean_diff", "n"])
 
 
-JOINT_LABEL = "joint (upper bound)"
+JOINT_LABEL = "joint (all tasks at once)"
 # What a joint run (no sequence: every task trained at once) has a value for: its final metrics against a reference.
 JOINT_DEFINED = ("acc", "reference", "plasticity")
 

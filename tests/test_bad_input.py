@@ -140,7 +140,8 @@ def test_a_strategy_given_as_a_path_gets_a_cell_named_after_it(tiny_args, tmp_pa
     plugin.parent.mkdir()
     plugin.write_text("from clbench.strategy import Strategy, register\n\n"
                       "@register('plain')\nclass Plain(Strategy):\n    '''Plain fine-tuning.'''\n")
-    assert main(["compare", "--strategies", f"naive,{plugin}:Plain", "--name", "p", *flags(tiny_args)]) == 0
+    assert main(["compare", "--strategies", f"naive,{plugin}:Plain", "--name", "p", "--bounds", "none",
+                 *flags(tiny_args)]) == 0
     folder = Path(tiny_args["out"]) / "p"
     assert sorted(p.name for p in (folder / "runs").iterdir()) == ["naive-seed0", "plain-seed0"]
     assert [p.name for p in plugin.parent.iterdir()] == ["plain.py"]          # nothing written next to the plugin
@@ -148,7 +149,7 @@ def test_a_strategy_given_as_a_path_gets_a_cell_named_after_it(tiny_args, tmp_pa
 
 
 def test_the_summary_names_the_cells_that_are_missing(tiny_args, capsys):
-    assert main(["compare", "--strategies", "naive,ewc", "--name", "m", *flags(tiny_args)]) == 0
+    assert main(["compare", "--strategies", "naive,ewc", "--name", "m", "--bounds", "none", *flags(tiny_args)]) == 0
     folder = Path(tiny_args["out"]) / "m"
     (folder / "runs" / "ewc-seed0" / "done.json").unlink()
     capsys.readouterr()
@@ -254,9 +255,9 @@ def test_a_second_compare_on_a_locked_folder_is_refused_and_a_dead_ones_lock_is_
         fcntl.flock(held, fcntl.LOCK_EX)
         held.write("process 4242 on somewhere since then")
         held.flush()
-        assert main(["compare", "--strategies", "naive", "--name", "locked", *flags(tiny_args)]) == 2
+        assert main(["compare", "--strategies", "naive", "--name", "locked", "--bounds", "none", *flags(tiny_args)]) == 2
         one_line_error(capsys, f"{folder}: in use by process 4242 on somewhere since then")
     assert sorted(p.name for p in folder.iterdir()) == ["lock"]     # nothing else was written
     # the holder is gone (its flock released with it): the lock is taken over
-    assert main(["compare", "--strategies", "naive", "--name", "locked", *flags(tiny_args)]) == 0
+    assert main(["compare", "--strategies", "naive", "--name", "locked", "--bounds", "none", *flags(tiny_args)]) == 0
     assert (folder / "runs" / "naive-seed0" / "done.json").exists()

@@ -102,7 +102,7 @@ def test_summary_shows_acc_bwt_and_the_joint_row_computed_from_the_csvs(grid_com
     run = grid_comparison / "runs" / "naive-seed0"
     bwt = (final["seg"] - primary(run, 1, "seg") + final["det"] - primary(run, 2, "det")) / 2
     assert float(naive["BWT"]) == pytest.approx(100 * bwt, abs=0.005)
-    joint = table[table.Strategy == "joint (upper bound)"].iloc[0]
+    joint = table[table.Strategy == "joint (all tasks at once)"].iloc[0]
     joint_final = finals(grid_comparison / "bounds" / "joint-seed0")
     assert joint["Segmentation (mIoU)"] == f"final {joint_final['seg']:.3f}"
     assert float(joint["ACC"]) == pytest.approx(100 * sum(joint_final.values()) / 3, abs=0.005)
@@ -123,7 +123,7 @@ def test_best_setting_is_picked_by_the_stated_criterion(grid_comparison, capsys)
 def test_plasticity_without_references_is_against_joint(grid_comparison, capsys):
     assert main(["table", str(grid_comparison), "--definition", "plasticity", "--format", "csv"]) == 0
     table = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out))
-    joint = table[table.Strategy == "joint (upper bound)"].iloc[0]
+    joint = table[table.Strategy == "joint (all tasks at once)"].iloc[0]
     joint_final, naive = finals(grid_comparison / "bounds" / "joint-seed0"), grid_comparison / "runs" / "naive-seed0"
     if joint_final["seg"] > 0:
         assert joint["Segmentation (mIoU)"] == "+100.00%"

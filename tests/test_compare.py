@@ -163,5 +163,5 @@ def test_the_default_comparison_is_the_one_the_readme_shows():
     quick = readme[readme.index("## Quick start"):readme.index("## Command line")]
     rows = re.findall(r"^\| (\S+) +\| [-+0-9.]+%", quick, flags=re.MULTILINE)
     assert rows == DEFAULT_STRATEGIES.split(",")
-    assert re.search(r"^\| joint \(upper bound\) +\| final [0-9.]+ ", quick, flags=re.MULTILINE)  # the default bound
+    assert re.search(r"^\| joint \(all tasks at once\) +\| final [0-9.]+ ", quick, flags=re.MULTILINE)  # the default bound
     assert "| ACC " in quick and "| BWT " in quick
