@@ -500,8 +500,7 @@ def pick_settings(folder: Path, pick: str = "acc") -> tuple[dict[str, str], str]
         reference = references or joint_finals(load_joint(folder), tasks)
         if not reference:
             raise ClbenchError(f"--pick {pick}: plasticity needs the single-task references or the joint bound")
-        stats = _summary_means(rows, tasks, "plasticity", reference)
-        plasticity = {k: v * 1.0 for k, v in stats.items()}
+        plasticity = _summary_means(rows, tasks, "plasticity", reference)
     picked, parts = {}, []
     for name, members in groups.items():
         allowed = [m for m in members if floor is None or plasticity.get(m, -1.0) >= floor]
