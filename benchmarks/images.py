@@ -29,13 +29,23 @@ def read_image(path: Path) -> Image.Image:
 
 
 def resize_transform(image_size: int) -> v2.Compose:
-    """Resize to a square input (boxes and masks follow via tv_tensors), scale to float, ImageNet-normalise."""
+    """Resize to a square input (boxes and masks follow via tv_tensors), scale to float, ImageNet-normalise:
+    ``decode_transform`` then ``to_input``, one image at a time."""
     return v2.Compose([
-        v2.ToImage(),
-        v2.Resize((image_size, image_size), antialias=True),
+        decode_transform(image_size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def decode_transform(image_size: int) -> v2.Compose:
+    """The image as uint8, resized to the square input (boxes and masks follow): what the in-memory path keeps."""
+    return v2.Compose([v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)])
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (any leading dims, any device) → ImageNet-normalised, as ``resize_transform``'s last step."""
+    return v2.functional.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def train_transform(image_size: int, *, boxes: bool = False) -> v2.Compose:

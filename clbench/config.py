@@ -66,6 +66,16 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return parse
 
 
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+def _amp(value: Any) -> str:
+    """Mixed precision: auto, bf16, fp16 or off; a boolean (config files before 0.2) reads as auto / off."""
+    if isinstance(value, bool) or str(value).lower() in ("true", "false", "yes", "no"):
+        return "auto" if parse_bool(value) else "off"
+    return _choice(*AMP_CHOICES)(str(value).lower())
+
+
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -217,7 +227,20 @@ class RunConfig:
     head_channels: int = field(default=96, metadata={"parse": _positive(whole_number), "help": "width of the neck and head"})
     head_stride: int = field(default=8, metadata={"parse": lambda v: int(_choice("8", "16")(str(whole_number(v)))),
                                                   "help": "output stride of the head: 8 or 16"})
-    amp: bool = field(default=True, metadata={"parse": parse_bool, "help": "mixed precision (CUDA only)"})
+    amp: str = field(default="auto", metadata={"parse": _amp, "help": (
+        "mixed precision for training: auto = bf16 on a CUDA device that supports it, fp16 on one that does not, "
+        "off on the CPU; bf16; fp16 (with a GradScaler); off. Evaluation is always float32")})
+    channels_last: bool = field(default=True, metadata={"parse": parse_bool,
+                                "help": "NHWC memory format for weights and inputs (faster on CPUs and GPUs)"})
+    compile: bool = field(default=False, metadata={"parse": parse_bool, "help": (
+        "torch.compile the network for training and inference (compiling takes minutes on a CPU)")})
+    deterministic: bool = field(default=False, metadata={"parse": parse_bool, "help": (
+        "deterministic algorithms: cuDNN deterministic without benchmark mode, torch.use_deterministic_algorithms, "
+        "CUBLAS_WORKSPACE_CONFIG; off: cuDNN benchmark mode on CUDA (same seed, close but not identical results)")})
+    train_in_memory_mb: int = field(default=4096, metadata={"parse": at_least(whole_number, 0), "help": (
+        "budget for training images decoded and resized once per run, kept as uint8 (pinned on CUDA) and "
+        "augmented a whole batch at a time on the device; a task's set that does not fit what is left of it is "
+        "read image by image (0: always image by image)")})
     workers: int = field(default=0, metadata={"parse": at_least(whole_number, 0), "help": "DataLoader worker processes"})
     synth_train: int = field(default=160, metadata={"parse": _positive(whole_number), "help": "synthetic images per task, train"})
     synth_val: int = field(default=40, metadata={"parse": _positive(whole_number), "help": "synthetic images per task, val"})

@@ -111,7 +111,7 @@ def train_joint(setup: Any, datasets: list[Any], images: list[int], steps: int, 
     config, model, specs = setup.config, setup.model, setup.specs
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(setup.device.type, enabled=config.amp and setup.device.type == "cuda")
+    scaler = setup.precision.scaler()
     orders = [shuffled(len(d), config.seed + 1000 * stage) for stage, d in enumerate(datasets, start=1)]
     size, losses = (config.image_size,) * 2, []
     model.train()
@@ -123,7 +123,7 @@ def train_joint(setup: Any, datasets: list[Any], images: list[int], steps: int, 
                 batch = dataset.collate_fn([dataset[next(order)] for _ in range(k)])
                 parts.append((task, batch[0], to_device(batch[1], setup.device)))
         batch_images = to_device(torch.cat([p[1] for p in parts]), setup.device)
-        with torch.autocast(setup.device.type, enabled=scaler.is_enabled()):
+        with setup.precision.autocast():
             outputs, start, own = model(batch_images), 0, {}
             for task, task_images, targets in parts:
                 end = start + len(task_images)

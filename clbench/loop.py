@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from clbench import ClbenchError
+from clbench.accel import Precision
 from clbench.losses import cls_loss, det_loss, seg_loss
 from clbench.strategy import StageContext, Strategy, loss_terms, summed
 from clbench.tasks import TaskSpec
@@ -21,7 +22,7 @@ class StageSettings:
     lr: float
     weight_decay: float
     grad_clip: float
-    amp: bool
+    precision: Precision            # --amp on the stage's device (``clbench.accel.precision``)
 
 
 class NonFiniteLoss(ClbenchError):
@@ -64,7 +65,7 @@ def train_stage(ctx: StageContext, strategy: Strategy, settings: StageSettings, 
     if not params:
         raise ClbenchError(f"stage {ctx.stage} ({ctx.task.name}): strategy {strategy.name!r} left no trainable parameter")
     optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings.amp and ctx.device.type == "cuda")
+    scaler = settings.precision.scaler()
     losses = []
     for epoch in range(settings.epochs):
         ctx.model.train()
@@ -84,7 +85,7 @@ def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, params
     total, steps = 0.0, 0
     for step, (images, targets, _) in enumerate(batches):
         images, targets = to_device(images, ctx.device), to_device(targets, ctx.device)
-        with torch.autocast(ctx.device.type, enabled=scaler.is_enabled()):
+        with settings.precision.autocast():
             outputs = ctx.model(images)
             own = ctx.task_loss(ctx.task, outputs, targets)
             terms = loss_terms(strategy, ctx, images, outputs)

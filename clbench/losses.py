@@ -59,8 +59,30 @@ def seg_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """logits (B, C, h, w) at head stride, masks (B, H, W) class indices with 255 = ignore."""
     if bool((masks == 255).all()):  # nothing to learn from; cross-entropy's mean would be 0/0
         return logits.sum() * 0.0
-    up = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(up, masks.long(), ignore_index=255)
+    return F.cross_entropy(upsample(logits, tuple(masks.shape[-2:])), masks.long(), ignore_index=255)
+
+
+def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=False). On CUDA under deterministic algorithms, as two matrix products
+    with the interpolation weights: F.interpolate's bilinear backward on CUDA adds with atomics (no deterministic
+    kernel), a matrix product's backward is another matrix product. Elsewhere F.interpolate itself."""
+    if not (logits.is_cuda and torch.are_deterministic_algorithms_enabled()):
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    rows, cols = (bilinear_weights(n_in, n_out, logits) for n_in, n_out in zip(logits.shape[-2:], size))
+    return torch.einsum("Hh,bchw,Ww->bcHW", rows, logits, cols)
+
+
+def bilinear_weights(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-D linear interpolation as F.interpolate computes it (align_corners=False):
+    source = (i + 0.5) · n_in / n_out − 0.5, clamped at 0; the two neighbours weighted by distance."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    low = src.floor().long().clamp(max=n_in - 1)
+    high = (low + 1).clamp(max=n_in - 1)
+    frac = src - low
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    weights.index_put_((torch.arange(n_out), low), 1 - frac, accumulate=True)
+    weights.index_put_((torch.arange(n_out), high), frac, accumulate=True)
+    return weights.to(device=like.device, dtype=like.dtype)
 
 
 def cls_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

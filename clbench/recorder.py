@@ -62,6 +62,9 @@ class Resources:
     latency_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
     budgets: list[dict[str, Any]] = field(default_factory=list)
+    latency_amp_ms: dict[str, dict[int, float]] = field(default_factory=dict)   # under the run's --amp (if any)
+    latency_detail: dict[str, Any] = field(default_factory=dict)                # timer, amp dtype, batch size
+    training_data: dict[str, dict[str, Any]] = field(default_factory=dict)      # per task: memory or per-image
 
     def totals(self) -> dict[str, float]:
         stages = self.stages.values()
@@ -76,7 +79,9 @@ class Resources:
 
     def to_json(self) -> str:
         return to_json({
-            "device": self.device, "latency_ms": self.latency_ms, "memory": self.memory, "budgets": self.budgets,
+            "device": self.device, "latency_ms": self.latency_ms, "latency_amp_ms": self.latency_amp_ms,
+            "latency": self.latency_detail, "memory": self.memory, "budgets": self.budgets,
+            "training_data": self.training_data,
             "stages": {k: {**dataclasses.asdict(s), **s.shares()} for k, s in self.stages.items()},
             **self.totals(), **self.shares()})
 
@@ -84,8 +89,11 @@ class Resources:
     def from_dict(cls, data: dict[str, Any]) -> "Resources":
         names = {f.name for f in dataclasses.fields(StageResources)}
         stages = {int(k): StageResources(**{n: v for n, v in s.items() if n in names}) for k, s in data["stages"].items()}
-        latency = {t: {int(size): ms for size, ms in v.items()} for t, v in data.get("latency_ms", {}).items()}
-        return cls(stages, data.get("device", ""), latency, data.get("memory", {}), data.get("budgets", []))
+        def by_size(key: str) -> dict[str, dict[int, float]]:
+            return {t: {int(size): ms for size, ms in v.items()} for t, v in data.get(key, {}).items()}
+        return cls(stages, data.get("device", ""), by_size("latency_ms"), data.get("memory", {}),
+                   data.get("budgets", []), by_size("latency_amp_ms"), data.get("latency", {}),
+                   data.get("training_data", {}))
 
 
 class Recorder:

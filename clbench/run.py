@@ -15,16 +15,18 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from clbench.accel import Precision, compile_model, precision, set_determinism
 from clbench.bn_audit import BatchNormAudit
 from clbench import ClbenchError
 from clbench.config import RunConfig, resolve
 from clbench.evaluate import EVAL_BATCH, TaskEval, chance_level, evaluate_task
 from clbench.freezing import batchnorm_state
 from clbench.loop import OnStep, StageSettings, task_loss, to_device, train_stage
+from clbench.memory import DecodedSet, MemoryLoader, footprint_bytes, plan
 from clbench.model import UniHeadNet
 from clbench.plugins import create
 from clbench.recorder import Recorder, StageResources
-from clbench.resources import budget_checks, device_name, latency_ms, peak_memory_mb
+from clbench.resources import Timer, budget_checks, device_name, latency_ms, peak_memory_mb
 from clbench.results import environment, save_checkpoint, to_json
 from clbench.runtime import (MemoryCache, ModelConfig, Session, build_model, cached_in_memory, data_root, loader,
                              resolve_device, rng_state, seed_everything, set_rng_state)
@@ -77,7 +79,7 @@ def run_stages(config: RunConfig, *, stage1_cache: Path | None = None,
                     on_stage(stage, setup.specs[stage - 1].name)
                 run_and_commit(setup, recorder, audit, trackers, stage, experience, stage1_cache)
                 yield stage
-        write_resources(recorder, setup.model, setup.specs, setup.device, session, setup.config.latency_sizes)
+        write_resources(recorder, setup, session)
         log_resources(trackers, recorder.resources)
     except BaseException as exc:
         trackers.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -93,7 +95,7 @@ DONE = -1  # what run_stages yields once the run is complete
 def run_and_commit(setup: "Setup", recorder: Recorder, audit: BatchNormAudit, trackers: Trackers, stage: int,
                    experience: Any, stage1_cache: Path | None) -> None:
     """One stage: train (or restore), after_stage, evaluate and audit, checkpoint and rows, trackers."""
-    ctx = stage_context(setup.config, setup.model, setup.specs, stage, experience, setup.device)
+    ctx = stage_context(setup, stage, experience)
     use_cache = stage == 1 and setup.strategy.shares_first_stage
     offset = sum(stage_steps(setup)[: stage - 1])
     on_step = (lambda step, values: trackers.scalars(values, offset + step)) if trackers.active else None
@@ -146,10 +148,34 @@ class Setup:
     stream: Any                     # the Avalanche benchmark
     test_loaders: list[DataLoader]
     chance: dict[str, float]        # each task's primary metric at chance on its test set
+    precision: Precision            # --amp on this device
+    accel: dict[str, Any]           # what --amp, --channels-last, --compile, --deterministic resolved to (env.json)
+    in_memory: dict[str, bool]      # per task: its training set is decoded once and kept (--train-in-memory-mb)
+    decoded: dict[str, DecodedSet] = dataclasses.field(default_factory=dict)   # filled when a stage first needs it
 
     @property
     def specs(self) -> tuple[TaskSpec, ...]:
         return tuple(t.spec for t in self.tasks)
+
+    def decoded_set(self, index: int) -> DecodedSet:
+        """Task ``index``'s training set in memory, decoded on first use (then kept for the run)."""
+        task = self.tasks[index]
+        if task.spec.name not in self.decoded:
+            self.decoded[task.spec.name] = DecodedSet.decode(
+                task.train, task.spec.kind, self.config.image_size, augment=self.config.augment[task.spec.name],
+                pin=self.device.type == "cuda")
+        return self.decoded[task.spec.name]
+
+    def training_data(self) -> dict[str, dict[str, Any]]:
+        """Per task: which path its training batches take, the bytes it holds in memory, the seconds decoding took."""
+        out = {}
+        for task in self.tasks:
+            name, decoded = task.spec.name, self.decoded.get(task.spec.name)
+            out[name] = {"path": "memory" if self.in_memory[name] else "per-image",
+                         "memory_mb": round(footprint_bytes(len(task.train), task.spec.kind, self.config.image_size)
+                                            / 2**20, 2) if self.in_memory[name] else 0.0,
+                         "decode_seconds": None if decoded is None else round(decoded.seconds, 3)}
+        return out
 
 
 def prepare(config: RunConfig, session: Session) -> Setup:
@@ -159,20 +185,28 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     check_installed(config.log)
     seed_everything(config.seed)
     device = resolve_device(config.device)
+    accel = {**set_determinism(config.deterministic, device), "channels_last": config.channels_last,
+             "compile": config.compile}
+    amp = precision(config.amp, device)
     root, benchmark = data_root(config.data_root, config.synth_train, config.synth_val, config.synth_domain)
     session.verify(root)
     tasks = load_tasks(root, config.order, image_size=config.image_size, augment=config.augment)
     strategy, options = create(config.strategy, config.set)
     config = dataclasses.replace(config, set=options)  # config.yaml records every resolved hyperparameter
     model = build_model(model_config(config), [t.spec for t in tasks], device, pretrained=config.pretrained,
-                        pretrained_file=config.pretrained_file)
+                        pretrained_file=config.pretrained_file, channels_last=config.channels_last)
+    if config.compile:
+        compile_model(model)
     tests = [cached_in_memory(t.test, config.image_size) for t in tasks]
     stream = build_stream([t.train for t in tasks], tests)
     test_loaders = [loader(exp.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=config.seed, device=device,
                            workers=0 if isinstance(test, MemoryCache) else config.workers)
                     for exp, test in zip(stream.test_stream, tests)]
     chance = {t.spec.name: chance_level(t.spec, test) for t, test in zip(tasks, tests)}
-    return Setup(config, device, root, benchmark, tasks, strategy, model, stream, test_loaders, chance)
+    in_memory = plan([(t.spec.name, t.spec.kind, len(t.train)) for t in tasks], config.image_size,
+                     config.train_in_memory_mb)
+    return Setup(config, device, root, benchmark, tasks, strategy, model, stream, test_loaders, chance, amp,
+                 {**amp.to_dict(), **accel}, in_memory)
 
 
 def start(setup: Setup, session: Session, resume: bool) -> tuple[Recorder, BatchNormAudit, int]:
@@ -216,7 +250,9 @@ def open_run(setup: Setup, session: Session) -> Recorder:
     hashes = {t.name: (root / TASK_DIRS[t.kind], session.tree_hash(root / TASK_DIRS[t.kind])) for t in setup.specs}
     env = {**environment(setup.device, hashes), "counts": setup.model.parameter_counts(),
            "seeding": {"python": config.seed, "numpy": config.seed, "torch": config.seed,
-                       "loader_generator": "seed + 1000 * stage", "strategy": "StageContext.generator(seed, stage)"}}
+                       "loader_generator": "seed + 1000 * stage", "strategy": "StageContext.generator(seed, stage)"},
+           "acceleration": setup.accel,
+           "training_data": {name: "memory" if kept else "per-image" for name, kept in setup.in_memory.items()}}
     files = {"config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False), "env.json": to_json(env),
              "tasks.json": to_json([t.to_dict() for t in setup.specs]), "chance.json": to_json(setup.chance)}
     return Recorder.create(Path(config.out), run_id, row_base(setup), files)
@@ -261,11 +297,16 @@ def reopen_run(setup: Setup, audit: BatchNormAudit) -> tuple[Recorder, int]:
     return recorder, done
 
 
-def stage_context(config: RunConfig, model: UniHeadNet, specs: tuple[TaskSpec, ...], stage: int, experience: Any,
-                  device: torch.device) -> StageContext:
+def stage_context(setup: Setup, stage: int, experience: Any) -> StageContext:
+    config, model, specs, device = setup.config, setup.model, setup.specs, setup.device
     task = specs[stage - 1]
-    train_loader = loader(experience.dataset, batch_size=config.batch_size[task.name], shuffle=True,
-                          seed=config.seed + 1000 * stage, workers=config.workers, device=device)
+    batch_size, seed = config.batch_size[task.name], config.seed + 1000 * stage
+    if setup.in_memory[task.name]:
+        train_loader: Any = MemoryLoader(setup.decoded_set(stage - 1), experience.dataset, batch_size=batch_size,
+                                         seed=seed, device=device, task_label=experience.task_label)
+    else:
+        train_loader = loader(experience.dataset, batch_size=batch_size, shuffle=True, seed=seed,
+                              workers=config.workers, device=device)
     size = (config.image_size,) * 2
     return StageContext(model=model, stage=stage, task=task, tasks=specs, seed=config.seed, device=device,
                         train_loader=train_loader, task_loss=lambda t, out, y: task_loss(model, t, out, y, size))
@@ -275,7 +316,8 @@ def run_stage(recorder: Recorder, ctx: StageContext, strategy: Strategy, config:
               on_step: OnStep | None = None) -> None:
     """Train (or restore from the stage-1 cache), then the strategy's after_stage; records time and params."""
     settings = StageSettings(epochs=config.epochs[ctx.task.name], lr=config.lr[ctx.task.name],
-                             weight_decay=config.weight_decay, grad_clip=config.grad_clip, amp=config.amp)
+                             weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+                             precision=precision(config.amp, ctx.device))
     if cache is not None and cache.exists():
         seconds, saved = 0.0, restore_stage1(cache, ctx)
     else:
@@ -346,15 +388,25 @@ def evaluate_stage(recorder: Recorder, audit: BatchNormAudit, setup: Setup, stag
     resources.eval_seconds, resources.bn_audit_seconds = audit_start - start_time, time.perf_counter() - audit_start
 
 
-def write_resources(recorder: Recorder, model: UniHeadNet, specs: tuple[TaskSpec, ...], device: torch.device,
-                    session: Session, sizes: tuple[int, ...]) -> None:
-    """resources.json: the stages' times plus latency (once per session and architecture), memory, budgets."""
-    key = (tuple((n, p.shape) for n, p in model.named_parameters()), tuple(t.name for t in specs), str(device), sizes)
+def write_resources(recorder: Recorder, setup: Setup, session: Session) -> None:
+    """resources.json: the stages' times plus latency in float32 and under --amp (once per session, architecture
+    and device), memory, budgets, and which path each task's training data took."""
+    model, specs, device, sizes = setup.model, setup.specs, setup.device, setup.config.latency_sizes
+    amp = setup.precision
+    key = (tuple((n, p.shape) for n, p in model.named_parameters()), tuple(t.name for t in specs), str(device), sizes,
+           amp.name)
     if key not in session.latency:
-        session.latency[key] = {t.name: {size: latency_ms(model, t, size, device) for size in sizes} for t in specs}
+        session.latency[key] = {
+            precision_name: {t.name: {size: latency_ms(model, t, size, device, autocast=autocast) for size in sizes}
+                             for t in specs}
+            for precision_name, autocast in (("fp32", None), (amp.name, amp.autocast())) if precision_name != "off"}
     resources = recorder.resources
-    resources.device, resources.latency_ms, resources.memory = device_name(device), session.latency[key], \
-        peak_memory_mb(device)
+    resources.device, resources.memory = device_name(device), peak_memory_mb(device)
+    resources.latency_ms = session.latency[key]["fp32"]
+    resources.latency_amp_ms = session.latency[key].get(amp.name, {})
+    resources.latency_detail = {"timer": Timer(device).name, "batch": 1, "amp": amp.to_dict()["autocast_dtype"],
+                                "includes": "forward + the task's post-processing (decode + NMS, label map, class)"}
+    resources.training_data = setup.training_data()
     resources.budgets = budget_checks(model.parameter_counts()["total"],
                                       {t: v.get(512) for t, v in resources.latency_ms.items()}, resources.device)
     recorder.write_resources()

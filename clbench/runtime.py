@@ -31,7 +31,7 @@ class Session:
 
     verified: set[Path] = field(default_factory=set)
     tree_hashes: dict[Path, str] = field(default_factory=dict)
-    latency: dict[tuple, dict[str, dict[int, float]]] = field(default_factory=dict)
+    latency: dict[tuple, dict[str, dict[str, dict[int, float]]]] = field(default_factory=dict)
 
     def verify(self, root: Path) -> None:
         """The full check of `clbench data verify`, once per data root: a bad dataset fails in seconds."""
@@ -172,8 +172,8 @@ class ModelConfig:
 
 
 def build_model(model_config: ModelConfig, specs: list[TaskSpec], device: torch.device, *,
-                pretrained: bool = False, pretrained_file: str | None = None) -> UniHeadNet:
+                pretrained: bool = False, pretrained_file: str | None = None, channels_last: bool = True) -> UniHeadNet:
     model = UniHeadNet(tasks=specs, backbone=model_config.backbone, pretrained=pretrained,
                        pretrained_file=pretrained_file, head_channels=model_config.head_channels,
                        head_stride=model_config.head_stride).to(device)
-    return model.to_channels_last()
+    return model.to_channels_last() if channels_last else model

@@ -231,10 +231,12 @@ def summed(terms: list[torch.Tensor]) -> torch.Tensor | None:
 
 def loss_terms(strategy: Strategy, ctx: StageContext, images: torch.Tensor,
                outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each strategy's loss term by name (each part of a composite separately), those that returned one."""
+    """Each strategy's loss term by name (each part of a composite separately), those that returned one, in
+    float32: under mixed precision a term computed from half-precision outputs is summed with the task loss in
+    float32 (the built-in terms already compute in float32: ``clbench.distill`` casts its inputs)."""
     parts = strategy.parts if isinstance(strategy, Composite) else [strategy]
     terms = {part.name: part.loss_term(ctx, images, outputs) for part in parts}
-    return {name: term for name, term in terms.items() if term is not None}
+    return {name: term.float() for name, term in terms.items() if term is not None}
 
 
 class Composite(Strategy):

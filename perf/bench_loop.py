@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from clbench.accel import Precision
+
 from clbench.benchmarks import load_task
 from clbench.benchmarks.images import collate
 from clbench.benchmarks.synthetic import SynthSpec, cached
@@ -55,7 +57,7 @@ def main() -> None:
     items = [(*data.train[i], 0) for i in range(args.batches * args.batch_size)]
     batches = [collate(items[i:i + args.batch_size]) for i in range(0, len(items), args.batch_size)]
     base = UniHeadNet(tasks=[data.spec]).to(device).to_channels_last()  # as clbench.run builds it
-    settings = StageSettings(epochs=1, lr=1e-3, weight_decay=1e-4, grad_clip=10.0, amp=False)
+    settings = StageSettings(epochs=1, lr=1e-3, weight_decay=1e-4, grad_clip=10.0, precision=Precision("cpu", None))
     strategy, _ = create("naive", {})
     times = {"clbench": [], "bare": []}
     for repeat in range(args.repeats + 1):  # the first round warms up both and is not counted

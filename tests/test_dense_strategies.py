@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from clbench.accel import Precision
+
 from clbench import ClbenchError
 from clbench.checkpoint import evaluate_checkpoint
 from clbench.config import resolve
@@ -49,7 +51,7 @@ def cls_batches(n=3, seed=0):
                    for _ in range(n))
 
 
-SETTINGS = StageSettings(epochs=1, lr=1e-2, weight_decay=0.0, grad_clip=10.0, amp=False)
+SETTINGS = StageSettings(epochs=1, lr=1e-2, weight_decay=0.0, grad_clip=10.0, precision=Precision("cpu", None))
 
 
 # the hook set ----------------------------------------------------------------------------------------------

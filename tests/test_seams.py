@@ -186,6 +186,7 @@ def test_table_and_plot_take_tasks_from_the_run_not_from_a_literal(tmp_path, cap
 
 
 def test_cached_test_sets_are_read_in_this_process_so_the_cache_holds_with_workers(tiny_args):
+    from clbench.memory import MemoryLoader
     from clbench.run import prepare, stage_context
     from clbench.runtime import MemoryCache, Session
     setup = prepare(resolve(None, {**tiny_args, "workers": "2"}), Session())
@@ -195,5 +196,8 @@ def test_cached_test_sets_are_read_in_this_process_so_the_cache_holds_with_worke
     items = dict(cache.items)
     list(setup.test_loaders[2])                           # a pass reads the cache: nothing is decoded again
     assert all(cache.items[k] is v for k, v in items.items())
-    ctx = stage_context(setup.config, setup.model, setup.specs, 1, next(iter(setup.stream.train_stream)), setup.device)
-    assert ctx.train_loader.num_workers == 2              # training still uses the workers asked for
+    ctx = stage_context(setup, 1, next(iter(setup.stream.train_stream)))
+    assert isinstance(ctx.train_loader, MemoryLoader)     # the training set is decoded once: no workers needed
+    per_image = prepare(resolve(None, {**tiny_args, "workers": "2", "train_in_memory_mb": "0"}), Session())
+    ctx = stage_context(per_image, 1, next(iter(per_image.stream.train_stream)))
+    assert ctx.train_loader.num_workers == 2              # image by image, training uses the workers asked for
