@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+BACKEND = "inductor"  # torch.compile's backend (the tests use "eager": inductor compiles for minutes on a CPU)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def compile_model(model: nn.Module) -> nn.Module:
     """torch.compile ``model`` in place (``nn.Module.compile``): the same object, the same parameter names and
     state_dict keys, so checkpoints, strategies' parameter tables and ``evaluation_state`` are unaffected.
     Training and inference compile separately (train/eval mode is part of the guard)."""
-    model.compile()
+    model.compile(backend=BACKEND)
     return model
 
 
@@ -84,10 +85,9 @@ def is_compiled(model: nn.Module) -> bool:
     return getattr(model, "_compiled_call_impl", None) is not None
 
 
-def uncompiled_copy_fix(original: nn.Module, twin: nn.Module) -> nn.Module:
-    """A deep copy of a compiled module keeps a reference to the ORIGINAL's compiled call (a function is copied by
-    reference): calling the copy would run the original's weights. Drop it and compile the copy on its own."""
-    if is_compiled(original):
-        twin._compiled_call_impl = None
+def compiled_like(original: nn.Module, twin: nn.Module) -> nn.Module:
+    """``twin`` (a deep copy of ``original``) compiled if ``original`` is: torch drops the compiled call when a
+    module is copied, so a teacher snapshot of a compiled student would otherwise run eagerly."""
+    if is_compiled(original) and not is_compiled(twin):
         compile_model(twin)
     return twin

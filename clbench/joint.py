@@ -94,6 +94,15 @@ def finish(setup: Any, recorder: Any, seconds: float, losses: list[float], steps
     recorder.write_resources()
 
 
+def task_batch(setup: Any, index: int, dataset: Any, items: list[int]) -> tuple[torch.Tensor, Any]:
+    """Items of task ``index`` as (network input, targets) on the device: from its in-memory set (augmented on
+    the device) when it has one, else read image by image from ``dataset``."""
+    if setup.in_memory[setup.specs[index].name]:
+        return setup.decoded_set(index).batch(torch.tensor(items), setup.device)
+    images, targets, _ = dataset.collate_fn([dataset[i] for i in items])
+    return to_device(images, setup.device), to_device(targets, setup.device)
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -117,12 +126,11 @@ def train_joint(setup: Any, datasets: list[Any], images: list[int], steps: int, 
     model.train()
     for step in range(steps):
         parts = []
-        for task, dataset, order, total in zip(specs, datasets, orders, images):
+        for index, (task, dataset, order, total) in enumerate(zip(specs, datasets, orders, images)):
             k = share(step, total, steps)
             if k:
-                batch = dataset.collate_fn([dataset[next(order)] for _ in range(k)])
-                parts.append((task, batch[0], to_device(batch[1], setup.device)))
-        batch_images = to_device(torch.cat([p[1] for p in parts]), setup.device)
+                parts.append((task, *task_batch(setup, index, dataset, [next(order) for _ in range(k)])))
+        batch_images = torch.cat([p[1] for p in parts])
         with setup.precision.autocast():
             outputs, start, own = model(batch_images), 0, {}
             for task, task_images, targets in parts:
@@ -130,7 +138,7 @@ def train_joint(setup: Any, datasets: list[Any], images: list[int], steps: int, 
                 own[task.name] = task_loss(model, task, {k: v[start:end] for k, v in outputs.items()}, targets, size)
                 start = end
             loss = sum(own.values())
-        losses.append(optimizer_step(loss, params, optimizer, scaler, config.grad_clip, f"joint, step {step + 1}"))
+        losses.append(optimizer_step(loss, params, optimizer, scaler, config.grad_clip, f"joint, step {step + 1}")[0])
         if on_step:
             on_step(step + 1, {"train/loss": losses[-1], **{f"train/loss_{t}": v.item() for t, v in own.items()}})
     return losses

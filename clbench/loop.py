@@ -92,9 +92,10 @@ def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, params
             term = summed(list(terms.values()))
             loss = own if term is None else own + term
         where = f"stage {ctx.stage} ({ctx.task.name}), epoch {epoch + 1}, step {step + 1}"
-        value = optimizer_step(loss, params, optimizer, scaler, settings.grad_clip, where,
-                               lambda grads: strategy.after_backward(ctx, grads))
-        strategy.after_step(ctx)
+        value, stepped = optimizer_step(loss, params, optimizer, scaler, settings.grad_clip, where,
+                                        lambda grads: strategy.after_backward(ctx, grads))
+        if stepped:  # a step the GradScaler skipped (fp16 gradients overflowed) is not a step
+            strategy.after_step(ctx)
         total, steps = total + value, steps + 1
         if on_step:
             on_step(step + 1, {"train/loss": value, f"train/loss_{ctx.task.name}": own.item(),
@@ -106,9 +107,12 @@ def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, params
 
 def optimizer_step(loss: torch.Tensor, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler, grad_clip: float, where: str,
-                   edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None] | None = None) -> float:
-    """One step: a non-finite loss is an error naming ``where``; backward (scaled under AMP), unscale, the
-    gradients ``edit`` returns put in place, clip, step. Returns the loss value."""
+                   edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None] | None = None
+                   ) -> tuple[float, bool]:
+    """One step: a non-finite loss is an error naming ``where``; backward (scaled under fp16), unscale, the
+    gradients ``edit`` returns put in place, clip, step. Returns the loss value and whether the optimizer
+    stepped: under fp16 the GradScaler skips a step whose scaled gradients overflowed (and lowers its scale:
+    that is how a skip shows), common in the first steps while the scale settles."""
     value = loss.item()
     if not math.isfinite(value):
         raise NonFiniteLoss(f"{where}: loss is {value}; lower --lr or check the data (finished stages are kept)")
@@ -118,9 +122,10 @@ def optimizer_step(loss: torch.Tensor, params: dict[str, torch.nn.Parameter], op
     if edit is not None:
         replace_gradients(params, edit({n: p.grad for n, p in params.items() if p.grad is not None}))
     torch.nn.utils.clip_grad_norm_(params.values(), grad_clip)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()
-    return value
+    return value, scale is None or scaler.get_scale() >= scale
 
 
 def replace_gradients(params: dict[str, torch.nn.Parameter], new: dict[str, torch.Tensor] | None) -> None:

@@ -66,8 +66,13 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling (align_corners=False). On CUDA under deterministic algorithms, as two matrix products
     with the interpolation weights: F.interpolate's bilinear backward on CUDA adds with atomics (no deterministic
     kernel), a matrix product's backward is another matrix product. Elsewhere F.interpolate itself."""
-    if not (logits.is_cuda and torch.are_deterministic_algorithms_enabled()):
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    if logits.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return upsample_by_matrices(logits, size)
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def upsample_by_matrices(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """F.interpolate(bilinear, align_corners=False) as rows · logits · colsᵀ (equal up to float rounding)."""
     rows, cols = (bilinear_weights(n_in, n_out, logits) for n_in, n_out in zip(logits.shape[-2:], size))
     return torch.einsum("Hh,bchw,Ww->bcHW", rows, logits, cols)
 

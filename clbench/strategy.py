@@ -71,15 +71,16 @@ class Strategy:
                     model.train()
                     strategy.before_epoch(ctx)      # e.g. put BatchNorm layers back into eval mode
                     for images, targets, task_labels in ctx.train_loader:
-                        outputs = model(images)
-                        loss = ctx.task_loss(T, outputs, targets)
-                        term = strategy.loss_term(ctx, images, outputs)   # a value: the loop adds it (None = nothing)
-                        (loss + term).backward(); unscale (AMP)
+                        with autocast (--amp):                  # images, targets already on ctx.device
+                            outputs = model(images)
+                            loss = ctx.task_loss(T, outputs, targets)
+                            term = strategy.loss_term(ctx, images, outputs)   # a value: the loop adds it in float32
+                        (loss + term).backward(); unscale (fp16)
                         grads = {name: p.grad for every trainable p that has one}
                         new = strategy.after_backward(ctx, grads)         # replacement gradients (None = keep)
                         p.grad <- new[name] for every name in new
-                        clip the gradient norm; optimizer.step()
-                        strategy.after_step(ctx)
+                        clip the gradient norm; optimizer.step()        # fp16: skipped if the gradients overflowed
+                        if the optimizer stepped: strategy.after_step(ctx)
             strategy.after_stage(ctx)               # always, cached or not: restore slices, a Fisher, a buffer, ...
             evaluate every task (+ BN audit); save checkpoint {model, strategy.state_dict(), evaluation states};
             only then write the stage's rows to metrics.csv (a stage is in the tables only if its checkpoint exists)

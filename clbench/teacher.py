@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from clbench import ClbenchError
-from clbench.accel import uncompiled_copy_fix
+from clbench.accel import compiled_like
 
 HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks")
@@ -34,7 +34,7 @@ class FrozenTeacher(nn.Module):
 def frozen_teacher(model: nn.Module) -> FrozenTeacher:
     """A deep copy of ``model`` in eval mode, without gradients, without the hooks the student carries
     (feature taps, gradient masks), whose BN statistics nothing can update."""
-    twin = uncompiled_copy_fix(model, copy.deepcopy(model))
+    twin = compiled_like(model, copy.deepcopy(model))
     for module in twin.modules():
         for table in HOOK_TABLES:
             getattr(module, table, {}).clear()

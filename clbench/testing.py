@@ -33,9 +33,10 @@ def tiny_run_settings(data_root: Path, out: Path) -> dict[str, str]:
 
 
 def smoke_test(strategy: str | type[Strategy], *, options: dict[str, Any] | None = None,
-               workdir: Path | None = None) -> pd.DataFrame:
+               workdir: Path | None = None, settings: dict[str, str] | None = None) -> pd.DataFrame:
     """Run ``strategy`` (a name, a reference ``file.py:Class``, or a Strategy subclass) through every stage
-    and check that every task was evaluated after every stage with finite primary metrics. A strategy that
+    and check that every task was evaluated after every stage with finite primary metrics. ``settings``: run
+    settings on top of the tiny ones, e.g. ``{"device": "cuda", "amp": "fp16"}``. A strategy that
     declares ``shares_first_stage`` is run a second time from a stage-1 cache written by naive, as
     `clbench compare` would: both runs must give the same metrics, or the declaration is wrong."""
     if isinstance(strategy, type):
@@ -46,7 +47,8 @@ def smoke_test(strategy: str | type[Strategy], *, options: dict[str, Any] | None
     session = Session()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = generate(Path(tmp) / "data", TINY_DATA)
-        settings = {**tiny_run_settings(root, Path(tmp) / "results"), "strategy": strategy, "set": options or {}}
+        settings = {**tiny_run_settings(root, Path(tmp) / "results"), **(settings or {}), "strategy": strategy,
+                    "set": options or {}}
         rows = read_rows(run(resolve(None, {**settings, "run_id": "smoke"}), session=session))
         if create(strategy, options or {})[0].shares_first_stage:
             cache = Path(tmp) / "stage1.pt"

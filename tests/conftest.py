@@ -12,6 +12,17 @@ from clbench.tasks import TaskSpec
 TINY = SynthSpec(seed=3, n_train=12, n_val=10, min_side=40, max_side=64)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped, saying why, where torch sees no CUDA device."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device and torch sees none here; run `pytest -m cuda` on a GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never write to the user's ~/.cache."""
