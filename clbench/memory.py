@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -106,15 +106,21 @@ def gather(source: torch.Tensor, index: torch.Tensor, pin: bool) -> torch.Tensor
 class MemoryLoader:
     """``ctx.train_loader`` for a set held in memory: iterating yields (images, targets, task labels) already on
     the device. The shuffles are the per-image path's: a DataLoader over the indices with the same generator
-    draws the same orders. ``dataset`` is the per-image dataset (rehearsal buffers read items from it)."""
+    draws the same orders. ``dataset`` is the per-image dataset (rehearsal buffers read items from it).
+    ``decode`` gives the DecodedSet, called on the first iteration (a stage restored from the stage-1 cache
+    never iterates, and decodes nothing)."""
 
-    def __init__(self, decoded: DecodedSet, dataset: Any, *, batch_size: int, seed: int, device: torch.device,
-                 task_label: int) -> None:
-        self.decoded, self.dataset, self.device, self.task_label = decoded, dataset, device, task_label
+    def __init__(self, decode: Callable[[], DecodedSet], dataset: Any, *, batch_size: int, seed: int,
+                 device: torch.device, task_label: int) -> None:
+        self._decode, self.dataset, self.device, self.task_label = decode, dataset, device, task_label
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
-        self._indices = DataLoader(range(len(decoded)), batch_size=batch_size, shuffle=True,
+        self._indices = DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=True,
                                    generator=self.generator, collate_fn=torch.tensor)
+
+    @property
+    def decoded(self) -> DecodedSet:
+        return self._decode()
 
     def __len__(self) -> int:
         return len(self._indices)

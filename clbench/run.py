@@ -302,8 +302,9 @@ def stage_context(setup: Setup, stage: int, experience: Any) -> StageContext:
     task = specs[stage - 1]
     batch_size, seed = config.batch_size[task.name], config.seed + 1000 * stage
     if setup.in_memory[task.name]:
-        train_loader: Any = MemoryLoader(setup.decoded_set(stage - 1), experience.dataset, batch_size=batch_size,
-                                         seed=seed, device=device, task_label=experience.task_label)
+        train_loader: Any = MemoryLoader(lambda: setup.decoded_set(stage - 1), experience.dataset,
+                                         batch_size=batch_size, seed=seed, device=device,
+                                         task_label=experience.task_label)
     else:
         train_loader = loader(experience.dataset, batch_size=batch_size, shuffle=True, seed=seed,
                               workers=config.workers, device=device)

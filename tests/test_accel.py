@@ -200,10 +200,11 @@ def walk_to_stage_3(setup, strategy):
     return ctx
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("amp, tolerance", [("fp16", 0.02), ("bf16", 0.1)])
-def test_every_builtin_loss_term_is_float32_and_close_to_its_float32_value_under_autocast(tiny_args, amp,
+def test_every_builtin_loss_term_is_float32_and_close_to_its_float32_value_under_autocast(tiny_args, device, amp,
                                                                                              tolerance):
-    setup = prepare(resolve(None, tiny_args), Session())
+    setup = prepare(resolve(None, {**tiny_args, "device": device}), Session())
     initial = copy.deepcopy(setup.model.state_dict())
     checked = []
     for name in BUILTINS:

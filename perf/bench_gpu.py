@@ -1,0 +1,319 @@
+"""The GPU benchmark: one script, one run, under 5 minutes on one GPU (it stops starting measurements when its
+time budget is spent, and says which it skipped). Also runs on a CPU, where it says so and measures a smaller set.
+
+Measured, with the harness's own code (``clbench.run``'s setup, ``clbench.loop.train_epoch``, the in-memory
+loader, ``clbench.evaluate``):
+- training images/s per task at 256 and 512 px, batch 16 and 64, AMP on/off, torch.compile off (and on, last,
+  while time is left): loader + step, as a stage runs;
+- the loader's images/s alone (in-memory path with and without augmentation, and the per-image path) vs the
+  training step's images/s on batches already on the device: loader/step > 1 means compute bounds a stage;
+- evaluation images/s per task (forward + post-processing + metrics, float32, as every stage evaluates);
+- batch-1 latency at 512 px per task, float32 and AMP (median of 50 after 10 warm-up; CUDA events on a GPU);
+- the full 3-stage schedule (`clbench run`, defaults) on 240/60-image synthetic sets at 512 px: wall time;
+- peak GPU memory per measurement and overall.
+On a CPU: 128 px and batch 16 only, no torch.compile (inductor compiles for minutes here), the schedule at 128 px,
+and the in-memory path against the per-image path (ratio printed: it must not be slower).
+
+    python perf/bench_gpu.py [--device auto|cuda|cpu] [--budget-s 280] [--out perf/bench_gpu.json]
+
+Prints a table and writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from clbench.accel import Precision, compile_model, precision
+from clbench.config import resolve
+from clbench.evaluate import evaluate_task
+from clbench.loop import StageSettings, to_device, train_epoch
+from clbench.memory import MemoryLoader
+from clbench.plugins import create
+from clbench.resources import device_name, latency_ms
+from clbench.run import prepare, run, stage_context
+from clbench.runtime import Session, loader
+from clbench.strategy import StageContext
+
+TASKS = ("seg", "det", "cls")
+
+
+class Budget:
+    """Wall-clock budget: a measurement starts only if its estimate fits what is left."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.perf_counter() + seconds
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+    def allows(self, what: str, estimate: float) -> bool:
+        if self.left() >= estimate:
+            return True
+        self.skipped.append(f"{what} (needs ~{estimate:.0f} s, {max(self.left(), 0):.0f} s left)")
+        return False
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, work: Callable[[], Any]) -> float:
+    sync(device)
+    start = time.perf_counter()
+    work()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def setup_for(size: int, device: torch.device, data: dict[str, str], **extra: str) -> Any:
+    settings = {**data, "image_size": str(size), "device": device.type, "progress": "false", "latency_sizes": "",
+                **extra}
+    return prepare(resolve(None, settings), Session())
+
+
+def memory_loader(setup: Any, index: int, batch: int) -> MemoryLoader:
+    experience = list(setup.stream.train_stream)[index]
+    return MemoryLoader(lambda: setup.decoded_set(index), experience.dataset, batch_size=batch, seed=0,
+                        device=setup.device, task_label=index)
+
+
+def context(setup: Any, index: int, train_loader: Any) -> StageContext:
+    ctx = stage_context(setup, index + 1, list(setup.stream.train_stream)[index])
+    return StageContext(model=ctx.model, stage=ctx.stage, task=ctx.task, tasks=ctx.tasks, seed=0,
+                        train_loader=train_loader, device=ctx.device, task_loss=ctx.task_loss)
+
+
+def train_rate(setup: Any, model: torch.nn.Module, index: int, train_loader: Any, amp: Precision,
+               epochs: int) -> float:
+    """Images/s of ``epochs`` training epochs through clbench's loop (after one warm-up epoch)."""
+    ctx = context(setup, index, train_loader)
+    ctx = StageContext(**{**ctx.__dict__, "model": model})
+    strategy, _ = create("naive", {})
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
+    settings = StageSettings(epochs=1, lr=1e-4, weight_decay=0.0, grad_clip=10.0, precision=amp)
+    scaler = amp.scaler()
+    model.train()
+    train_epoch(ctx, strategy, train_loader, params, optimizer, scaler, settings, 0)          # warm-up
+    seconds = timed(setup.device, lambda: [train_epoch(ctx, strategy, train_loader, params, optimizer, scaler,
+                                                       settings, e) for e in range(epochs)])
+    return epochs * len(train_loader.dataset) / seconds
+
+
+def step_rate(setup: Any, model: torch.nn.Module, index: int, batches: list, amp: Precision, rounds: int) -> float:
+    """Images/s of the training step alone, on batches already on the device."""
+    ctx = StageContext(**{**context(setup, index, batches).__dict__, "model": model})
+    strategy, _ = create("naive", {})
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
+    settings = StageSettings(epochs=1, lr=1e-4, weight_decay=0.0, grad_clip=10.0, precision=amp)
+    scaler = amp.scaler()
+    model.train()
+    train_epoch(ctx, strategy, batches, params, optimizer, scaler, settings, 0)
+    seconds = timed(setup.device, lambda: [train_epoch(ctx, strategy, batches, params, optimizer, scaler, settings, e)
+                                           for e in range(rounds)])
+    return rounds * sum(len(b[0]) for b in batches) / seconds
+
+
+def loader_rate(device: torch.device, batches: Any, epochs: int) -> float:
+    """Images/s of iterating a loader (batches moved to the device), nothing else."""
+    def once() -> int:
+        n = 0
+        for images, targets, _ in batches:
+            to_device(images, device), to_device(targets, device)
+            n += len(images)
+        return n
+    once()
+    count = [0]
+    seconds = timed(device, lambda: count.__setitem__(0, sum(once() for _ in range(epochs))))
+    return count[0] / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop starting measurements after this (default: 280 on a GPU, 900 on a CPU)")
+    parser.add_argument("--out", default="perf/bench_gpu.json")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    cuda = device.type == "cuda"
+    args.budget_s = args.budget_s or (280.0 if cuda else 900.0)
+    budget = Budget(args.budget_s)
+    sizes, batch_sizes, epochs = ((256, 512), (16, 64), 2) if cuda else ((128,), (16,), 1)
+    amp_modes = ("off", "auto") if cuda else ("off",)
+    data = {"synth_train": "240", "synth_val": "60"}
+    result: dict[str, Any] = {"device": device_name(device), "cuda": cuda, "torch": torch.__version__,
+                              "amp_auto": precision("auto", device).name, "train": [], "loader": [], "eval": [],
+                              "latency_512_ms": {}, "schedule": {}, "notes": []}
+    if not cuda:
+        result["notes"].append("CPU run: 128 px, batch 16, no torch.compile (inductor compiles for minutes on a "
+                               "CPU), AMP off (bf16 autocast trains slower on this CPU); the GPU grid needs a GPU")
+    reset_peak(device)
+
+    # training (loader + step), step alone, loader alone -----------------------------------------------------
+    for size in sizes:
+        setup = setup_for(size, device, data)
+        per_image = setup_for(size, device, data, train_in_memory_mb="0") if not cuda else None
+        base = copy.deepcopy(setup.model)
+        for index, task in enumerate(TASKS):
+            for batch in batch_sizes:
+                fast = memory_loader(setup, index, batch)
+                if not budget.allows(f"loader {task} {size}px b{batch}", 5):
+                    continue
+                entry = {"task": task, "size": size, "batch": batch,
+                         "memory_images_per_s": loader_rate(device, fast, epochs)}
+                augmented = copy.copy(setup.decoded_set(index))
+                augmented.augment = True
+                entry["memory_augmented_images_per_s"] = loader_rate(
+                    device, MemoryLoader(lambda: augmented, fast.dataset, batch_size=batch, seed=0, device=device,
+                                         task_label=index), epochs)
+                slow = loader(fast.dataset, batch_size=batch, shuffle=True, seed=0, workers=0, device=device)
+                entry["per_image_images_per_s"] = loader_rate(device, slow, 1)
+                result["loader"].append(entry)
+                on_device = list(fast)
+                for amp_mode in amp_modes:
+                    if not budget.allows(f"train {task} {size}px b{batch} amp={amp_mode}", 10 if cuda else 60):
+                        continue
+                    amp = precision(amp_mode, device)
+                    reset_peak(device)
+                    model = copy.deepcopy(base)
+                    row = {"task": task, "size": size, "batch": batch, "amp": amp.name, "compile": False,
+                           "train_images_per_s": train_rate(setup, model, index, fast, amp, epochs),
+                           "step_images_per_s": step_rate(setup, model, index, on_device, amp, epochs)}
+                    row["loader_over_step"] = entry["memory_images_per_s"] / row["step_images_per_s"]
+                    if per_image is not None:
+                        slow_train = stage_context(per_image, index + 1, list(per_image.stream.train_stream)[index])
+                        row["per_image_train_images_per_s"] = train_rate(per_image, copy.deepcopy(base), index,
+                                                                         slow_train.train_loader, amp, epochs)
+                        row["memory_over_per_image"] = row["train_images_per_s"] / row["per_image_train_images_per_s"]
+                    row["peak_gpu_mb"] = peak_mb(device)
+                    result["train"].append(row)
+
+        # evaluation and latency ------------------------------------------------------------------------------
+        for index, task in enumerate(TASKS):
+            if not budget.allows(f"eval {task} {size}px", 10 if cuda else 30):
+                continue
+            spec = setup.specs[index]
+            model = copy.deepcopy(base)
+            evaluate_task(model, spec, setup.test_loaders[index], device, setup.tasks[index].coco_gt)    # warm-up
+            n = len(setup.test_loaders[index].dataset)
+            seconds = timed(device, lambda: evaluate_task(model, spec, setup.test_loaders[index], device,
+                                                          setup.tasks[index].coco_gt))
+            result["eval"].append({"task": task, "size": size, "images_per_s": n / seconds})
+        if size == sizes[-1] or not cuda:
+            for index, task in enumerate(TASKS):
+                model, spec = copy.deepcopy(base), setup.specs[index]
+                figures = {"fp32": latency_ms(model, spec, 512, device, repeats=50, warmup=10)}
+                if cuda:
+                    amp = precision("auto", device)
+                    figures[amp.name] = latency_ms(model, spec, 512, device, autocast=amp.autocast(), repeats=50,
+                                                   warmup=10)
+                result["latency_512_ms"][task] = figures
+
+    # the full schedule ------------------------------------------------------------------------------------------
+    schedule_size = 512 if cuda else 128
+    paths = (("memory", "4096"),) if cuda else (("memory", "4096"), ("per-image", "0"))
+    for path, mb in paths:
+        if not budget.allows(f"schedule {path} {schedule_size}px", 60 if cuda else 150):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = {**data, "image_size": str(schedule_size), "device": device.type, "progress": "false",
+                        "latency_sizes": "512" if cuda else "", "out": tmp, "run_id": "schedule",
+                        "train_in_memory_mb": mb}
+            reset_peak(device)
+            start = time.perf_counter()
+            run_dir = run(resolve(None, settings))
+            wall = time.perf_counter() - start
+            resources = json.loads((run_dir / "resources.json").read_text())
+        result["schedule"][path] = {"size": schedule_size, "wall_s": wall, "train_s": resources["train_seconds"],
+                                    "eval_s": resources["eval_seconds"], "peak_gpu_mb": peak_mb(device)}
+    if "per-image" in result["schedule"] and "memory" in result["schedule"]:
+        result["schedule"]["per_image_over_memory_wall"] = (result["schedule"]["per-image"]["wall_s"]
+                                                            / result["schedule"]["memory"]["wall_s"])
+
+    # torch.compile, last: each shape and precision compiles once -------------------------------------------------
+    if cuda:
+        for size in sizes:
+            setup = setup_for(size, device, data)
+            for batch in batch_sizes:
+                for amp_mode in amp_modes:
+                    if not budget.allows(f"compiled train det {size}px b{batch} amp={amp_mode}", 60):
+                        continue
+                    amp = precision(amp_mode, device)
+                    model = compile_model(copy.deepcopy(setup.model))
+                    fast = memory_loader(setup, 1, batch)
+                    start = time.perf_counter()
+                    rate = train_rate(setup, model, 1, fast, amp, epochs)
+                    result["train"].append({"task": "det", "size": size, "batch": batch, "amp": amp.name,
+                                            "compile": True, "train_images_per_s": rate,
+                                            "seconds_with_compiling": time.perf_counter() - start,
+                                            "peak_gpu_mb": peak_mb(device)})
+    else:
+        result["notes"].append("torch.compile not measured on the CPU")
+    result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    result["skipped"] = budget.skipped
+    result["seconds"] = args.budget_s - budget.left()
+    report(result)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"written: {args.out}")
+
+
+def report(result: dict[str, Any]) -> None:
+    print(f"device: {result['device']} (torch {result['torch']}; --amp auto here = {result['amp_auto']})")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print("\ntraining images/s (loader + step, clbench's loop)  | step alone | loader/step | peak GPU MiB")
+    for row in result["train"]:
+        extra = f"  in-memory/per-image {row['memory_over_per_image']:.2f}x" if "memory_over_per_image" in row else ""
+        step = f"{row['step_images_per_s']:9.1f}" if "step_images_per_s" in row else " " * 9
+        ratio = f"{row['loader_over_step']:8.1f}" if "loader_over_step" in row else " " * 8
+        compiled = f" compiled ({row['seconds_with_compiling']:.0f} s incl. compiling)" if row["compile"] else ""
+        print(f"  {row['task']:3} {row['size']:4}px b{row['batch']:<3} amp={row['amp']:4}{compiled}: "
+              f"{row['train_images_per_s']:9.1f} | {step} | {ratio} | {row['peak_gpu_mb'] or '-'}{extra}")
+    print("\nloader images/s: in memory | in memory, augmented on the device | per image (0 workers)")
+    for row in result["loader"]:
+        print(f"  {row['task']:3} {row['size']:4}px b{row['batch']:<3}: {row['memory_images_per_s']:10.1f} | "
+              f"{row['memory_augmented_images_per_s']:10.1f} | {row['per_image_images_per_s']:10.1f}")
+    print("\nevaluation images/s (float32, metrics included)")
+    for row in result["eval"]:
+        print(f"  {row['task']:3} {row['size']:4}px: {row['images_per_s']:.1f}")
+    print("\nbatch-1 latency at 512 px, ms (median of 50 after 10 warm-up)")
+    for task, figures in result["latency_512_ms"].items():
+        print(f"  {task:3}: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
+    print("\nfull 3-stage schedule (240/60 images per task)")
+    for path, row in result["schedule"].items():
+        if isinstance(row, dict):
+            print(f"  {path:9} at {row['size']} px: {row['wall_s']:.1f} s wall (training {row['train_s']:.1f} s, "
+                  f"evaluation {row['eval_s']:.1f} s), peak GPU {row['peak_gpu_mb'] or '-'} MiB")
+    if "per_image_over_memory_wall" in result["schedule"]:
+        print(f"  per-image / in-memory wall time: {result['schedule']['per_image_over_memory_wall']:.3f} "
+              "(>= 1: the in-memory path is not slower)")
+    if result["skipped"]:
+        print("\nskipped (time budget): " + "; ".join(result["skipped"]))
+    print(f"\npeak GPU memory: {result['peak_gpu_mb'] or '-'} MiB; benchmark took {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
