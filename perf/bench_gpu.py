@@ -15,6 +15,7 @@ On a CPU: 128 px and batch 16 only, no torch.compile (inductor compiles for minu
 and the in-memory path against the per-image path (ratio printed: it must not be slower).
 
     python perf/bench_gpu.py [--device auto|cuda|cpu] [--budget-s 280] [--out perf/bench_gpu.json]
+                             [--skip train,eval,latency,schedule,compile]
 
 Prints a table and writes the figures as JSON.
 """
@@ -155,7 +156,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting measurements after this (default: 280 on a GPU, 900 on a CPU)")
     parser.add_argument("--out", default="perf/bench_gpu.json")
+    parser.add_argument("--skip", default="", help="comma-separated parts not to measure: train,eval,latency,schedule")
     args = parser.parse_args()
+    skip = {part.strip() for part in args.skip.split(",") if part.strip()}
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
@@ -178,7 +181,7 @@ def main() -> None:
         per_image = setup_for(size, device, data, train_in_memory_mb="0") if not cuda else None
         base = copy.deepcopy(setup.model)
         for index, task in enumerate(TASKS):
-            for batch in batch_sizes:
+            for batch in batch_sizes if "train" not in skip else ():
                 fast = memory_loader(setup, index, batch)
                 if not budget.allows(f"loader {task} {size}px b{batch}", 5):
                     continue
@@ -212,7 +215,7 @@ def main() -> None:
                     result["train"].append(row)
 
         # evaluation and latency ------------------------------------------------------------------------------
-        for index, task in enumerate(TASKS):
+        for index, task in enumerate(TASKS if "eval" not in skip else ()):
             if not budget.allows(f"eval {task} {size}px", 10 if cuda else 30):
                 continue
             spec = setup.specs[index]
@@ -222,7 +225,7 @@ def main() -> None:
             seconds = timed(device, lambda: evaluate_task(model, spec, setup.test_loaders[index], device,
                                                           setup.tasks[index].coco_gt))
             result["eval"].append({"task": task, "size": size, "images_per_s": n / seconds})
-        if size == sizes[-1] or not cuda:
+        if (size == sizes[-1] or not cuda) and "latency" not in skip:
             for index, task in enumerate(TASKS):
                 model, spec = copy.deepcopy(base), setup.specs[index]
                 figures = {"fp32": latency_ms(model, spec, 512, device, repeats=50, warmup=10)}
@@ -235,7 +238,7 @@ def main() -> None:
     # the full schedule ------------------------------------------------------------------------------------------
     schedule_size = 512 if cuda else 128
     paths = (("memory", "4096"),) if cuda else (("memory", "4096"), ("per-image", "0"))
-    for path, mb in paths:
+    for path, mb in paths if "schedule" not in skip else ():
         if not budget.allows(f"schedule {path} {schedule_size}px", 60 if cuda else 150):
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -254,11 +257,11 @@ def main() -> None:
                                                             / result["schedule"]["memory"]["wall_s"])
 
     # torch.compile, last: each shape and precision compiles once -------------------------------------------------
-    if cuda:
-        for size in sizes:
+    if cuda and "compile" not in skip:   # the most telling first: 512 px, batch 64, AMP
+        for size in reversed(sizes):
             setup = setup_for(size, device, data)
-            for batch in batch_sizes:
-                for amp_mode in amp_modes:
+            for batch in reversed(batch_sizes):
+                for amp_mode in reversed(amp_modes):
                     if not budget.allows(f"compiled train det {size}px b{batch} amp={amp_mode}", 60):
                         continue
                     amp = precision(amp_mode, device)
