@@ -98,42 +98,23 @@ def memory_loader(setup: Any, index: int, batch: int) -> MemoryLoader:
                         device=setup.device, task_label=index)
 
 
-def context(setup: Any, index: int, train_loader: Any) -> StageContext:
+def epochs_rate(setup: Any, model: torch.nn.Module, index: int, batches: Any, amp: Precision, epochs: int) -> float:
+    """Images/s of ``epochs`` passes over ``batches`` (a loader, or batches already on the device) through
+    clbench's loop with naive fine-tuning, after one warm-up pass."""
     ctx = stage_context(setup, index + 1, list(setup.stream.train_stream)[index])
-    return StageContext(model=ctx.model, stage=ctx.stage, task=ctx.task, tasks=ctx.tasks, seed=0,
-                        train_loader=train_loader, device=ctx.device, task_loss=ctx.task_loss)
-
-
-def train_rate(setup: Any, model: torch.nn.Module, index: int, train_loader: Any, amp: Precision,
-               epochs: int) -> float:
-    """Images/s of ``epochs`` training epochs through clbench's loop (after one warm-up epoch)."""
-    ctx = context(setup, index, train_loader)
-    ctx = StageContext(**{**ctx.__dict__, "model": model})
+    ctx = StageContext(model=model, stage=ctx.stage, task=ctx.task, tasks=ctx.tasks, seed=0, train_loader=batches,
+                       device=ctx.device, task_loss=ctx.task_loss)
     strategy, _ = create("naive", {})
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
     settings = StageSettings(epochs=1, lr=1e-4, weight_decay=0.0, grad_clip=10.0, precision=amp)
     scaler = amp.scaler()
     model.train()
-    train_epoch(ctx, strategy, train_loader, params, optimizer, scaler, settings, 0)          # warm-up
-    seconds = timed(setup.device, lambda: [train_epoch(ctx, strategy, train_loader, params, optimizer, scaler,
-                                                       settings, e) for e in range(epochs)])
-    return epochs * len(train_loader.dataset) / seconds
-
-
-def step_rate(setup: Any, model: torch.nn.Module, index: int, batches: list, amp: Precision, rounds: int) -> float:
-    """Images/s of the training step alone, on batches already on the device."""
-    ctx = StageContext(**{**context(setup, index, batches).__dict__, "model": model})
-    strategy, _ = create("naive", {})
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
-    settings = StageSettings(epochs=1, lr=1e-4, weight_decay=0.0, grad_clip=10.0, precision=amp)
-    scaler = amp.scaler()
-    model.train()
-    train_epoch(ctx, strategy, batches, params, optimizer, scaler, settings, 0)
+    train_epoch(ctx, strategy, batches, params, optimizer, scaler, settings, 0)          # warm-up
     seconds = timed(setup.device, lambda: [train_epoch(ctx, strategy, batches, params, optimizer, scaler, settings, e)
-                                           for e in range(rounds)])
-    return rounds * sum(len(b[0]) for b in batches) / seconds
+                                           for e in range(epochs)])
+    return epochs * sum(len(b[0]) for b in batches) / seconds if isinstance(batches, list) else \
+        epochs * len(batches.dataset) / seconds
 
 
 def loader_rate(device: torch.device, batches: Any, epochs: int) -> float:
@@ -203,12 +184,12 @@ def main() -> None:
                     reset_peak(device)
                     model = copy.deepcopy(base)
                     row = {"task": task, "size": size, "batch": batch, "amp": amp.name, "compile": False,
-                           "train_images_per_s": train_rate(setup, model, index, fast, amp, epochs),
-                           "step_images_per_s": step_rate(setup, model, index, on_device, amp, epochs)}
+                           "train_images_per_s": epochs_rate(setup, model, index, fast, amp, epochs),
+                           "step_images_per_s": epochs_rate(setup, model, index, on_device, amp, epochs)}
                     row["loader_over_step"] = entry["memory_images_per_s"] / row["step_images_per_s"]
                     if per_image is not None:
                         slow_train = stage_context(per_image, index + 1, list(per_image.stream.train_stream)[index])
-                        row["per_image_train_images_per_s"] = train_rate(per_image, copy.deepcopy(base), index,
+                        row["per_image_train_images_per_s"] = epochs_rate(per_image, copy.deepcopy(base), index,
                                                                          slow_train.train_loader, amp, epochs)
                         row["memory_over_per_image"] = row["train_images_per_s"] / row["per_image_train_images_per_s"]
                     row["peak_gpu_mb"] = peak_mb(device)
@@ -268,7 +249,7 @@ def main() -> None:
                     model = compile_model(copy.deepcopy(setup.model))
                     fast = memory_loader(setup, 1, batch)
                     start = time.perf_counter()
-                    rate = train_rate(setup, model, 1, fast, amp, epochs)
+                    rate = epochs_rate(setup, model, 1, fast, amp, epochs)
                     result["train"].append({"task": "det", "size": size, "batch": batch, "amp": amp.name,
                                             "compile": True, "train_images_per_s": rate,
                                             "seconds_with_compiling": time.perf_counter() - start,
