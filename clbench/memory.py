@@ -75,11 +75,6 @@ class DecodedSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    @property
-    def nbytes(self) -> int:
-        extra = self.targets.numel() * self.targets.element_size() if self.kind == "seg" else 0
-        return self.images.numel() * self.images.element_size() + extra
-
     def batch(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Any]:
         """Items ``index`` as (network input, targets) on ``device``: gathered into pinned memory on CUDA and
         copied without blocking, augmented there (when the task trains augmented), normalised."""

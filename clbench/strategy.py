@@ -28,7 +28,9 @@ class StageContext:
     seed: int                       # the run's --seed: derive every random draw of a strategy from it
     task: TaskSpec
     tasks: tuple[TaskSpec, ...]     # every task, in stream order
-    train_loader: DataLoader
+    train_loader: DataLoader        # or clbench.memory.MemoryLoader (a set kept in memory): either way iterating
+                                    # yields (images, targets, task labels); the in-memory one's are already on
+                                    # the device; ``.dataset`` reads single items, ``.generator`` drives the shuffles
     device: torch.device
     task_loss: Callable[[TaskSpec, dict[str, torch.Tensor], Any], torch.Tensor]
 
