@@ -28,6 +28,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -131,134 +132,172 @@ def loader_rate(device: torch.device, batches: Any, epochs: int) -> float:
     return count[0] / seconds
 
 
+@dataclass
+class Plan:
+    """What this run measures on its device (the GPU grid, or the CPU's smaller set) and its time budget."""
+
+    device: torch.device
+    budget: Budget
+    skip: set[str]
+    data: dict[str, str] = field(default_factory=lambda: {"synth_train": "240", "synth_val": "60"})
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return (256, 512) if self.cuda else (128,)
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return (16, 64) if self.cuda else (16,)
+
+    @property
+    def amp_modes(self) -> tuple[str, ...]:
+        return ("off", "auto") if self.cuda else ("off",)
+
+    @property
+    def epochs(self) -> int:
+        return 2 if self.cuda else 1
+
+
+def measure_loaders(plan: Plan, setup: Any, index: int, batch: int) -> dict[str, Any]:
+    """Loader images/s of one task: in memory, in memory augmented on the device, per image."""
+    fast = memory_loader(setup, index, batch)
+    augmented = copy.copy(setup.decoded_set(index))
+    augmented.augment = True
+    slow = loader(fast.dataset, batch_size=batch, shuffle=True, seed=0, workers=0, device=plan.device)
+    return {"task": TASKS[index], "size": setup.config.image_size, "batch": batch,
+            "memory_images_per_s": loader_rate(plan.device, fast, plan.epochs),
+            "memory_augmented_images_per_s": loader_rate(plan.device, MemoryLoader(
+                lambda: augmented, fast.dataset, batch_size=batch, seed=0, device=plan.device, task_label=index),
+                plan.epochs),
+            "per_image_images_per_s": loader_rate(plan.device, slow, 1)}
+
+
+def measure_training(plan: Plan, setup: Any, per_image: Any, index: int, batch: int, amp_mode: str,
+                     loaders: dict[str, Any]) -> dict[str, Any]:
+    """Training images/s of one task through the in-memory loader, of the step alone, and (on a CPU) through the
+    per-image loader."""
+    amp, fast = precision(amp_mode, plan.device), memory_loader(setup, index, batch)
+    base = copy.deepcopy(setup.model)
+    reset_peak(plan.device)
+    row = {"task": TASKS[index], "size": setup.config.image_size, "batch": batch, "amp": amp.name, "compile": False,
+           "train_images_per_s": epochs_rate(setup, copy.deepcopy(base), index, fast, amp, plan.epochs),
+           "step_images_per_s": epochs_rate(setup, copy.deepcopy(base), index, list(fast), amp, plan.epochs)}
+    row["loader_over_step"] = loaders["memory_images_per_s"] / row["step_images_per_s"]
+    if per_image is not None:
+        slow = stage_context(per_image, index + 1, list(per_image.stream.train_stream)[index]).train_loader
+        row["per_image_train_images_per_s"] = epochs_rate(per_image, copy.deepcopy(base), index, slow, amp,
+                                                          plan.epochs)
+        row["memory_over_per_image"] = row["train_images_per_s"] / row["per_image_train_images_per_s"]
+    row["peak_gpu_mb"] = peak_mb(plan.device)
+    return row
+
+
+def measure_size(plan: Plan, size: int, result: dict[str, Any]) -> None:
+    """Loaders, training, evaluation and (at the largest size) batch-1 latency at one input size."""
+    setup = setup_for(size, plan.device, plan.data)
+    per_image = None if plan.cuda else setup_for(size, plan.device, plan.data, train_in_memory_mb="0")
+    for index, task in enumerate(TASKS):
+        for batch in plan.batch_sizes if "train" not in plan.skip else ():
+            if not plan.budget.allows(f"loader {task} {size}px b{batch}", 5):
+                continue
+            loaders = measure_loaders(plan, setup, index, batch)
+            result["loader"].append(loaders)
+            for amp_mode in plan.amp_modes:
+                if plan.budget.allows(f"train {task} {size}px b{batch} amp={amp_mode}", 10 if plan.cuda else 60):
+                    result["train"].append(measure_training(plan, setup, per_image, index, batch, amp_mode, loaders))
+    for index, task in enumerate(TASKS if "eval" not in plan.skip else ()):
+        if plan.budget.allows(f"eval {task} {size}px", 10 if plan.cuda else 30):
+            args = (copy.deepcopy(setup.model), setup.specs[index], setup.test_loaders[index], plan.device,
+                    setup.tasks[index].coco_gt)
+            evaluate_task(*args)                                                                # warm-up
+            seconds = timed(plan.device, lambda: evaluate_task(*args))
+            result["eval"].append({"task": task, "size": size,
+                                   "images_per_s": len(setup.test_loaders[index].dataset) / seconds})
+    if size == plan.sizes[-1] and "latency" not in plan.skip and \
+            plan.budget.allows("batch-1 latency at 512 px", 10 if plan.cuda else 30):
+        for index, task in enumerate(TASKS):
+            model, spec, amp = copy.deepcopy(setup.model), setup.specs[index], precision("auto", plan.device)
+            figures = {"fp32": latency_ms(model, spec, 512, plan.device, repeats=50, warmup=10)}
+            if amp.dtype is not None:
+                figures[amp.name] = latency_ms(model, spec, 512, plan.device, autocast=amp.autocast(), repeats=50,
+                                               warmup=10)
+            result["latency_512_ms"][task] = figures
+
+
+def measure_schedule(plan: Plan, result: dict[str, Any]) -> None:
+    """`clbench run` with its defaults on the 240/60 sets: at 512 px on a GPU; at 128 px on a CPU, in memory and
+    per image (the ratio says whether the in-memory path is slower)."""
+    size = 512 if plan.cuda else 128
+    paths = (("memory", "4096"),) if plan.cuda else (("memory", "4096"), ("per-image", "0"))
+    for path, mb in paths if "schedule" not in plan.skip else ():
+        if not plan.budget.allows(f"schedule {path} {size}px", 60 if plan.cuda else 150):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = {**plan.data, "image_size": str(size), "device": plan.device.type, "progress": "false",
+                        "latency_sizes": "512" if plan.cuda else "", "out": tmp, "run_id": "schedule",
+                        "train_in_memory_mb": mb}
+            reset_peak(plan.device)
+            start = time.perf_counter()
+            run_dir = run(resolve(None, settings))
+            wall = time.perf_counter() - start
+            resources = json.loads((run_dir / "resources.json").read_text())
+        result["schedule"][path] = {"size": size, "wall_s": wall, "train_s": resources["train_seconds"],
+                                    "eval_s": resources["eval_seconds"], "peak_gpu_mb": peak_mb(plan.device)}
+    if {"memory", "per-image"} <= set(result["schedule"]):
+        result["schedule"]["per_image_over_memory_wall"] = (result["schedule"]["per-image"]["wall_s"]
+                                                            / result["schedule"]["memory"]["wall_s"])
+
+
+def measure_compile(plan: Plan, result: dict[str, Any]) -> None:
+    """torch.compile'd training of det, last and while time is left, the most telling first (512 px, batch 64,
+    AMP): each shape and precision compiles once."""
+    for size in reversed(plan.sizes):
+        setup = setup_for(size, plan.device, plan.data)
+        for batch in reversed(plan.batch_sizes):
+            for amp_mode in reversed(plan.amp_modes):
+                if not plan.budget.allows(f"compiled train det {size}px b{batch} amp={amp_mode}", 60):
+                    continue
+                amp, model = precision(amp_mode, plan.device), compile_model(copy.deepcopy(setup.model))
+                start = time.perf_counter()
+                rate = epochs_rate(setup, model, 1, memory_loader(setup, 1, batch), amp, plan.epochs)
+                result["train"].append({"task": "det", "size": size, "batch": batch, "amp": amp.name, "compile": True,
+                                        "train_images_per_s": rate,
+                                        "seconds_with_compiling": time.perf_counter() - start,
+                                        "peak_gpu_mb": peak_mb(plan.device)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting measurements after this (default: 280 on a GPU, 900 on a CPU)")
     parser.add_argument("--out", default="perf/bench_gpu.json")
-    parser.add_argument("--skip", default="", help="comma-separated parts not to measure: train,eval,latency,schedule")
+    parser.add_argument("--skip", default="", help="comma-separated parts not to measure: "
+                        "train,eval,latency,schedule,compile")
     args = parser.parse_args()
-    skip = {part.strip() for part in args.skip.split(",") if part.strip()}
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    cuda = device.type == "cuda"
-    args.budget_s = args.budget_s or (280.0 if cuda else 900.0)
-    budget = Budget(args.budget_s)
-    sizes, batch_sizes, epochs = ((256, 512), (16, 64), 2) if cuda else ((128,), (16,), 1)
-    amp_modes = ("off", "auto") if cuda else ("off",)
-    data = {"synth_train": "240", "synth_val": "60"}
-    result: dict[str, Any] = {"device": device_name(device), "cuda": cuda, "torch": torch.__version__,
+    seconds = args.budget_s or (280.0 if device.type == "cuda" else 900.0)
+    plan = Plan(device, Budget(seconds), {part.strip() for part in args.skip.split(",") if part.strip()})
+    result: dict[str, Any] = {"device": device_name(device), "cuda": plan.cuda, "torch": torch.__version__,
                               "amp_auto": precision("auto", device).name, "train": [], "loader": [], "eval": [],
                               "latency_512_ms": {}, "schedule": {}, "notes": []}
-    if not cuda:
-        result["notes"].append("CPU run: 128 px, batch 16, no torch.compile (inductor compiles for minutes on a "
-                               "CPU), AMP off (bf16 autocast trains slower on this CPU); the GPU grid needs a GPU")
+    if not plan.cuda:
+        result["notes"].append("CPU run: 128 px, batch 16, AMP off (bf16 autocast trains slower on this CPU), no "
+                               "torch.compile (inductor compiles for minutes on a CPU); the GPU grid needs a GPU")
     reset_peak(device)
-
-    # training (loader + step), step alone, loader alone -----------------------------------------------------
-    for size in sizes:
-        setup = setup_for(size, device, data)
-        per_image = setup_for(size, device, data, train_in_memory_mb="0") if not cuda else None
-        base = copy.deepcopy(setup.model)
-        for index, task in enumerate(TASKS):
-            for batch in batch_sizes if "train" not in skip else ():
-                fast = memory_loader(setup, index, batch)
-                if not budget.allows(f"loader {task} {size}px b{batch}", 5):
-                    continue
-                entry = {"task": task, "size": size, "batch": batch,
-                         "memory_images_per_s": loader_rate(device, fast, epochs)}
-                augmented = copy.copy(setup.decoded_set(index))
-                augmented.augment = True
-                entry["memory_augmented_images_per_s"] = loader_rate(
-                    device, MemoryLoader(lambda: augmented, fast.dataset, batch_size=batch, seed=0, device=device,
-                                         task_label=index), epochs)
-                slow = loader(fast.dataset, batch_size=batch, shuffle=True, seed=0, workers=0, device=device)
-                entry["per_image_images_per_s"] = loader_rate(device, slow, 1)
-                result["loader"].append(entry)
-                on_device = list(fast)
-                for amp_mode in amp_modes:
-                    if not budget.allows(f"train {task} {size}px b{batch} amp={amp_mode}", 10 if cuda else 60):
-                        continue
-                    amp = precision(amp_mode, device)
-                    reset_peak(device)
-                    model = copy.deepcopy(base)
-                    row = {"task": task, "size": size, "batch": batch, "amp": amp.name, "compile": False,
-                           "train_images_per_s": epochs_rate(setup, model, index, fast, amp, epochs),
-                           "step_images_per_s": epochs_rate(setup, model, index, on_device, amp, epochs)}
-                    row["loader_over_step"] = entry["memory_images_per_s"] / row["step_images_per_s"]
-                    if per_image is not None:
-                        slow_train = stage_context(per_image, index + 1, list(per_image.stream.train_stream)[index])
-                        row["per_image_train_images_per_s"] = epochs_rate(per_image, copy.deepcopy(base), index,
-                                                                         slow_train.train_loader, amp, epochs)
-                        row["memory_over_per_image"] = row["train_images_per_s"] / row["per_image_train_images_per_s"]
-                    row["peak_gpu_mb"] = peak_mb(device)
-                    result["train"].append(row)
-
-        # evaluation and latency ------------------------------------------------------------------------------
-        for index, task in enumerate(TASKS if "eval" not in skip else ()):
-            if not budget.allows(f"eval {task} {size}px", 10 if cuda else 30):
-                continue
-            spec = setup.specs[index]
-            model = copy.deepcopy(base)
-            evaluate_task(model, spec, setup.test_loaders[index], device, setup.tasks[index].coco_gt)    # warm-up
-            n = len(setup.test_loaders[index].dataset)
-            seconds = timed(device, lambda: evaluate_task(model, spec, setup.test_loaders[index], device,
-                                                          setup.tasks[index].coco_gt))
-            result["eval"].append({"task": task, "size": size, "images_per_s": n / seconds})
-        if (size == sizes[-1] or not cuda) and "latency" not in skip:
-            for index, task in enumerate(TASKS):
-                model, spec = copy.deepcopy(base), setup.specs[index]
-                figures = {"fp32": latency_ms(model, spec, 512, device, repeats=50, warmup=10)}
-                if cuda:
-                    amp = precision("auto", device)
-                    figures[amp.name] = latency_ms(model, spec, 512, device, autocast=amp.autocast(), repeats=50,
-                                                   warmup=10)
-                result["latency_512_ms"][task] = figures
-
-    # the full schedule ------------------------------------------------------------------------------------------
-    schedule_size = 512 if cuda else 128
-    paths = (("memory", "4096"),) if cuda else (("memory", "4096"), ("per-image", "0"))
-    for path, mb in paths if "schedule" not in skip else ():
-        if not budget.allows(f"schedule {path} {schedule_size}px", 60 if cuda else 150):
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            settings = {**data, "image_size": str(schedule_size), "device": device.type, "progress": "false",
-                        "latency_sizes": "512" if cuda else "", "out": tmp, "run_id": "schedule",
-                        "train_in_memory_mb": mb}
-            reset_peak(device)
-            start = time.perf_counter()
-            run_dir = run(resolve(None, settings))
-            wall = time.perf_counter() - start
-            resources = json.loads((run_dir / "resources.json").read_text())
-        result["schedule"][path] = {"size": schedule_size, "wall_s": wall, "train_s": resources["train_seconds"],
-                                    "eval_s": resources["eval_seconds"], "peak_gpu_mb": peak_mb(device)}
-    if "per-image" in result["schedule"] and "memory" in result["schedule"]:
-        result["schedule"]["per_image_over_memory_wall"] = (result["schedule"]["per-image"]["wall_s"]
-                                                            / result["schedule"]["memory"]["wall_s"])
-
-    # torch.compile, last: each shape and precision compiles once -------------------------------------------------
-    if cuda and "compile" not in skip:   # the most telling first: 512 px, batch 64, AMP
-        for size in reversed(sizes):
-            setup = setup_for(size, device, data)
-            for batch in reversed(batch_sizes):
-                for amp_mode in reversed(amp_modes):
-                    if not budget.allows(f"compiled train det {size}px b{batch} amp={amp_mode}", 60):
-                        continue
-                    amp = precision(amp_mode, device)
-                    model = compile_model(copy.deepcopy(setup.model))
-                    fast = memory_loader(setup, 1, batch)
-                    start = time.perf_counter()
-                    rate = epochs_rate(setup, model, 1, fast, amp, epochs)
-                    result["train"].append({"task": "det", "size": size, "batch": batch, "amp": amp.name,
-                                            "compile": True, "train_images_per_s": rate,
-                                            "seconds_with_compiling": time.perf_counter() - start,
-                                            "peak_gpu_mb": peak_mb(device)})
-    else:
-        result["notes"].append("torch.compile not measured on the CPU")
-    result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-    result["skipped"] = budget.skipped
-    result["seconds"] = args.budget_s - budget.left()
+    for size in plan.sizes:
+        measure_size(plan, size, result)
+    measure_schedule(plan, result)
+    if plan.cuda and "compile" not in plan.skip:
+        measure_compile(plan, result)
+    result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if plan.cuda else None
+    result["skipped"] = plan.budget.skipped
+    result["seconds"] = seconds - plan.budget.left()
     report(result)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"written: {args.out}")
