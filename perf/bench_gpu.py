@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
