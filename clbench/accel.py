@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from clbench import ClbenchError
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BACKEND = "inductor"  # torch.compile's backend (the tests use "eager": inductor compiles for minutes on a CPU)
 
@@ -46,11 +48,14 @@ class Precision:
 def precision(amp: str, device: torch.device) -> Precision:
     """``--amp`` on ``device``: auto = bf16 on a CUDA device that supports it, fp16 on one that does not,
     float32 on the CPU (bf16 autocast trains 1.6x slower on this project's CPU); bf16/fp16 are honoured on
-    either device (the CPU's autocast runs both: that is how the AMP paths are tested without a GPU)."""
+    either device (the CPU's autocast runs both: that is how the AMP paths are tested without a GPU), except bf16 on
+    a GPU without it: an error before anything runs (autocast would silently fall back to float32)."""
     if amp == "auto":
         if device.type != "cuda":
             return Precision(device.type, None)
         return Precision("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ClbenchError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16 (or auto, which picks it)")
     return Precision(device.type, DTYPES.get(amp))
 
 

@@ -57,6 +57,14 @@ def test_precision_resolves_on_the_device_and_only_fp16_scales_the_loss():
         assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16
 
 
+def test_bf16_on_a_gpu_without_it_is_refused_and_auto_picks_fp16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # no GPU touched
+    gpu = torch.device("cuda")
+    with pytest.raises(ClbenchError, match=r"^--amp bf16: this GPU has no bfloat16 support; use --amp fp16"):
+        precision("bf16", gpu)
+    assert precision("auto", gpu) == Precision("cuda", torch.float16) and precision("auto", gpu).to_dict()["grad_scaler"]
+
+
 def test_deterministic_sets_and_clears_the_process_switches(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
@@ -204,6 +212,10 @@ def walk_to_stage_3(setup, strategy):
 @pytest.mark.parametrize("amp, tolerance", [("fp16", 0.02), ("bf16", 0.1)])
 def test_every_builtin_loss_term_is_float32_and_close_to_its_float32_value_under_autocast(tiny_args, device, amp,
                                                                                              tolerance):
+    if device == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
+        with pytest.raises(ClbenchError, match="no bfloat16 support"):   # refused before anything runs
+            prepare(resolve(None, {**tiny_args, "device": device, "amp": amp}), Session())
+        return
     setup = prepare(resolve(None, {**tiny_args, "device": device}), Session())
     initial = copy.deepcopy(setup.model.state_dict())
     checked = []
