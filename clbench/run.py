@@ -99,7 +99,8 @@ def run_and_commit(setup: "Setup", recorder: Recorder, audit: BatchNormAudit, tr
     use_cache = stage == 1 and setup.strategy.shares_first_stage
     offset = sum(stage_steps(setup)[: stage - 1])
     on_step = (lambda step, values: trackers.scalars(values, offset + step)) if trackers.active else None
-    run_stage(recorder, ctx, setup.strategy, setup.config, stage1_cache if use_cache else None, on_step)
+    run_stage(recorder, ctx, setup.strategy, setup.config, setup.precision, stage1_cache if use_cache else None,
+              on_step)
     evaluate_stage(recorder, audit, setup, stage)
     recorder.commit(stage, checkpoint(setup, ctx, audit))
     trackers.stage(stage, recorder.rows, setup.specs)
@@ -313,12 +314,11 @@ def stage_context(setup: Setup, stage: int, experience: Any) -> StageContext:
                         train_loader=train_loader, task_loss=lambda t, out, y: task_loss(model, t, out, y, size))
 
 
-def run_stage(recorder: Recorder, ctx: StageContext, strategy: Strategy, config: RunConfig, cache: Path | None,
-              on_step: OnStep | None = None) -> None:
+def run_stage(recorder: Recorder, ctx: StageContext, strategy: Strategy, config: RunConfig, amp: Precision,
+              cache: Path | None, on_step: OnStep | None = None) -> None:
     """Train (or restore from the stage-1 cache), then the strategy's after_stage; records time and params."""
     settings = StageSettings(epochs=config.epochs[ctx.task.name], lr=config.lr[ctx.task.name],
-                             weight_decay=config.weight_decay, grad_clip=config.grad_clip,
-                             precision=precision(config.amp, ctx.device))
+                             weight_decay=config.weight_decay, grad_clip=config.grad_clip, precision=amp)
     if cache is not None and cache.exists():
         seconds, saved = 0.0, restore_stage1(cache, ctx)
     else:
