@@ -1,10 +1,6 @@
 """The three task datasets (real or synthetic, same on-disk formats) and the Avalanche stream.
 
-Data root layout::
-
-    <root>/mini_coco_det/{train,val}/annotations.json + images/
-    <root>/mini_voc_seg/{train,val}/JPEGImages/*.jpg + SegmentationClass/*.png  [+ labels.txt]
-    <root>/imagenette_160/{train,val}/<class>/*.jpg
+The data root's layout, and every other layout clbench reads, is in ``clbench.benchmarks.layouts``.
 """
 
 from __future__ import annotations
@@ -18,9 +14,10 @@ from clbench.tasks import TaskSpec
 
 from .coco import CocoDetection
 from .imagefolder import ImageFolderClassification, class_folders
+from .layouts import TASK_DIRS
 from .voc import VocSegmentation, read_class_list
 
-TASK_DIRS = {"seg": "mini_voc_seg", "det": "mini_coco_det", "cls": "imagenette_160"}
+
 DATASET_NAMES = {"seg": "Mini-VOC-Seg", "det": "Mini-COCO-Det", "cls": "Imagenette-160"}
 
 

@@ -1,38 +1,56 @@
-"""Detection data in COCO format: ``<split>/annotations.json`` + ``<split>/images/<file_name>``."""
+"""Detection data in COCO format: ``<split>/annotations.json`` + ``<split>/images/<file_name>`` (aliases:
+``clbench.benchmarks.layouts.coco_split_files``)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from .images import read_image, resize_transform, train_transform
+from .layouts import coco_split_files
 from clbench import ClbenchError
 
 
 def load_coco_json(path: Path) -> dict[str, Any]:
-    """Read and check a COCO detection file; every problem names the file and the offending entry."""
+    """Read and check a COCO detection file; the first problem names the file and the offending entry."""
+    data = read_json(path)
+    problem = next(coco_problems(path, data), None)
+    if problem is not None:
+        raise ClbenchError(problem)
+    return data
+
+
+def read_json(path: Path) -> Any:
     try:
-        data = json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ClbenchError(f"{path}: annotation file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ClbenchError(f"{path}: not valid JSON ({exc})") from None
+
+
+def coco_problems(path: Path, data: Any) -> Iterator[str]:
+    """Every problem of a parsed COCO detection file, one line each (the structure first: nothing is checked
+    inside a file whose lists are missing)."""
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
     if missing:
-        raise ClbenchError(f"{path}: not a COCO detection file: missing {', '.join(missing)}")
+        yield f"{path}: not a COCO detection file: missing {', '.join(missing)}"
+        return
     for key in ("images", "annotations", "categories"):
         if not isinstance(data[key], list) or not all(isinstance(item, dict) for item in data[key]):
-            raise ClbenchError(f"{path}: {key!r} must be a list of objects, got {type(data[key]).__name__}")
-    images = _check_images(path, data["images"])
-    categories = _check_categories(path, data["categories"])
-    _check_annotations(path, data["annotations"], images, categories)
-    return data
+            yield f"{path}: {key!r} must be a list of objects, got {type(data[key]).__name__}"
+            return
+    images: dict[int, dict[str, Any]] = {}
+    categories: set[int] = set()
+    yield from _check_images(path, data["images"], images)
+    yield from _check_categories(path, data["categories"], categories)
+    yield from _check_annotations(path, data["annotations"], images, categories)
 
 
 _KIND_NAMES = {int: "an integer", str: "a string"}
@@ -48,10 +66,19 @@ def _field(path: Path, what: str, entry: dict[str, Any], key: str, kind: type) -
     return value
 
 
-def _check_images(path: Path, entries: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    images: dict[int, dict[str, Any]] = {}
+def _entries(entries: list[dict[str, Any]], check: Callable[[int, dict[str, Any]], None]) -> Iterator[str]:
+    """``check`` every entry (it raises on the entry's first problem): each problem as one line."""
+    for index, entry in enumerate(entries):
+        try:
+            check(index, entry)
+        except ClbenchError as exc:
+            yield str(exc)
+
+
+def _check_images(path: Path, entries: list[dict[str, Any]], images: dict[int, dict[str, Any]]) -> Iterator[str]:
     names: dict[str, int] = {}
-    for index, img in enumerate(entries):
+
+    def check(index: int, img: dict[str, Any]) -> None:
         image_id = _field(path, f"images[{index}]", img, "id", int)
         what = f"image {image_id}"
         name = _field(path, what, img, "file_name", str)
@@ -65,23 +92,22 @@ def _check_images(path: Path, entries: list[dict[str, Any]]) -> dict[int, dict[s
         if name in names:
             raise ClbenchError(f"{path}: images {names[name]} and {image_id} share file_name {name!r}")
         images[image_id], names[name] = img, image_id
-    return images
+    return _entries(entries, check)
 
 
-def _check_categories(path: Path, entries: list[dict[str, Any]]) -> set[int]:
-    ids: set[int] = set()
-    for index, category in enumerate(entries):
+def _check_categories(path: Path, entries: list[dict[str, Any]], ids: set[int]) -> Iterator[str]:
+    def check(index: int, category: dict[str, Any]) -> None:
         category_id = _field(path, f"categories[{index}]", category, "id", int)
         _field(path, f"category {category_id}", category, "name", str)
         if category_id in ids:
             raise ClbenchError(f"{path}: category id {category_id} appears twice in 'categories'")
         ids.add(category_id)
-    return ids
+    return _entries(entries, check)
 
 
 def _check_annotations(path: Path, entries: list[dict[str, Any]], images: dict[int, dict[str, Any]],
-                       categories: set[int]) -> None:
-    for index, ann in enumerate(entries):
+                       categories: set[int]) -> Iterator[str]:
+    def check(index: int, ann: dict[str, Any]) -> None:
         what = f"annotation {ann.get('id', f'#{index}')}"
         image = images.get(_field(path, what, ann, "image_id", int))
         if image is None:
@@ -92,14 +118,15 @@ def _check_annotations(path: Path, entries: list[dict[str, Any]], images: dict[i
         bbox = ann.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
-            raise ClbenchError(f"{path}: {what} (image {image['id']}) has bbox {bbox!r}: expected [x, y, width, height], "
-                               "four finite numbers")
+            raise ClbenchError(f"{path}: {what} (image {image['id']}) has bbox {bbox!r}: expected [x, y, width, "
+                               "height], four finite numbers")
         x, y, w, h = bbox
         if w <= 0 or h <= 0:
             raise ClbenchError(f"{path}: image {image['id']} has bbox {bbox}: width and height must be > 0")
         if x < 0 or y < 0 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
             raise ClbenchError(f"{path}: image {image['id']} has bbox {bbox} outside the "
                                f"{image['width']}x{image['height']} image")
+    return _entries(entries, check)
 
 
 def _is_utf8(name: str) -> bool:
@@ -108,21 +135,6 @@ def _is_utf8(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def coco_split_files(task_root: Path, split: str) -> tuple[Path, Path]:
-    """(annotation JSON, images folder) of a split. Accepted layouts, first match wins:
-    ``<split>/annotations.json`` or ``<split>/instances_<split>.json`` or ``annotations/instances_<split>.json`` or
-    ``<split>.json``; images in ``<split>/images/``, ``<split>/JPEGImages/`` or ``<split>/`` itself."""
-    task_root = Path(task_root)
-    candidates = [task_root / split / "annotations.json", task_root / split / f"instances_{split}.json",
-                  task_root / "annotations" / f"instances_{split}.json", task_root / f"{split}.json"]
-    annotation = next((p for p in candidates if p.is_file()), None)
-    if annotation is None:
-        raise ClbenchError(f"{task_root}: no annotation file for split {split!r} (looked for "
-                           f"{', '.join(str(p.relative_to(task_root)) for p in candidates)})")
-    folders = [task_root / split / "images", task_root / split / "JPEGImages", task_root / split]
-    return annotation, next(p for p in folders if p.is_dir() or p == folders[-1])
 
 
 class CocoDetection(Dataset):

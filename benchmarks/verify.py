@@ -3,20 +3,18 @@ two splits) and count images per split and class. `clbench run` calls it before 
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from clbench import ClbenchError
 
-from .coco import coco_split_files, load_coco_json
+from .coco import load_coco_json
 from .imagefolder import class_folders
 from .images import list_images, read_image
-from .voc import read_class_list, read_mask, voc_split_dirs
-
-SPLITS = ("train", "val")
-
+from .sources import file_digest
+from .layouts import SPLITS, TASK_DIRS, coco_split_files, voc_split_dirs
+from .voc import read_class_list, read_mask
 
 def verify(root: Path) -> dict[str, dict[str, Any]]:
     """task → split → {"images": n, "per_class": {class: count}}; the first problem is a ClbenchError."""
@@ -26,13 +24,20 @@ def verify(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def _check_disjoint(task_root: Path, files: dict[str, list[Path]]) -> None:
-    seen: dict[str, Path] = {}
-    for split in SPLITS:
-        for path in files[split]:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            if digest in seen and seen[digest].parent != path.parent:
-                raise ClbenchError(f"{task_root}: the same image is in two splits: {seen[digest]} and {path}")
-            seen.setdefault(digest, path)
+    """Every image whose bytes are in two splits, all of them in one line (not only the first)."""
+    leaks = find_leaks({split: [(p, file_digest(p)) for p in files[split]] for split in SPLITS})
+    if leaks:
+        raise ClbenchError(f"{task_root}: {len(leaks)} images are in both splits (same bytes): "
+                           + "; ".join(f"{a.relative_to(task_root)} = {b.relative_to(task_root)}" for a, b in leaks)
+                           + " (`clbench data import --drop-leaked` writes a copy without them in train)")
+
+
+def find_leaks(hashed: dict[str, list[tuple[Path, str]]]) -> list[tuple[Path, Path]]:
+    """(train file, val file) of every val image whose content hash is also in train, in val's order."""
+    train: dict[str, Path] = {}
+    for path, digest in hashed["train"]:
+        train.setdefault(digest, path)
+    return [(train[digest], path) for path, digest in hashed["val"] if digest in train]
 
 
 def _nonempty(task_root: Path, split: str, count: int) -> None:

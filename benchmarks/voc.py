@@ -16,11 +16,37 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from .images import list_images, read_image, resize_transform, train_transform
+from .layouts import voc_split_dirs
 from clbench import ClbenchError
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
+
+
+def voc_palette() -> np.ndarray:
+    """VOC's 256 palette colours (256, 3): class k's colour from the bits of k (VOC devkit's ``labelcolormap``);
+    255, the 'void' border, is cream (224, 224, 192)."""
+    k = np.arange(256)
+    colours = np.zeros((256, 3), dtype=np.int64)
+    for shift in range(8):
+        for channel in range(3):
+            colours[:, channel] |= ((k >> channel) & 1) << (7 - shift)
+        k = k >> 3
+    return colours.astype(np.uint8)
+
+
+def colours_to_indices(rgb: np.ndarray, num_classes: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """An (H, W, 3) colour mask as class indices through VOC's palette (classes 0..num_classes-1 and 255); the
+    second value lists the colours that are none of those (then the indices are meaningless)."""
+    palette = voc_palette()
+    allowed = [*range(num_classes), 255]
+    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    table = {int(c[0]) << 16 | int(c[1]) << 8 | int(c[2]): i for i, c in ((i, palette[i]) for i in allowed)}
+    found, inverse = np.unique(codes, return_inverse=True)
+    unknown = [((int(c) >> 16) & 255, (int(c) >> 8) & 255, int(c) & 255) for c in found if int(c) not in table]
+    indices = np.array([table.get(int(c), 0) for c in found], dtype=np.uint8)[inverse].reshape(codes.shape)
+    return indices, unknown
 
 
 def read_class_list(task_root: Path) -> tuple[str, ...]:
@@ -50,14 +76,6 @@ def read_mask(path: Path, num_classes: int, image_size: tuple[int, int]) -> np.n
     if bad.size:
         raise ClbenchError(f"{path}: mask values {bad.tolist()} outside 0..{num_classes - 1} and 255")
     return array
-
-
-def voc_split_dirs(task_root: Path, split: str) -> tuple[Path, Path]:
-    """(images, masks) folders of a split: ``JPEGImages/`` or ``images/``, ``SegmentationClass/`` or ``masks/``."""
-    base = Path(task_root) / split
-    images = next((base / n for n in ("JPEGImages", "images") if (base / n).is_dir()), base / "JPEGImages")
-    masks = next((base / n for n in ("SegmentationClass", "masks") if (base / n).is_dir()), base / "SegmentationClass")
-    return images, masks
 
 
 class VocSegmentation(Dataset):

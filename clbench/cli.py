@@ -1,4 +1,5 @@
-"""The `clbench` command line: run, compare, table, plot, eval, strategies, data synth."""
+"""The `clbench` command line: run, compare, table, plot, eval, report, strategies, data (synth, prepare, import,
+download, verify)."""
 
 from __future__ import annotations
 
@@ -74,9 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--out", type=Path, required=True)
     down.add_argument("--only", default="coco,voc,imagenette", help="some of coco,coco-train,voc,imagenette")
     down.add_argument("--mirror", default=None, help="base URL serving the same file names")
+    _import_parser(data)
     verify = data.add_parser("verify", allow_abbrev=False, help="check a data root and count images per class")
     verify.add_argument("root", type=Path)
     return parser
+
+
+def _import_parser(data: argparse._SubParsersAction) -> None:
+    imp = data.add_parser("import", allow_abbrev=False,
+                          help="a mini set in a user's layout (FiftyOne, COCO JSON + folder, VOC lists, ImageFolder, "
+                          "...) → clbench's layout with a manifest; the source is only read")
+    imp.add_argument("src", type=Path, help="the folder holding the three task folders (found by their content)")
+    imp.add_argument("--out", type=Path, required=True, help="a new or empty folder: the data root to run on")
+    imp.add_argument("--classes", default=None,
+                     help="detection classes by name (or id), comma-separated; default: COCO ids 1-10 when present "
+                     "in both splits, else the 10 most frequent (by images) present in both")
+    imp.add_argument("--drop-leaked", action="store_true",
+                     help="remove from train every image whose bytes are also in val (refused otherwise)")
+    for flag, what in (("--coco", "detection"), ("--voc", "segmentation"), ("--cls", "classification")):
+        imp.add_argument(flag, type=Path, default=None, help=f"the {what} folder, when finding it by content is "
+                         "ambiguous")
 
 
 def _compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -164,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except ClbenchError as exc:
-        print(f"clbench: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:  # a check that lists several problems: one line each
+            print(f"clbench: error: {line}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`clbench table DIR | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -331,6 +350,12 @@ def _data(args: argparse.Namespace) -> int:
                       counts=Counts(train, val), seed=args.seed, coco_classes=args.classes)
         print(format_report(verify(out)))
         print(f"written to {out} (manifest.json lists every file with its sha256)")
+    elif args.data_command == "import":
+        from clbench.benchmarks.importer import ImportOptions, import_data
+        from clbench.benchmarks.verify import format_report, verify
+        import_data(args.src, args.out, ImportOptions(args.classes, args.drop_leaked,
+                                                      {"det": args.coco, "seg": args.voc, "cls": args.cls}))
+        print(format_report(verify(args.out)))
     elif args.data_command == "download":
         from clbench.benchmarks.download import download_all
         for path in download_all(args.out, [w.strip() for w in args.only.split(",")], mirror=args.mirror):
