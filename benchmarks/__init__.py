@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from clbench.tasks import TaskSpec
 
 from .coco import CocoDetection
+from .images import IMAGENET, Normalization
 from .imagefolder import ImageFolderClassification, class_folders
 from .layouts import TASK_DIRS
 from .voc import VocSegmentation, read_class_list
@@ -33,27 +34,30 @@ class TaskData:
         return self.test.coco if self.spec.kind == "det" else None
 
 
-def load_task(root: Path, kind: str, *, image_size: int, augment: bool = False) -> TaskData:
+def load_task(root: Path, kind: str, *, image_size: int, augment: bool = False,
+              normalization: Normalization = IMAGENET) -> TaskData:
     """One task's spec and its train (resized targets, optionally augmented) / test (original-resolution
-    targets, never augmented) datasets."""
+    targets, never augmented) datasets, both normalised with ``normalization`` (the weights')."""
     task_root = Path(root) / TASK_DIRS[kind]
+    common = {"image_size": image_size, "normalization": normalization}
     if kind == "det":
-        train = CocoDetection(task_root, "train", image_size=image_size, augment=augment)
-        test = CocoDetection(task_root, "val", image_size=image_size)
+        train = CocoDetection(task_root, "train", augment=augment, **common)
+        test = CocoDetection(task_root, "val", **common)
         spec = TaskSpec("det", "det", DATASET_NAMES[kind], train.class_names, train.category_ids)
     elif kind == "seg":
         classes = read_class_list(task_root)
-        train = VocSegmentation(task_root, "train", image_size=image_size, classes=classes, train=True, augment=augment)
-        test = VocSegmentation(task_root, "val", image_size=image_size, classes=classes, train=False)
+        train = VocSegmentation(task_root, "train", classes=classes, train=True, augment=augment, **common)
+        test = VocSegmentation(task_root, "val", classes=classes, train=False, **common)
         spec = TaskSpec("seg", "seg", DATASET_NAMES[kind], classes)
     else:
         classes = class_folders(task_root / "train")
-        train = ImageFolderClassification(task_root / "train", image_size=image_size, classes=classes, augment=augment)
-        test = ImageFolderClassification(task_root / "val", image_size=image_size, classes=classes)
+        train = ImageFolderClassification(task_root / "train", classes=classes, augment=augment, **common)
+        test = ImageFolderClassification(task_root / "val", classes=classes, **common)
         spec = TaskSpec("cls", "cls", DATASET_NAMES[kind], classes)
     return TaskData(spec, train, test)
 
 
-def load_tasks(root: Path, order: tuple[str, ...], *, image_size: int,
-               augment: dict[str, bool] | None = None) -> list[TaskData]:
-    return [load_task(root, kind, image_size=image_size, augment=(augment or {}).get(kind, False)) for kind in order]
+def load_tasks(root: Path, order: tuple[str, ...], *, image_size: int, augment: dict[str, bool] | None = None,
+               normalization: Normalization = IMAGENET) -> list[TaskData]:
+    return [load_task(root, kind, image_size=image_size, augment=(augment or {}).get(kind, False),
+                      normalization=normalization) for kind in order]

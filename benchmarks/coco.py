@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .images import read_image, resize_transform, train_transform
+from .images import IMAGENET, Normalization, read_image, resize_transform, train_transform
 from .layouts import coco_split_files
 from clbench import ClbenchError
 
@@ -143,7 +143,9 @@ class CocoDetection(Dataset):
     Crowd boxes are not training targets (COCO's evaluation ignores detections matched to them).
     """
 
-    def __init__(self, task_root: Path, split: str, *, image_size: int, augment: bool = False) -> None:
+    def __init__(self, task_root: Path, split: str, *, image_size: int, augment: bool = False,
+                 normalization: Normalization = IMAGENET) -> None:
+        self.normalization = normalization
         self.annotation_file, self.images_dir = coco_split_files(task_root, split)
         self.coco = load_coco_json(self.annotation_file)
         self.category_ids = tuple(sorted(c["id"] for c in self.coco["categories"]))
@@ -156,7 +158,8 @@ class CocoDetection(Dataset):
                 self._anns[ann["image_id"]].append(ann)
         if not self.images:
             raise ClbenchError(f"{self.annotation_file}: empty split, no images")
-        self.transform = train_transform(image_size, boxes=True) if augment else resize_transform(image_size)
+        self.transform = train_transform(image_size, boxes=True, normalization=normalization) if augment else \
+            resize_transform(image_size, normalization)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .images import IMAGE_SUFFIXES, check_utf8_name, list_images, read_image, resize_transform, train_transform
+from .images import IMAGE_SUFFIXES, IMAGENET, Normalization, check_utf8_name, list_images, read_image, resize_transform, train_transform
 from clbench import ClbenchError
 
 
@@ -33,7 +33,9 @@ def class_folders(split_dir: Path) -> tuple[str, ...]:
 class ImageFolderClassification(Dataset):
     """Items: (image, class index)."""
 
-    def __init__(self, split_dir: Path, *, image_size: int, classes: tuple[str, ...], augment: bool = False) -> None:
+    def __init__(self, split_dir: Path, *, image_size: int, classes: tuple[str, ...], augment: bool = False,
+                 normalization: Normalization = IMAGENET) -> None:
+        self.normalization = normalization
         self.split_dir = Path(split_dir)
         found = class_folders(self.split_dir)
         if found != classes:
@@ -42,7 +44,8 @@ class ImageFolderClassification(Dataset):
         self.samples = [(path, i) for i, name in enumerate(classes) for path in list_images(self.split_dir / name)]
         if not self.samples:
             raise ClbenchError(f"{self.split_dir}: empty split, no images")
-        self.transform = train_transform(image_size) if augment else resize_transform(image_size)
+        self.transform = train_transform(image_size, normalization=normalization) if augment else \
+            resize_transform(image_size, normalization)
 
     def __len__(self) -> int:
         return len(self.samples)

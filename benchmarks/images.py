@@ -10,9 +10,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from clbench import ClbenchError
+from clbench.pretrained import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, Normalization  # noqa: F401 (re-exported)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
@@ -28,13 +27,13 @@ def read_image(path: Path) -> Image.Image:
         raise ClbenchError(f"{path}: unreadable or truncated image ({exc})") from None
 
 
-def resize_transform(image_size: int) -> v2.Compose:
-    """Resize to a square input (boxes and masks follow via tv_tensors), scale to float, ImageNet-normalise:
-    ``decode_transform`` then ``to_input``, one image at a time."""
+def resize_transform(image_size: int, normalization: Normalization = IMAGENET) -> v2.Compose:
+    """Resize to a square input (boxes and masks follow via tv_tensors), scale to float, normalise:
+    ``decode_transform`` then ``to_float``, one image at a time."""
     return v2.Compose([
         decode_transform(image_size),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(normalization.mean, normalization.std),
     ])
 
 
@@ -43,12 +42,12 @@ def decode_transform(image_size: int) -> v2.Compose:
     return v2.Compose([v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)])
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] (any leading dims, any device) → ImageNet-normalised, as ``resize_transform``'s last step."""
-    return v2.functional.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+def to_float(images: torch.Tensor, normalization: Normalization = IMAGENET) -> torch.Tensor:
+    """Images in [0, 1] (any leading dims, any device) → normalised, as ``resize_transform``'s last step."""
+    return v2.functional.normalize(images, normalization.mean, normalization.std)
 
 
-def train_transform(image_size: int, *, boxes: bool = False) -> v2.Compose:
+def train_transform(image_size: int, *, boxes: bool = False, normalization: Normalization = IMAGENET) -> v2.Compose:
     """Training augmentation; boxes and masks follow every geometric step: random resized crop (scale
     0.5-1), horizontal flip, colour jitter. With ``boxes`` the input is (image, {"boxes", "labels", ...})
     and boxes cropped away are dropped together with their labels."""
@@ -60,7 +59,7 @@ def train_transform(image_size: int, *, boxes: bool = False) -> v2.Compose:
         v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
         *box_steps,
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(normalization.mean, normalization.std),
     ])
 
 

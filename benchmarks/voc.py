@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .images import list_images, read_image, resize_transform, train_transform
+from .images import IMAGENET, Normalization, list_images, read_image, resize_transform, train_transform
 from .layouts import voc_split_dirs
 from clbench import ClbenchError
 
@@ -83,7 +83,8 @@ class VocSegmentation(Dataset):
     at the original resolution so mIoU is computed there."""
 
     def __init__(self, task_root: Path, split: str, *, image_size: int, classes: tuple[str, ...], train: bool,
-                 augment: bool = False) -> None:
+                 augment: bool = False, normalization: Normalization = IMAGENET) -> None:
+        self.normalization = normalization
         images_dir, masks_dir = voc_split_dirs(task_root, split)
         self.classes = classes
         self.train = train
@@ -91,7 +92,8 @@ class VocSegmentation(Dataset):
         if not self.images:
             raise ClbenchError(f"{images_dir}: empty split, no images")
         self.masks = [masks_dir / f"{p.stem}.png" for p in self.images]
-        self.transform = train_transform(image_size) if augment and train else resize_transform(image_size)
+        self.transform = train_transform(image_size, normalization=normalization) if augment and train else \
+            resize_transform(image_size, normalization)
 
     def __len__(self) -> int:
         return len(self.images)

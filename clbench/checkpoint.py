@@ -48,9 +48,7 @@ def evaluate_checkpoint(weights: Path, root: Path | None, tasks: str, device: st
     ckpt = load_checkpoint(weights)
     try:
         specs = [TaskSpec.from_dict(t) for t in ckpt["tasks"]]
-        cfg = ckpt["model_config"]
-        model_config = ModelConfig(cfg["backbone"], int(cfg["head_channels"]), int(cfg["head_stride"]),
-                                   int(cfg["image_size"]), tuple(cfg["order"]))
+        model_config = ModelConfig.from_dict(ckpt["model_config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ClbenchError(f"{weights}: malformed model_config or tasks ({type(exc).__name__}: {exc})") from None
     wanted = [t.name for t in specs] if tasks == "all" else [t.strip() for t in tasks.split(",")]
@@ -63,7 +61,8 @@ def evaluate_checkpoint(weights: Path, root: Path | None, tasks: str, device: st
              for key in ("synth_train", "synth_val", "synth_domain")}
     data_dir, _ = data_root(str(root) if root else None, **synth)
     by_name = {s.name: s for s in specs}
-    data = [load_task(data_dir, by_name[name].kind, image_size=model_config.image_size) for name in wanted]
+    data = [load_task(data_dir, by_name[name].kind, image_size=model_config.image_size,
+                      normalization=model_config.normalization) for name in wanted]
     for name, task in zip(wanted, data):
         if task.spec.classes != by_name[name].classes:
             raise ClbenchError(f"{data_dir / TASK_DIRS[task.spec.kind]}: the {name} classes {list(task.spec.classes)} "

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from clbench import ClbenchError
+from clbench.pretrained import PACKAGED, parse_normalize
 
 TASK_NAMES = ("seg", "det", "cls")
 
@@ -146,6 +147,19 @@ def _options(value: Any) -> dict[str, Any]:
     return out
 
 
+def _pretrained(value: Any) -> bool | str:
+    """true / false (timm's hub or none), or the name of weights a package ships (``clbench.weights.PACKAGED``)."""
+    if isinstance(value, str) and value.strip().lower() in PACKAGED:
+        return value.strip().lower()
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise ValueError(f"expected true, false or {', '.join(PACKAGED)}") from None
+
+
+FIELDS_DEFAULT_BACKBONE = "efficientnet_b0"
+
+
 def _optional_str(value: Any) -> str | None:
     return None if value in (None, "", "none", "None") else str(value)
 
@@ -220,10 +234,16 @@ class RunConfig:
     grad_clip: float = field(default=10.0, metadata={"parse": _positive(finite_float), "help": "max gradient norm"})
     image_size: int = field(default=128, metadata={"parse": at_least(whole_number, 32),
                             "help": "square input side (128 for the synthetic benchmark; 256-512 for real data)"})
-    backbone: str = field(default="efficientnet_b0", metadata={"parse": str, "help": "any timm model name"})
-    pretrained: bool = field(default=False, metadata={"parse": parse_bool, "help": "timm's pretrained weights (hub)"})
-    pretrained_file: str | None = field(default=None, metadata={"parse": _optional_str,
-                                        "help": "local timm checkpoint / backbone state_dict"})
+    backbone: str = field(default=FIELDS_DEFAULT_BACKBONE, metadata={"parse": str, "help": "any timm model name"})
+    pretrained: bool | str = field(default=False, metadata={"parse": _pretrained, "help": (
+        "true: timm's pretrained weights (hub); lite0: ImageNet EfficientNet-Lite0 weights from the clbench[weights] "
+        "extra, no network needed (backbone tf_efficientnet_lite0); false: random initialisation")})
+    pretrained_file: str | None = field(default=None, metadata={"parse": _optional_str, "help": (
+        "local weights: a timm checkpoint / backbone state_dict, or an EfficientNet checkpoint in the "
+        "efficientnet_pytorch naming (mapped by structure onto --backbone)")})
+    normalize: str = field(default="auto", metadata={"parse": parse_normalize, "help": (
+        "input mean/std: auto (the pretrained weights' own, from timm's pretrained_cfg; ImageNet's without "
+        "weights), imagenet, inception (0.5/0.5) or M,M,M/S,S,S; config.yaml records the values used")})
     head_channels: int = field(default=96, metadata={"parse": _positive(whole_number), "help": "width of the neck and head"})
     head_stride: int = field(default=8, metadata={"parse": lambda v: int(_choice("8", "16")(str(whole_number(v)))),
                                                   "help": "output stride of the head: 8 or 16"})
@@ -270,6 +290,21 @@ class RunConfig:
         for f in dataclasses.fields(self):
             value = parse_field(f.name, getattr(self, f.name), f"RunConfig.{f.name}")
             object.__setattr__(self, f.name, _frozen(value))
+        self._packaged_weights()
+
+    def _packaged_weights(self) -> None:
+        """``pretrained: lite0`` picks its architecture (the default backbone gives way; another is an error)."""
+        if not isinstance(self.pretrained, str):
+            return
+        arch = PACKAGED[self.pretrained].arch
+        if self.pretrained_file:
+            raise ClbenchError(f"--pretrained {self.pretrained} and --pretrained-file are exclusive: name one source "
+                               "of weights")
+        if self.backbone == FIELDS_DEFAULT_BACKBONE:
+            object.__setattr__(self, "backbone", arch)
+        elif self.backbone != arch:
+            raise ClbenchError(f"--pretrained {self.pretrained} holds {arch} weights; --backbone {self.backbone} "
+                               "conflicts with it (leave --backbone out)")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -315,7 +350,11 @@ def resolve(yaml_path: Path | None, cli: dict[str, Any]) -> RunConfig:
     values = load_yaml(yaml_path) if yaml_path else {}
     given = {key: parse_field(key, value, f"--{key.replace('_', '-')}") for key, value in cli.items()}
     options = {**values.get("set", {}), **given.pop("set", {})}
-    return RunConfig(**{**values, **given, "set": options})
+    merged = {**values, **given, "set": options}
+    if isinstance(merged.get("pretrained"), str) and merged.get("backbone", merged["pretrained"]) == FIELDS_DEFAULT_BACKBONE:
+        raise ClbenchError(f"--pretrained {merged['pretrained']} picks its own backbone; --backbone "
+                           f"{FIELDS_DEFAULT_BACKBONE} conflicts with it (leave --backbone out)")
+    return RunConfig(**merged)
 
 
 def run_fields(values: Mapping[str, Any]) -> dict[str, Any]:

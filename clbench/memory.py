@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import to_dtype
 
 from clbench.augment import augment_batch
-from clbench.benchmarks.images import decode_transform, to_float
+from clbench.benchmarks.images import IMAGENET, Normalization, decode_transform, to_float
 from clbench.loop import to_device
 
 MB = 2**20
@@ -50,6 +50,7 @@ class DecodedSet:
     targets: Any
     augment: bool
     seconds: float  # decoding and resizing, once
+    normalization: Normalization = IMAGENET   # the dataset's own (the weights')
 
     @classmethod
     def decode(cls, dataset: Any, kind: str, image_size: int, *, augment: bool, pin: bool) -> "DecodedSet":
@@ -70,7 +71,8 @@ class DecodedSet:
         if pin:
             images = images.pin_memory()
             targets = targets.pin_memory() if isinstance(targets, torch.Tensor) else targets
-        return cls(kind, images, targets, augment, time.perf_counter() - start)
+        return cls(kind, images, targets, augment, time.perf_counter() - start,
+                   getattr(dataset, "normalization", IMAGENET))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -87,7 +89,7 @@ class DecodedSet:
         images = to_dtype(images, torch.float32, scale=True)
         if self.augment:
             images, targets = augment_batch(images, targets, self.kind)
-        return to_float(images), targets
+        return to_float(images, self.normalization), targets
 
 
 def gather(source: torch.Tensor, index: torch.Tensor, pin: bool) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 
 from clbench import ClbenchError
 from clbench.tasks import TaskSpec
+from clbench.weights import is_efficientnet_pytorch, map_by_structure, packaged_file
 
 # Fixed default anchors as (w, h) fractions of the input side, so they scale with --image-size.
 # The box decode allows 0..4x an anchor, so three anchors cover boxes from ~2% to the full image.
@@ -42,7 +43,7 @@ def slice_table(tasks: Sequence[TaskSpec], num_anchors: int) -> dict[str, slice]
 class UniHeadNet(nn.Module):
     """Backbone features at strides (8,) 16, 32 fused top-down to ``head_stride``, then one head."""
 
-    def __init__(self, *, tasks: Sequence[TaskSpec], backbone: str = "efficientnet_b0", pretrained: bool = False,
+    def __init__(self, *, tasks: Sequence[TaskSpec], backbone: str = "efficientnet_b0", pretrained: bool | str = False,
                  pretrained_file: str | None = None, head_channels: int = 96, head_stride: int = 8,
                  anchors: Sequence[tuple[float, float]] = DEFAULT_ANCHORS) -> None:
         super().__init__()
@@ -90,9 +91,13 @@ class UniHeadNet(nn.Module):
                 "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad)}
 
 
-def _create_backbone(name: str, pretrained: bool, pretrained_file: str | None, head_stride: int) -> nn.Module:
+def _create_backbone(name: str, pretrained: bool | str, pretrained_file: str | None, head_stride: int) -> nn.Module:
+    """timm's features-only model of ``name``: random, timm's hub weights (``pretrained=True``), packaged weights
+    (``pretrained="lite0"``) or a local file."""
     if pretrained and pretrained_file:
         raise ClbenchError("--pretrained and --pretrained-file are exclusive: name one source of weights")
+    if isinstance(pretrained, str):
+        pretrained, pretrained_file = False, str(packaged_file(pretrained))
     if name not in timm.list_models():
         raise ClbenchError(f"backbone: timm has no model named {name!r}")
     probe = timm.create_model(name, features_only=True, pretrained=False)
@@ -104,12 +109,14 @@ def _create_backbone(name: str, pretrained: bool, pretrained_file: str | None, h
         raise ClbenchError(f"backbone {name!r}: could not load timm's pretrained weights ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}); give a local file with --pretrained-file") from exc
     if pretrained_file:
-        load_backbone_file(model, Path(pretrained_file))
+        load_backbone_file(model, Path(pretrained_file), name)
     return model
 
 
-def load_backbone_file(backbone: nn.Module, path: Path) -> None:
-    """Load a timm checkpoint or a backbone state_dict; every backbone tensor must be found in it."""
+def load_backbone_file(backbone: nn.Module, path: Path, arch: str) -> None:
+    """Load a timm checkpoint, a backbone state_dict, or an EfficientNet checkpoint in the efficientnet_pytorch
+    naming (mapped by structure onto timm's full ``arch``, then cut to the backbone); every backbone tensor must be
+    found in it, with its shape."""
     if not path.is_file():
         raise ClbenchError(f"{path}: pretrained weight file not found")
     try:
@@ -120,6 +127,8 @@ def load_backbone_file(backbone: nn.Module, path: Path) -> None:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    if is_efficientnet_pytorch(state):
+        state = map_by_structure(state, arch, path)
     own = backbone.state_dict()
     missing = [k for k in own if k not in state]
     if missing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -75,6 +76,24 @@ def environment(device: torch.device, data_hashes: dict[str, tuple[Path, str]]) 
         "torch_threads": torch.get_num_threads(),
         "data": {task: {"path": str(path), "sha256": digest} for task, (path, digest) in data_hashes.items()},
     }
+
+
+def data_source(root: Path) -> dict[str, Any]:
+    """Where a data root came from, from its manifest.json (`data import` / `data prepare`) or synth.json."""
+    for name, made_by in (("manifest.json", None), ("synth.json", "clbench data synth")):
+        path = Path(root) / name
+        if path.is_file():
+            try:
+                manifest = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return {"data_source": {"manifest": str(path), "error": "unreadable"}}
+            source = {"made_by": made_by or manifest.get("made_by", "clbench data prepare"),
+                      "manifest_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            for key in ("source", "sources", "seed", "domain"):
+                if key in manifest:
+                    source[key] = manifest[key]
+            return {"data_source": source}
+    return {"data_source": {"made_by": "unknown (no manifest.json): the data root as the user made it"}}
 
 
 def _version(name: str) -> str | None:

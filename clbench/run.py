@@ -25,9 +25,10 @@ from clbench.loop import OnStep, StageSettings, task_loss, to_device, train_stag
 from clbench.memory import DecodedSet, MemoryLoader, footprint_bytes, plan
 from clbench.model import UniHeadNet
 from clbench.plugins import create
+from clbench.pretrained import ResolvedNormalization, normalization
 from clbench.recorder import Recorder, StageResources
 from clbench.resources import Timer, budget_checks, device_name, latency_ms, peak_memory_mb
-from clbench.results import environment, save_checkpoint, to_json
+from clbench.results import data_source, environment, save_checkpoint, to_json
 from clbench.runtime import (MemoryCache, ModelConfig, Session, build_model, cached_in_memory, data_root, loader,
                              resolve_device, rng_state, seed_everything, set_rng_state)
 from clbench.strategy import StageContext, Strategy
@@ -152,6 +153,7 @@ class Setup:
     precision: Precision            # --amp on this device
     accel: dict[str, Any]           # what --amp, --channels-last, --compile, --deterministic resolved to (env.json)
     in_memory: dict[str, bool]      # per task: its training set is decoded once and kept (--train-in-memory-mb)
+    normalization: ResolvedNormalization   # the input's mean/std and why (env.json)
     decoded: dict[str, DecodedSet] = dataclasses.field(default_factory=dict)   # filled when a stage first needs it
 
     @property
@@ -191,9 +193,13 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     amp = precision(config.amp, device)
     root, benchmark = data_root(config.data_root, config.synth_train, config.synth_val, config.synth_domain)
     session.verify(root)
-    tasks = load_tasks(root, config.order, image_size=config.image_size, augment=config.augment)
+    norm = input_normalization(config)
+    tasks = load_tasks(root, config.order, image_size=config.image_size, augment=config.augment,
+                       normalization=norm.normalization)
     strategy, options = create(config.strategy, config.set)
-    config = dataclasses.replace(config, set=options)  # config.yaml records every resolved hyperparameter
+    # config.yaml records every resolved hyperparameter, and the weights' mean/std as values (timm may change them)
+    config = dataclasses.replace(config, set=options, normalize=norm.as_setting() if config.pretrained or
+                                 config.pretrained_file else config.normalize)
     model = build_model(model_config(config), [t.spec for t in tasks], device, pretrained=config.pretrained,
                         pretrained_file=config.pretrained_file, channels_last=config.channels_last)
     if config.compile:
@@ -207,7 +213,7 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     in_memory = plan([(t.spec.name, t.spec.kind, len(t.train)) for t in tasks], config.image_size,
                      config.train_in_memory_mb)
     return Setup(config, device, root, benchmark, tasks, strategy, model, stream, test_loaders, chance, amp,
-                 {**amp.to_dict(), **accel}, in_memory)
+                 {**amp.to_dict(), **accel}, in_memory, norm)
 
 
 def start(setup: Setup, session: Session, resume: bool) -> tuple[Recorder, BatchNormAudit, int]:
@@ -240,7 +246,13 @@ def synthetic_settings(config: RunConfig) -> dict[str, Any]:
 
 def model_config(config: RunConfig) -> ModelConfig:
     return ModelConfig(backbone=config.backbone, head_channels=config.head_channels, head_stride=config.head_stride,
-                       image_size=config.image_size, order=config.order)
+                       image_size=config.image_size, order=config.order,
+                       normalization=input_normalization(config).normalization)
+
+
+def input_normalization(config: RunConfig) -> ResolvedNormalization:
+    return normalization(config.normalize, backbone=config.backbone, pretrained=config.pretrained,
+                         pretrained_file=config.pretrained_file)
 
 
 def open_run(setup: Setup, session: Session) -> Recorder:
@@ -252,7 +264,8 @@ def open_run(setup: Setup, session: Session) -> Recorder:
     env = {**environment(setup.device, hashes), "counts": setup.model.parameter_counts(),
            "seeding": {"python": config.seed, "numpy": config.seed, "torch": config.seed,
                        "loader_generator": "seed + 1000 * stage", "strategy": "StageContext.generator(seed, stage)"},
-           "acceleration": setup.accel,
+           "acceleration": setup.accel, "normalization": setup.normalization.to_dict(),
+           **data_source(root),
            "training_data": {name: "memory" if kept else "per-image" for name, kept in setup.in_memory.items()}}
     files = {"config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False), "env.json": to_json(env),
              "tasks.json": to_json([t.to_dict() for t in setup.specs]), "chance.json": to_json(setup.chance)}

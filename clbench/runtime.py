@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from clbench import ClbenchError
 from clbench.model import UniHeadNet
+from clbench.pretrained import IMAGENET, Normalization
 from clbench.tasks import TaskSpec
 
 
@@ -165,14 +166,22 @@ class ModelConfig:
     head_stride: int
     image_size: int
     order: tuple[str, ...]
+    normalization: Normalization = IMAGENET   # the input's mean/std: `clbench eval` normalises the same way
 
     def to_dict(self) -> dict[str, Any]:
         return {"backbone": self.backbone, "head_channels": self.head_channels, "head_stride": self.head_stride,
-                "image_size": self.image_size, "order": list(self.order)}
+                "image_size": self.image_size, "order": list(self.order), **self.normalization.to_dict()}
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """A checkpoint's model_config (without mean/std: written before 0.2, ImageNet's)."""
+        normalization = Normalization(tuple(cfg["mean"]), tuple(cfg["std"])) if "mean" in cfg else IMAGENET
+        return cls(cfg["backbone"], int(cfg["head_channels"]), int(cfg["head_stride"]), int(cfg["image_size"]),
+                   tuple(cfg["order"]), normalization)
 
 
 def build_model(model_config: ModelConfig, specs: list[TaskSpec], device: torch.device, *,
-                pretrained: bool = False, pretrained_file: str | None = None, channels_last: bool = True) -> UniHeadNet:
+                pretrained: bool | str = False, pretrained_file: str | None = None, channels_last: bool = True) -> UniHeadNet:
     model = UniHeadNet(tasks=specs, backbone=model_config.backbone, pretrained=pretrained,
                        pretrained_file=pretrained_file, head_channels=model_config.head_channels,
                        head_stride=model_config.head_stride).to(device)
