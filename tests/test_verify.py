@@ -41,11 +41,18 @@ def test_common_layout_variants_are_accepted(root):
     assert len(load_task(root, "det", image_size=32).train) == 12
 
 
-def test_an_image_in_two_splits_is_refused(root):
-    src = next((root / "imagenette_160" / "train" / "tench").iterdir())
-    shutil.copy(src, root / "imagenette_160" / "val" / "tench" / "copy.jpg")
-    with pytest.raises(ClbenchError, match="the same image is in two splits"):
+def test_every_image_in_two_splits_is_listed_not_only_the_first(root):
+    cls = root / "imagenette_160"
+    sources = sorted((cls / "train" / "tench").iterdir())[:2] + sorted((cls / "train" / "church").iterdir())[:1]
+    copies = [cls / "val" / src.parent.name / f"copy{i}.jpg" for i, src in enumerate(sources)]
+    for src, copy in zip(sources, copies):
+        shutil.copy(src, copy)
+    with pytest.raises(ClbenchError) as caught:
         verify(root)
+    message = str(caught.value)
+    assert "3 images are in both splits" in message and len(message.splitlines()) == 1
+    for src, copy in zip(sources, copies):
+        assert f"train/{src.parent.name}/{src.name} = val/{copy.parent.name}/{copy.name}" in message
 
 
 def test_an_empty_split_is_refused(root):
