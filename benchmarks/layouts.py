@@ -168,6 +168,9 @@ def find_det(folder: Path) -> Found | None:
         dirs = [p for p, s in split_dirs.items() if s == split]
         if len(dirs) == 1:
             found[split].append((json_path, _image_folder(dirs[0])))
+    for split, candidates in found.items():   # the official folder also holds captions_*.json, person_keypoints_*
+        instances = [c for c in candidates if c[0].name.startswith("instances_")]
+        found[split] = instances or candidates
     chosen = _one_per_split(found, folder, "COCO JSON")
     if chosen is None:
         return None

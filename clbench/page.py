@@ -8,6 +8,7 @@ import base64
 import html
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -70,7 +71,8 @@ def comparison_page(folder: Path) -> tuple[str, str]:
     order = [s for s in dict.fromkeys(labels) if s in set(rows["strategy"])]
     runs = sorted((folder / "runs").glob("*/done.json"))
     costs = strategy_costs([p.parent for p in runs])
-    parts = [f"<div class=\"verdict\">{verdict(rows, tasks, costs)}</div>"]
+    env = json.loads((runs[0].parent / "env.json").read_text()) if runs else {}
+    parts = [f"<div class=\"verdict\">{verdict(rows, tasks, costs)}</div>", data_line(env)]
     missing = missing_cells(folder)
     if missing:
         parts.append(f"<p class=\"note\">Not finished (not in any table): {_e(', '.join(missing))}.</p>")
@@ -95,7 +97,6 @@ def comparison_page(folder: Path) -> tuple[str, str]:
                  f"<p class=\"note\">Mean over seeds. {_e(BN_NOTE)}</p>")
     parts.append("<h2>Reproduce</h2><pre>" + _e(compare_command(folder, settings)) + "</pre><h3>Settings "
                  "(compare.yaml)</h3><pre>" + _e((folder / "compare.yaml").read_text()) + "</pre>")
-    env = json.loads((runs[0].parent / "env.json").read_text()) if runs else {}
     parts.append(environment_block(env))
     return f"clbench comparison {folder.name}", "\n".join(parts)
 
@@ -210,7 +211,7 @@ def run_page(run_dir: Path) -> tuple[str, str]:
     rows = read_rows(run_dir)
     tasks = read_tasks(run_dir, rows)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    parts = ["<h2>Every definition</h2>"]
+    parts = [data_line(json.loads((run_dir / "env.json").read_text())), "<h2>Every definition</h2>"]
     for name in (n for n, d in DEFINITIONS.items() if not d.needs_reference):
         table, note = run_table(rows, tasks, name, chance=read_chance(run_dir))
         parts.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
@@ -229,6 +230,29 @@ def run_page(run_dir: Path) -> tuple[str, str]:
 
 
 # pieces ----------------------------------------------------------------------------------------------------
+
+def data_line(env: dict[str, Any]) -> str:
+    """Where the data came from (env.json's data_source, from the data root's manifest) and how images were
+    normalised: every figure on the page names its data."""
+    source = env.get("data_source")
+    if not source:
+        return ""
+    origin = source.get("source") or {}
+    git = origin.get("git") or {} if isinstance(origin, dict) else {}
+    where = f" from {origin['path']}" if isinstance(origin, dict) and origin.get("path") else ""
+    if git.get("commit"):
+        where += f" ({git.get('repository') or 'a git checkout'} at commit {git['commit'][:12]}" + \
+            (", with uncommitted changes)" if git.get("dirty") else ")")
+    folders = [d["path"] for d in env.get("data", {}).values()]
+    text = f"Data: {os.path.commonpath(folders) if folders else 'see below'}, made by {source.get('made_by', '?')}" \
+        f"{where}."
+    if source.get("manifest_sha256"):
+        text += f" Manifest sha256 {source['manifest_sha256'][:16]}…."
+    if env.get("normalization"):
+        n = env["normalization"]
+        text += f" Input normalised with mean {n['mean']} and std {n['std']} ({n.get('source', '')})."
+    return f"<p class=\"note\">{_e(text)}</p>"
+
 
 def environment_block(env: dict[str, Any]) -> str:
     """env.json of a run (versions, git commit, device, data hashes) as written."""

@@ -51,23 +51,25 @@ def mask_indices(seed: int, size: tuple[int, int] = (40, 30)) -> np.ndarray:
     return indices
 
 
-def coco_file(path: Path, images: list[tuple[int, str]], boxes: dict[int, list[str]], names: list[str]) -> None:
+def coco_file(path: Path, images: list[tuple[int, str]], boxes: dict[int, list[str]], names: list[str],
+              size: tuple[int, int] = (40, 30)) -> None:
     """A COCO JSON whose category ids number ``names`` alphabetically from 1 (as FiftyOne exports do per split)."""
     ids = {n: i for i, n in enumerate(sorted(names), start=1)}
     anns = [{"id": 100 * image_id + k, "image_id": image_id, "category_id": ids[name], "bbox": [2, 3, 10 + k, 8],
              "area": 80.0, "iscrowd": 0} for image_id, labels in boxes.items() for k, name in enumerate(labels)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"info": {}, "categories": [{"id": i, "name": n} for n, i in ids.items()],
-                                "images": [{"id": i, "file_name": f, "width": 40, "height": 30} for i, f in images],
+                                "images": [{"id": i, "file_name": f, "width": size[0], "height": size[1]} for i, f in images],
                                 "annotations": anns}))
 
 
-def det_split(folder: Path, json_path: Path, split: int, n: int, names: list[str]) -> dict[int, list[str]]:
+def det_split(folder: Path, json_path: Path, split: int, n: int, names: list[str],
+              size: tuple[int, int] = (40, 30)) -> dict[int, list[str]]:
     images = [(1000 * split + i, f"{split}{i:03d}.jpg") for i in range(n)]
     boxes = {image_id: [CLASSES[i % 3]] + (["person"] if i % 2 else []) for i, (image_id, _) in enumerate(images)}
     for image_id, name in images:
-        picture(folder / name, image_id)
-    coco_file(json_path, images, boxes, names)
+        picture(folder / name, image_id, size)
+    coco_file(json_path, images, boxes, names, size)
     return boxes
 
 
@@ -89,23 +91,48 @@ def student_a(src: Path, n: int = 6) -> dict:
     return truth
 
 
-def student_b(src: Path, n: int = 6, *, colours: bool = False) -> None:
+def student_b(src: Path, n: int = 6, *, colours: bool = False, size: tuple[int, int] = (40, 30)) -> None:
     """COCO JSON beside image folders, VOC JPEGImages/SegmentationClass with JSON lists (colour masks when
-    ``colours``), ImageNetV2 numeric class folders with TXT lists in Windows style."""
+    ``colours``), ImageNetV2 numeric class folders with TXT lists in Windows style; n images per split and task
+    (2n for classification: two classes). perf/bench_import.py writes its set with it too."""
     for k, split in enumerate(("train", "val")):
-        det_split(src / "coco_subset" / split, src / "coco_subset" / f"COCO_{split}.json", k + 1, n, list(CLASSES))
+        det_split(src / "coco_subset" / split, src / "coco_subset" / f"COCO_{split}.json", k + 1, n, list(CLASSES),
+                  size)
         entries, lines = [], []
         for i in range(n):
-            seed = 7000 + 100 * k + i
-            picture(src / "VOC_subset" / "JPEGImages" / f"{seed}.jpg", seed)
-            palette_mask(src / "VOC_subset" / "SegmentationClass" / f"{seed}.png", mask_indices(seed), colours=colours)
+            seed = 7000 + 1000 * k + i
+            picture(src / "VOC_subset" / "JPEGImages" / f"{seed}.jpg", seed, size)
+            palette_mask(src / "VOC_subset" / "SegmentationClass" / f"{seed}.png", mask_indices(seed, size),
+                         colours=colours)
             entries.append({"image": f"JPEGImages/{seed}.jpg", "segmentation": f"SegmentationClass/{seed}.png",
                             "class_ids": [1]})
             for index in ("0", "3"):
-                picture(src / "imagenetv2_subset" / "imagenetv2" / index / f"{index}_{seed}.jpeg", seed * 7 + int(index))
+                picture(src / "imagenetv2_subset" / "imagenetv2" / index / f"{index}_{seed}.jpeg", seed * 7 + int(index),
+                        size)
                 lines.append(f"{index}\\{index}_{seed}.jpeg {index}")
         (src / "VOC_subset" / f"{split}_list.json").write_text(json.dumps(entries))
         (src / "imagenetv2_subset" / f"imagenetv2_{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def official(src: Path, n: int = 4) -> None:
+    """Extracted official folders: COCO's annotations/instances_*.json (and captions_*.json) + train2017/ val2017/,
+    VOCdevkit/VOC2012 with ImageSets/Segmentation lists of ids, ImageFolder class names."""
+    for k, split in enumerate(("train", "val")):
+        det_split(src / "coco" / f"{split}2017", src / "coco" / "annotations" / f"instances_{split}2017.json", k + 1, n,
+                  list(CLASSES))
+        (src / "coco" / "annotations" / f"captions_{split}2017.json").write_text(json.dumps({"images": [],
+                                                                                          "annotations": []}))
+        voc = src / "voc" / "VOCdevkit" / "VOC2012"
+        ids = [f"2012_{9000 + 1000 * k + i:06d}" for i in range(n)]
+        for i, name in enumerate(ids):
+            picture(voc / "JPEGImages" / f"{name}.jpg", 9000 + 1000 * k + i)
+            palette_mask(voc / "SegmentationClass" / f"{name}.png", mask_indices(i))
+        (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for name in ("cat", "dog"):
+            for i in range(n):
+                picture(src / "pets" / split / name / f"{i}.jpg", 20000 + 1000 * k + 100 * len(name) + i + ord(name[0]))
+    (src / "voc" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "trainval.txt").write_text("")
 
 
 def tree_digest(folder: Path) -> str:
@@ -157,13 +184,24 @@ def test_student_b_layouts_with_lists_backslashes_and_numeric_imagenet_classes(t
     assert len(masks) == 6 and np.array_equal(np.array(Image.open(masks[0])), mask_indices(7000))
 
 
+def test_the_official_folders_are_read_too(tmp_path):
+    official(tmp_path / "src")
+    manifest, _ = run_import(tmp_path / "src", tmp_path / "out")
+    assert manifest["tasks"]["det"]["layout"] == ("official COCO layout (annotations/instances_train2017.json + "
+                                                  "train2017/, annotations/instances_val2017.json + val2017/)")
+    assert manifest["tasks"]["seg"]["layout"].startswith("VOCdevkit/VOC2012/JPEGImages/ + SegmentationClass/ split by "
+                                                         "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt")
+    assert manifest["tasks"]["cls"]["classes"] == {"cat": "cat", "dog": "dog"}
+    assert verify(tmp_path / "out")["seg"]["val"]["images"] == 4
+
+
 def test_colour_masks_are_converted_through_the_voc_palette(tmp_path):
     student_b(tmp_path / "src", colours=True)
     manifest, _ = run_import(tmp_path / "src", tmp_path / "out")
     assert manifest["tasks"]["seg"]["masks_converted_from_colours"] == 12
     for k, split in enumerate(("train", "val")):
         for i in range(6):
-            seed = 7000 + 100 * k + i
+            seed = 7000 + 1000 * k + i
             mask = Image.open(tmp_path / "out" / "mini_voc_seg" / split / "SegmentationClass" / f"{seed}.png")
             assert mask.mode == "P" and np.array_equal(np.array(mask), mask_indices(seed))
 
@@ -219,7 +257,7 @@ def test_every_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys):
     data = json.loads((src / "coco_subset" / "COCO_val.json").read_text())
     data["annotations"][0]["bbox"] = [30, 20, 30, 20]
     (src / "coco_subset" / "COCO_val.json").write_text(json.dumps(data))
-    shutil_rmtree_files(src / "imagenetv2_subset" / "imagenetv2" / "3", "3_71")   # class 3 has no val image left
+    shutil_rmtree_files(src / "imagenetv2_subset" / "imagenetv2" / "3", "3_80")   # class 3 has no val image left
     code = main(["data", "import", str(src), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and not (tmp_path / "out").exists()
@@ -326,3 +364,6 @@ def test_a_run_on_imported_data_names_its_source_in_env_json(tmp_path, tiny_args
     assert env["data_source"]["made_by"] == "clbench data import"
     assert env["data_source"]["source"]["path"] == str((tmp_path / "src").resolve())
     assert env["data_source"]["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    from clbench.page import write_report
+    page = write_report(run_dir).read_text()
+    assert f"Data: {tmp_path / 'data'}, made by clbench data import from {(tmp_path / 'src').resolve()}." in page
