@@ -403,6 +403,8 @@ def resolve_leaks(tasks: dict[str, TaskImport], drop: bool, say: Callable[[str],
                                      "was written: rerun with --drop-leaked to remove them from train"]))
     for line in lines:
         say(line)
+    if not lines:
+        say("leaks: none (no image's bytes are in both train and val of any task)")
     return found
 
 
