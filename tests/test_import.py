@@ -367,3 +367,15 @@ def test_a_run_on_imported_data_names_its_source_in_env_json(tmp_path, tiny_args
     from clbench.page import write_report
     page = write_report(run_dir).read_text()
     assert f"Data: {tmp_path / 'data'}, made by clbench data import from {(tmp_path / 'src').resolve()}." in page
+
+
+@pytest.mark.parametrize("mask, message", [
+    (lambda: Image.fromarray(np.full((30, 40), 30, dtype=np.uint8), mode="L"), r"mask values \[30\] outside 0..20 and 255"),
+    (lambda: Image.new("LA", (40, 30)), "mask mode LA: expected a palette"),
+])
+def test_a_mask_of_the_wrong_values_or_mode_names_the_file(tmp_path, mask, message):
+    student_a(tmp_path / "src")
+    path = tmp_path / "src" / "mini-voc-seg" / "val" / "2007_005102.png"
+    mask().save(path)
+    with pytest.raises(ClbenchError, match=f"2007_005102.png: {message}"):
+        run_import(tmp_path / "src", tmp_path / "out")
