@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from clbench.freezing import no_bn_update
-from clbench.loop import to_device
+from clbench.tensors import to_device
 from clbench.strategy import StageContext, Strategy
 from clbench.tasks import TaskSpec
 

@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from clbench.reader import RunData
     from clbench.report import run_summary
     from clbench.run import run as run_one
     if args.resume is not None:
@@ -202,7 +203,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         config = resolve(args.config, run_fields(vars(args)))
     run_dir = run_one(config, resume=args.resume is not None)
-    print(run_summary(run_dir))
+    data = RunData.load(run_dir)
+    print(run_summary(data.rows, data.tasks, data.chance, data.resources))
     print(f"\nresults: {run_dir}")
     return 0
 
@@ -222,8 +224,11 @@ def _resumed_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from clbench.compare import CompareSettings, compare, eval_share_line, parse_pick, write_summary
+    from clbench.compare import CompareSettings, compare
     from clbench.executors import RayOptions
+    from clbench.page import write_report
+    from clbench.reader import ComparisonData
+    from clbench.summary import eval_share_line, parse_pick, write_summary
     base = resolve(args.config, run_fields(vars(args)))
     definition = _definition(args.definition, args.threshold_mode, args.reference == "single-task")
     try:
@@ -250,17 +255,18 @@ def _compare(args: argparse.Namespace) -> int:
     executor = RayOptions(args.ray_address, args.cell_cpus, args.cell_gpus, args.retries) \
         if args.executor == "ray" else None
     folder = compare(settings, out=Path(base.out), name=args.name, progress=base.progress, executor=executor)
-    print(write_summary(folder, definition, args.threshold, pick=args.pick))
+    data = ComparisonData.load(folder)  # the views below read the folder once, through this
+    print(write_summary(data, definition, args.threshold, pick=args.pick))
+    write_report(data)
     report = json.loads((folder / "cache_report.json").read_text())
     if report["stage1_reused_by_cells_this_invocation"]:
         print(f"stage 1 came from the cache in {report['stage1_reused_by_cells_this_invocation']} cells: "
               f"{report['stage1_seconds_saved_this_invocation']:.0f} s of training saved")
-    print(eval_share_line(folder))
+    print(eval_share_line(data))
     print(f"results: {folder}")
-    failures = json.loads((folder / "failed.json").read_text())
-    for line in failures:
+    for line in data.failed:
         print(f"error: {line}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if data.failed else 0
 
 
 def _definition(definition: str | None, mode: str, has_reference: bool) -> str:
@@ -274,22 +280,19 @@ def _definition(definition: str | None, mode: str, has_reference: bool) -> str:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from clbench.recorder import read_chance, read_rows, read_tasks
+    from clbench.reader import ComparisonData, load
     from clbench.report import render, run_table
-    folder = args.folder
-    if (folder / "compare.yaml").exists():
-        from clbench.compare import comparison_summary, parse_pick
+    data = load(args.folder)
+    if isinstance(data, ComparisonData):
+        from clbench.summary import comparison_summary, parse_pick
         if args.pick is not None:
             parse_pick(args.pick)
-        table, note = comparison_summary(folder, args.definition, args.threshold, args.pick)
-    elif (folder / "metrics.csv").exists():
+        table, note = comparison_summary(data, args.definition, args.threshold, args.pick)
+    else:
         if DEFINITIONS[args.definition].needs_reference:
             raise ClbenchError(f"--definition {args.definition} needs a comparison folder (clbench compare --reference "
                                "single-task)")
-        rows = read_rows(folder)
-        table, note = run_table(rows, read_tasks(folder, rows), args.definition, args.threshold, read_chance(folder))
-    else:
-        raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
+        table, note = run_table(data.rows, data.tasks, args.definition, args.threshold, data.chance)
     print(render(table, args.format).rstrip("\n"))
     if args.format == "md":
         print("\n" + note)
@@ -298,17 +301,20 @@ def _table(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from clbench.plots import SKIPPED, plot_folder
-    paths = plot_folder(args.folder)
+    from clbench.reader import ComparisonData, load
+    data = load(args.folder)
+    paths = plot_folder(data)
     for path in paths:
         print(path)
-    if (args.folder / "compare.yaml").exists() and not any(p.name == "stability_plasticity.png" for p in paths):
+    if isinstance(data, ComparisonData) and not any(p.name == "stability_plasticity.png" for p in paths):
         print(SKIPPED)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from clbench.page import write_report
-    print(write_report(args.folder))
+    from clbench.reader import load
+    print(write_report(load(args.folder)))
     return 0
 
 

@@ -4,8 +4,9 @@ training shared by every strategy that declares ``shares_first_stage``, and opti
 Folder: ``<out>/<name>/`` with ``compare.yaml``, ``runs/<strategy name>-seed<N>/`` (each a normal run, finished
 when its ``done.json`` exists; a ``--grid`` setting's folder is its label made plain, ``lwf_lam=0.1-seed0``),
 ``bounds/joint-seed<N>/`` (the joint bound, ``clbench.joint``), ``reference/<task>-seed<N>/``, ``cache/stage1-…pt``,
-``summary.{md,csv}``,
-``resources.csv`` and, while a process works on it, ``lock``.
+``cells.json``, ``failed.json``, ``resources.csv`` and, while a process works on it, ``lock``. The views of it
+(``summary.{md,csv}``, ``picked.json``, ``report.html``, ``plots/``) are written by ``clbench.summary`` and
+``clbench.page`` from ``clbench.reader``'s one load of the folder.
 """
 
 from __future__ import annotations
@@ -25,16 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import pandas as pd
 import yaml
 from tqdm import tqdm
 
 from clbench import ClbenchError
 from clbench.config import RunConfig
-from clbench.drop import DEFINITIONS
 from clbench.executors import Job, RayOptions, import_ray, run_on_ray, sequential_where
-from clbench.recorder import read_chance, read_resources, read_rows, read_tasks
-from clbench.report import comparison_table, render
+from clbench.reader import finished_runs
+from clbench.recorder import read_resources
 from clbench.results import atomic_write, to_json, write_table
 from clbench.runtime import Session
 
@@ -240,7 +239,8 @@ def joint_config(settings: CompareSettings, seed: int) -> RunConfig:
 
 def compare(settings: CompareSettings, *, out: Path, name: str | None = None, progress: bool = True,
             executor: RayOptions | None = None) -> Path:
-    """Run (or resume) the grid and write summary.md / summary.csv; returns the comparison folder.
+    """Run (or resume) the grid; returns the comparison folder (the summary and the report page are views of it:
+    ``clbench.summary.write_summary``, ``clbench.page.write_report``; the command line writes both).
     ``executor``: None runs the cells here one after another; RayOptions runs them as Ray tasks (the
     results are the same; see ``clbench.executors``). Cells that failed are listed in ``failed.json`` and
     the summary (they stay resumable)."""
@@ -302,10 +302,7 @@ def _run_grid(settings: CompareSettings, folder: Path, grid: list[Cell], progres
         finally:
             bar.close()
     atomic_write(folder / "failed.json", to_json(failures))
-    write_summary(folder)
     write_resources(folder)
-    from clbench.page import write_report
-    write_report(folder)
     saved = [read_resources(folder / job.sub / job.cell_id).stages[1].seconds_saved_by_cache for job in unfinished
              if job.cache is not None and (folder / job.sub / job.cell_id / "done.json").exists()]
     atomic_write(folder / "cache_report.json", to_json({"stage1_reused_by_cells_this_invocation": sum(s > 0 for s in saved),
@@ -356,10 +353,6 @@ RESOURCE_COLUMNS = ("cell", "stage", "task", "train_seconds", "seconds_saved_by_
                     "bn_audit_seconds", "eval_share", "eval_and_bn_audit_share")
 
 
-def finished_runs(folder: Path, sub: str = "runs") -> list[Path]:
-    return [d for d in sorted((folder / sub).glob("*")) if (d / "done.json").exists()]
-
-
 def write_resources(folder: Path) -> None:
     """``resources.csv``: every finished cell's time per stage, from its resources.json."""
     rows = []
@@ -369,164 +362,3 @@ def write_resources(folder: Path) -> None:
     write_table(folder / "resources.csv", rows, RESOURCE_COLUMNS)
 
 
-def eval_share_line(folder: Path) -> str:
-    """One line from ``resources.csv``: the median and the highest evaluation share of a stage's time."""
-    table = pd.read_csv(folder / "resources.csv")
-    if table.empty:
-        return ""
-    worst = table.loc[table["eval_share"].idxmax()]
-    return (f"evaluation: {100 * table['eval_share'].median():.1f}% of a stage's time (median over cells and stages; "
-            f"BN audit included {100 * table['eval_and_bn_audit_share'].median():.1f}%), highest "
-            f"{100 * worst['eval_share']:.1f}% ({worst['cell']} stage {worst['stage']}: "
-            f"{worst['train_seconds'] + worst['seconds_saved_by_cache']:.1f} s training, "
-            f"{worst['eval_seconds']:.1f} s evaluation); per stage in resources.csv")
-
-
-def load_comparison(folder: Path) -> tuple[pd.DataFrame, list, dict[int, dict[str, float]]]:
-    """All finished cells' metrics rows, their tasks, and each seed's single-task reference results (if any)."""
-    runs = finished_runs(folder)
-    if not runs:
-        raise ClbenchError(f"{folder}: no finished run in runs/")
-    frames = [read_rows(d) for d in runs]
-    tasks = read_tasks(runs[0], frames[0])
-    references: dict[int, dict[str, float]] = {}
-    for d in finished_runs(folder, "reference"):
-        rows = read_rows(d)
-        task = read_tasks(d, rows)[0]
-        final = rows[(rows.stage == rows.stage.max()) & (rows.eval_task == task.name) & (rows.metric == task.metric)]
-        references.setdefault(int(rows["seed"].iloc[0]), {})[task.name] = float(final["value"].iloc[0])
-    return pd.concat(frames, ignore_index=True), tasks, references
-
-
-def comparison_chance(folder: Path) -> dict[str, float]:
-    """The tasks' chance levels (every cell evaluates the same test sets: the first finished run's)."""
-    runs = finished_runs(folder)
-    return read_chance(runs[0]) if runs else {}
-
-
-def missing_cells(folder: Path) -> list[str]:
-    """Cells of the grid (cells.json) without a finished run."""
-    path = folder / "cells.json"
-    expected = [cell for cell, _ in json.loads(path.read_text())] if path.exists() else []
-    done = {d.name for d in finished_runs(folder)}
-    return [cell for cell in expected if cell not in done]
-
-
-def load_joint(folder: Path) -> pd.DataFrame | None:
-    """The joint bound's rows of every finished seed (bounds/joint-seed<N>), or None."""
-    runs = finished_runs(folder, "bounds")
-    return pd.concat([read_rows(d) for d in runs], ignore_index=True) if runs else None
-
-
-def joint_finals(joint: pd.DataFrame | None, tasks: list) -> dict[int, dict[str, float]]:
-    """seed -> task -> the joint bound's final primary metric."""
-    if joint is None:
-        return {}
-    primary = {t.name: t.metric for t in tasks}
-    final = joint[(joint.stage == joint.stage.max()) & (joint.metric == joint.eval_task.map(primary))]
-    return {int(seed): dict(zip(group.eval_task, group.value.astype(float))) for seed, group in final.groupby("seed")}
-
-
-def summary_inputs(folder: Path, definition: str) -> tuple[pd.DataFrame, list, dict, pd.DataFrame | None, str]:
-    """(rows, tasks, the references the definition is measured against, the joint bound's rows, a note on
-    where those references come from). Plasticity without single-task references is taken against joint."""
-    rows, tasks, references = load_comparison(folder)
-    joint = load_joint(folder)
-    note = ""
-    if DEFINITIONS[definition].needs_reference and not references:
-        if definition == "plasticity" and joint is not None:
-            references, note = joint_finals(joint, tasks), (" R_ref = the joint bound's final metric of the same seed "
-                                                            "(no single-task reference in this comparison).")
-        else:
-            raise ClbenchError(f"{folder}: --definition {definition} needs a comparison run with --reference "
-                               "single-task" + (" or with the joint bound" if definition == "plasticity" else ""))
-    return rows, tasks, references, joint, note
-
-
-def also_shown(definition: str) -> tuple[str, ...]:
-    """The standard metrics shown beside a forgetting definition's columns: ACC and BWT."""
-    return ("acc", "bwt") if DEFINITIONS[definition].thresholded else ()
-
-
-def comparison_summary(folder: Path, definition: str = "drop", threshold: float | None = None,
-                       pick: str | None = None) -> tuple[pd.DataFrame, str]:
-    """The strategies × tasks table of a comparison folder, from its CSVs alone, and its footnote."""
-    rows, tasks, references, joint, reference_note = summary_inputs(folder, definition)
-    names = list(dict.fromkeys(name for _, name in json.loads((folder / "cells.json").read_text()))) \
-        if (folder / "cells.json").exists() else None
-    table, note = comparison_table(rows, tasks, definition, references, threshold, names, comparison_chance(folder),
-                                   joint=joint, also=also_shown(definition))
-    note += reference_note
-    missing = missing_cells(folder)
-    if missing:
-        note += f" Missing (not finished, not in the table): {', '.join(missing)}."
-    sentence = pick_settings(folder, pick or "acc")[1]
-    return table, note + (" " + sentence if sentence else "")
-
-
-PICK = re.compile(r"(acc|forgetting)(?::plasticity>=(\d+(?:\.\d+)?))?")
-
-
-def parse_pick(text: str) -> tuple[str, float | None]:
-    """``acc`` | ``forgetting`` | ``forgetting:plasticity>=P`` -> (criterion, P or None)."""
-    match = PICK.fullmatch(text.strip())
-    if not match:
-        raise ClbenchError(f"--pick {text}: expected acc, forgetting or forgetting:plasticity>=P (P in %)")
-    return match.group(1), float(match.group(2)) if match.group(2) else None
-
-
-def _summary_means(rows: pd.DataFrame, tasks: list, definition: str, references: dict) -> dict[str, float]:
-    """label -> a definition's mean over tasks, averaged over seeds."""
-    from clbench.report import SUMMARY, aggregate, run_measures
-    stats = aggregate(run_measures(rows, tasks, definition, references))
-    return dict(zip(stats.loc[stats.task == SUMMARY, "strategy"], stats.loc[stats.task == SUMMARY, "mean"]))
-
-
-def pick_settings(folder: Path, pick: str = "acc") -> tuple[dict[str, str], str]:
-    """Each grid strategy's best setting by ``pick`` (means over seeds), and the sentence that says how and on
-    what it was picked. ({}, "") without a grid."""
-    rows, tasks, references = load_comparison(folder)
-    labels = list(dict.fromkeys(rows["strategy"]))
-    groups: dict[str, list[str]] = {}
-    for label in labels:
-        if "[" in label:
-            groups.setdefault(label.split("[", 1)[0], []).append(label)
-    if not groups:
-        return {}, ""
-    criterion, floor = parse_pick(pick)
-    acc, forgetting = _summary_means(rows, tasks, "acc", references), _summary_means(rows, tasks, "forgetting", {})
-    plasticity: dict[str, float] = {}
-    if floor is not None:
-        reference = references or joint_finals(load_joint(folder), tasks)
-        if not reference:
-            raise ClbenchError(f"--pick {pick}: plasticity needs the single-task references or the joint bound")
-        plasticity = _summary_means(rows, tasks, "plasticity", reference)
-    picked, parts = {}, []
-    for name, members in groups.items():
-        allowed = [m for m in members if floor is None or plasticity.get(m, -1.0) >= floor]
-        if not allowed:
-            parts.append(f"{name}: none (no setting reaches plasticity {floor:g}%)")
-            continue
-        best = max(allowed, key=lambda m: acc[m]) if criterion == "acc" else min(allowed, key=lambda m: forgetting[m])
-        picked[name] = best
-        parts.append(f"{best} (ACC {acc[best]:.2f}, F {forgetting[best]:.2f}"
-                     + (f", plasticity {plasticity[best]:.1f}%" if floor is not None else "") + ")")
-    how = {"acc": "highest ACC", "forgetting": "lowest F"}[criterion] + \
-        (f" among the settings with mean plasticity >= {floor:g}%" if floor is not None else "")
-    sentence = (f"Best setting per strategy ({how}, means over seeds): {'; '.join(parts)}. Picked on the same test "
-                "sets the table reports: the mini sets have no separate validation split, so the picked settings' "
-                "figures are optimistic.")
-    return picked, sentence
-
-
-def write_summary(folder: Path, definition: str = "drop", threshold: float | None = None,
-                  pick: str | None = None) -> str:
-    table, note = comparison_summary(folder, definition, threshold, pick)
-    picked, sentence = pick_settings(folder, pick or "acc")
-    if sentence:
-        atomic_write(folder / "picked.json", to_json({"criterion": pick or "acc", "picked": picked,
-                                                      "sentence": sentence}))
-    text = render(table, "md") + "\n\n" + note + "\n"
-    atomic_write(folder / "summary.md", text)
-    atomic_write(folder / "summary.csv", render(table, "csv"))
-    return text

@@ -24,7 +24,8 @@ from typing import Any, Iterator
 import torch
 
 from clbench.config import RunConfig
-from clbench.loop import optimizer_step, to_device
+from clbench.loop import optimizer_step
+from clbench.tensors import to_device
 from clbench.recorder import StageResources
 from clbench.results import atomic_write, to_json
 from clbench.runtime import Session

@@ -14,6 +14,7 @@ from clbench.accel import Precision
 from clbench.losses import cls_loss, det_loss, seg_loss
 from clbench.strategy import StageContext, Strategy, loss_terms, summed
 from clbench.tasks import TaskSpec
+from clbench.tensors import to_device
 
 
 @dataclass(frozen=True)
@@ -27,17 +28,6 @@ class StageSettings:
 
 class NonFiniteLoss(ClbenchError):
     pass
-
-
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Move tensors (also inside lists and dicts) to ``device``; non-blocking from pinned memory on CUDA."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
 
 
 def task_loss(model: torch.nn.Module, task: TaskSpec, outputs: dict[str, torch.Tensor], targets: Any,

@@ -20,7 +20,7 @@ from torchvision.transforms.v2.functional import to_dtype
 
 from clbench.augment import augment_batch
 from clbench.benchmarks.images import IMAGENET, Normalization, decode_transform, to_float
-from clbench.loop import to_device
+from clbench.tensors import to_device
 
 MB = 2**20
 

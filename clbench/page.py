@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+
 import math
 import os
 import time
@@ -14,13 +15,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
-import yaml
+
 
 from clbench import ClbenchError, __version__
 from clbench.config import FIELDS
 from clbench.drop import DEFINITIONS, metric_matrix, trained_at
-from clbench.recorder import read_chance, read_resources, read_rows, read_tasks
-from clbench.report import BN_NOTE, bn_attribution, comparison_table, primary_metrics, run_measures, run_table
+from clbench.plots import plot_folder
+from clbench.reader import ComparisonData, Folder, RunData, load
+from clbench.report import BN_NOTE, bn_attribution, primary_metrics, resource_line, run_measures, run_table
+from clbench.summary import definition_table
 from clbench.results import atomic_write
 from clbench.tasks import TaskSpec
 
@@ -41,15 +44,12 @@ SELF_CHECK = ("<script>addEventListener('load', () => { const imgs = [...documen
               ".images = imgs.filter(i => i.complete && i.naturalWidth > 0).length + '/' + imgs.length; });</script>")
 
 
-def write_report(folder: Path) -> Path:
-    """``report.html`` in a run folder or a comparison folder; returns its path."""
-    folder = Path(folder)
-    if (folder / "compare.yaml").exists():
-        title, body = comparison_page(folder)
-    elif (folder / "metrics.csv").exists():
-        title, body = run_page(folder)
-    else:
-        raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
+def write_report(data: Folder | Path) -> Path:
+    """``report.html`` in a run folder or a comparison folder (read once through ``clbench.reader``, or already
+    read); returns its path."""
+    data = load(data) if isinstance(data, Path) else data
+    folder = data.path
+    title, body = comparison_page(data) if isinstance(data, ComparisonData) else run_page(data)
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
             f"<style>{STYLE}</style></head>\n<body>\n<h1>{_e(title)}</h1>\n{body}\n{SELF_CHECK}\n"
             f"<p class=\"note\">Written by clbench {__version__} on {time.strftime('%Y-%m-%d %H:%M')} from the files "
@@ -61,30 +61,18 @@ def write_report(folder: Path) -> Path:
 
 # a comparison ----------------------------------------------------------------------------------------------
 
-def comparison_page(folder: Path) -> tuple[str, str]:
-    from clbench.compare import also_shown, comparison_chance, load_comparison, missing_cells, summary_inputs
-    from clbench.plots import plot_folder
-    rows, tasks, references = load_comparison(folder)
-    settings = yaml.safe_load((folder / "compare.yaml").read_text())
-    labels = [label for _, label in json.loads((folder / "cells.json").read_text())] \
-        if (folder / "cells.json").exists() else settings["strategies"]
-    order = [s for s in dict.fromkeys(labels) if s in set(rows["strategy"])]
-    runs = sorted((folder / "runs").glob("*/done.json"))
-    costs = strategy_costs([p.parent for p in runs])
-    env = json.loads((runs[0].parent / "env.json").read_text()) if runs else {}
-    parts = [f"<div class=\"verdict\">{verdict(rows, tasks, costs)}</div>", data_line(env)]
-    missing = missing_cells(folder)
-    if missing:
-        parts.append(f"<p class=\"note\">Not finished (not in any table): {_e(', '.join(missing))}.</p>")
+def comparison_page(data: ComparisonData) -> tuple[str, str]:
+    rows, tasks, order, folder = data.rows, data.tasks, data.order, data.path
+    costs = strategy_costs(data.runs)
+    parts = [f"<div class=\"verdict\">{verdict(rows, tasks, costs)}</div>", data_line(data.env)]
+    if data.missing:
+        parts.append(f"<p class=\"note\">Not finished (not in any table): {_e(', '.join(data.missing))}.</p>")
     parts.append("<h2>Summary: every definition</h2>")
     for name in DEFINITIONS:
         try:
-            _, _, measured_against, joint, reference_note = summary_inputs(folder, name)
+            table, note = definition_table(data, name)
         except ClbenchError:  # needs single-task references this comparison has not run
             continue
-        table, note = comparison_table(rows, tasks, name, measured_against, strategies=order,
-                                       chance=comparison_chance(folder), joint=joint, also=also_shown(name))
-        note += reference_note
         parts.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
     parts.append("<h2>Cost</h2>" + _table(costs.reindex(order).reset_index()) +
                  "<p class=\"note\">Mean over seeds. Training time counts a stage restored from the shared stage-1 "
@@ -92,12 +80,12 @@ def comparison_page(folder: Path) -> tuple[str, str]:
     parts.append("<h2>Primary metric after every stage (mean over seeds)</h2>")
     for strategy in order:
         parts.append(f"<h3>{_e(strategy)}</h3>" + _table(stage_matrix(rows[rows.strategy == strategy], tasks)))
-    parts.append("<h2>Plots</h2>" + "".join(_image(p) for p in plot_folder(folder)))
+    parts.append("<h2>Plots</h2>" + "".join(_image(p) for p in plot_folder(data)))
     parts.append("<h2>BatchNorm attribution</h2>" + _table(bn_table(rows, tasks, order)) +
                  f"<p class=\"note\">Mean over seeds. {_e(BN_NOTE)}</p>")
-    parts.append("<h2>Reproduce</h2><pre>" + _e(compare_command(folder, settings)) + "</pre><h3>Settings "
+    parts.append("<h2>Reproduce</h2><pre>" + _e(compare_command(folder, data.settings)) + "</pre><h3>Settings "
                  "(compare.yaml)</h3><pre>" + _e((folder / "compare.yaml").read_text()) + "</pre>")
-    parts.append(environment_block(env))
+    parts.append(environment_block(data.env))
     return f"clbench comparison {folder.name}", "\n".join(parts)
 
 
@@ -131,12 +119,14 @@ def verdict(rows: pd.DataFrame, tasks: Sequence[TaskSpec], costs: pd.DataFrame) 
     return "<br>".join(lines)
 
 
-def strategy_costs(run_dirs: Sequence[Path]) -> pd.DataFrame:
+def strategy_costs(runs: Sequence[RunData]) -> pd.DataFrame:
     """Per strategy, mean over its runs: training, evaluation and BN-audit seconds, peak memory, latency."""
     out = []
-    for run_dir in run_dirs:
-        resources = read_resources(run_dir)
-        strategy = yaml.safe_load((run_dir / "config.yaml").read_text())["strategy"]
+    for run in runs:
+        resources = run.resources
+        if resources is None:
+            continue
+        strategy = run.config["strategy"]
         memory = resources.memory
         latency = [v.get(512) for v in resources.latency_ms.values() if v.get(512) is not None]
         out.append({"strategy": strategy, "train_seconds": sum(s.trained_seconds for s in resources.stages.values()),
@@ -206,27 +196,23 @@ def _flag_value(value: Any) -> str:
 
 # one run ---------------------------------------------------------------------------------------------------
 
-def run_page(run_dir: Path) -> tuple[str, str]:
-    from clbench.plots import plot_folder
-    rows = read_rows(run_dir)
-    tasks = read_tasks(run_dir, rows)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    parts = [data_line(json.loads((run_dir / "env.json").read_text())), "<h2>Every definition</h2>"]
+def run_page(data: RunData) -> tuple[str, str]:
+    rows, tasks, config = data.rows, data.tasks, data.config
+    parts = [data_line(data.env), "<h2>Every definition</h2>"]
     for name in (n for n, d in DEFINITIONS.items() if not d.needs_reference):
-        table, note = run_table(rows, tasks, name, chance=read_chance(run_dir))
+        table, note = run_table(rows, tasks, name, chance=data.chance)
         parts.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
     parts.append("<h2>Primary metric after every stage</h2>" + _table(stage_matrix(rows, tasks)))
-    parts.append("<h2>Plots</h2>" + "".join(_image(p) for p in plot_folder(run_dir)))
-    if (run_dir / "resources.json").exists():
-        from clbench.report import resource_line
-        parts.append("<h2>Cost</h2><p>" + _e(resource_line(read_resources(run_dir))) + "</p>")
+    parts.append("<h2>Plots</h2>" + "".join(_image(p) for p in plot_folder(data)))
+    if data.resources is not None:
+        parts.append("<h2>Cost</h2><p>" + _e(resource_line(data.resources)) + "</p>")
     command = " \\\n    ".join(["clbench run", *changed_flags({k: v for k, v in config.items()
                                                                 if k not in ("out", "run_id", "set")}),
                                 *[f"--set {k}={_flag_value(v)}" for k, v in config.get("set", {}).items()]])
     parts.append("<h2>Reproduce</h2><pre>" + _e(command) + "</pre><h3>config.yaml</h3><pre>" +
-                 _e((run_dir / "config.yaml").read_text()) + "</pre>")
-    parts.append(environment_block(json.loads((run_dir / "env.json").read_text())))
-    return f"clbench run {run_dir.name}", "\n".join(parts)
+                 _e((data.path / "config.yaml").read_text()) + "</pre>")
+    parts.append(environment_block(data.env))
+    return f"clbench run {data.path.name}", "\n".join(parts)
 
 
 # pieces ----------------------------------------------------------------------------------------------------

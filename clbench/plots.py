@@ -7,60 +7,32 @@ from pathlib import Path
 import pandas as pd
 
 from clbench import ClbenchError
+from clbench.figures import pyplot, save
 from clbench.drop import DEFINITIONS, near_chance
-from clbench.recorder import read_bn_drift, read_chance, read_rows, read_tasks
+from clbench.reader import ComparisonData, Folder
 from clbench.report import primary_metrics, run_measures
 from clbench.tasks import TaskSpec
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
-
-
-def load_rows(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[TaskSpec], dict[str, float]]:
-    """metrics and BN-drift rows of a run folder or of every finished run of a comparison, the tasks and
-    their chance levels."""
-    if (folder / "compare.yaml").exists():
-        runs = [d for d in sorted((folder / "runs").glob("*")) if (d / "done.json").exists()]
-    elif (folder / "metrics.csv").exists():
-        runs = [folder]
-    else:
-        raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
-    if not runs:
-        raise ClbenchError(f"{folder}: no finished run to plot")
-    frames = [read_rows(d) for d in runs]
-    drift = pd.concat([read_bn_drift(d) for d in runs], ignore_index=True)
-    return pd.concat(frames, ignore_index=True), drift, read_tasks(runs[0], frames[0]), read_chance(runs[0])
-
-
-def plot_folder(folder: Path) -> list[Path]:
-    """Every plot the folder's CSVs allow; a comparison's stability-plasticity plot needs single-task
-    references or the joint bound (``SKIPPED`` says so when it has neither)."""
-    metrics, drift, tasks, chance = load_rows(folder)
-    out = folder / "plots"
+def plot_folder(data: Folder) -> list[Path]:
+    """Every plot the folder's results allow, into ``plots/``; a comparison's stability-plasticity plot needs
+    single-task references or the joint bound (``SKIPPED`` says so when it has neither)."""
+    metrics = data.rows
+    out = data.path / "plots"
     out.mkdir(exist_ok=True)
-    paths = [plot_stages(metrics, tasks, out / "metric_by_stage.png"),
-             plot_drops(metrics, tasks, out / "drop_percent.png", chance=chance)]
-    if not drift.empty:
-        paths.append(plot_bn_drift(drift, out / "bn_drift.png"))
-    if (folder / "compare.yaml").exists():
-        from clbench.compare import summary_inputs
+    paths = [plot_stages(metrics, data.tasks, out / "metric_by_stage.png"),
+             plot_drops(metrics, data.tasks, out / "drop_percent.png", chance=data.chance)]
+    if not data.bn_drift.empty:
+        paths.append(plot_bn_drift(data.bn_drift, out / "bn_drift.png"))
+    if isinstance(data, ComparisonData):
         try:
-            rows, tasks, references, joint, _ = summary_inputs(folder, "plasticity")
+            references, _ = data.measured_against("plasticity")
         except ClbenchError:
             (out / "stability_plasticity.png").unlink(missing_ok=True)
         else:
-            paths.append(plot_stability_plasticity(rows, tasks, references, joint, out / "stability_plasticity.png"))
+            paths.append(plot_stability_plasticity(metrics, data.tasks, references, data.joint,
+                                                   out / "stability_plasticity.png",
+                                                   joint_is_reference=references == data.joint_finals()))
     return paths
 
 
@@ -96,10 +68,11 @@ MARKERS = ("o", "s", "^", "D", "v")
 
 
 def plot_stability_plasticity(rows: pd.DataFrame, tasks: list[TaskSpec], references: dict[int, dict[str, float]],
-                              joint: pd.DataFrame | None, path: Path) -> Path:
+                              joint: pd.DataFrame | None, path: Path, *, joint_is_reference: bool = False) -> Path:
     """x = plasticity, y = forgetting F, one point per strategy (and grid setting), labelled, error bars = std
-    over seeds; the Pareto front joined and ringed; the joint bound drawn as a reference line."""
-    plt = _pyplot()
+    over seeds; the Pareto front joined and ringed; the joint bound drawn as a reference line.
+    ``joint_is_reference``: plasticity is measured against the joint bound (no single-task references)."""
+    plt = pyplot()
     points = stability_points(rows, tasks, references)
     fig, ax = plt.subplots(figsize=(9.0, 4.8))
     for i, (name, p) in enumerate(points.iterrows()):  # ten colours, then the next marker: every point distinct
@@ -117,23 +90,18 @@ def plot_stability_plasticity(rows: pd.DataFrame, tasks: list[TaskSpec], referen
         x = m[m.task == SUMMARY]["value"].mean()
         ax.axvline(x, color="grey", linestyle=":", label=f"{JOINT_LABEL}: plasticity {x:.0f}%, no forgetting")
     ax.axhline(0, color="black", linewidth=0.6)
-    reference = "joint" if _joint_is_reference(references, joint, tasks) else "single-task"
+    reference = "joint" if joint_is_reference and references else "single-task"
     ax.set_xlabel(f"plasticity (%): own-stage metric / {reference}, mean over tasks")
     ax.set_ylabel("forgetting F (pp), lower = better")
     ax.set_title("Stability vs plasticity, mean ± std over seeds (better: right, down)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    return _save(fig, path)
-
-
-def _joint_is_reference(references: dict, joint: pd.DataFrame | None, tasks: list[TaskSpec]) -> bool:
-    from clbench.compare import joint_finals
-    return bool(references) and references == joint_finals(joint, tasks)
+    return save(fig, path)
 
 
 def plot_stages(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path) -> Path:
     """Each task's primary metric after every stage, one line per strategy (mean over seeds)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     rows = metrics[metrics["metric"] == metrics["eval_task"].map(primary_metrics(tasks))]
     for ax, task in zip(axes[0], tasks):
@@ -146,7 +114,7 @@ def plot_stages(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path) -> Pat
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("metric")
     axes[0][-1].legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_drops(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path, definition: str = "drop",
@@ -154,7 +122,7 @@ def plot_drops(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path, definit
     """A definition's value (drop % by default) per task and strategy, mean with sample-std error bars over
     seeds; tasks where it is undefined (the task trained last) have no bars; hatched bars: a seed's base
     R[s(t),t] was within 2x of chance."""
-    plt = _pyplot()
+    plt = pyplot()
     d = DEFINITIONS[definition]
     measures = run_measures(metrics, tasks, definition).dropna(subset=["value"])
     stats = measures.groupby(["task", "strategy"], sort=False)["value"].agg(["mean", "std"]).reset_index()
@@ -178,12 +146,12 @@ def plot_drops(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path, definit
     if any(bar.get_hatch() for bar in ax.patches):
         ax.bar([0], [0], 0, color="white", edgecolor="black", hatch="//", label="base near chance")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars reach the top edge
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_bn_drift(drift: pd.DataFrame, path: Path) -> Path:
     """Relative drift of every BN layer's running mean/var at the last stage since the end of stage 1."""
-    plt = _pyplot()
+    plt = pyplot()
     last = drift[(drift.stage == drift.stage.max()) & (drift.reference_stage == 1)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=False)
     for ax, stat in zip(axes, ("running_mean", "running_var")):
@@ -195,4 +163,4 @@ def plot_bn_drift(drift: pd.DataFrame, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("relative drift")
     axes[1].legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)

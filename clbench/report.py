@@ -4,14 +4,13 @@ strategies × tasks summary. Every column's meaning comes from ``clbench.drop.DE
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
 from clbench.drop import (DEFAULT_THRESHOLD, DEFINITIONS, Definition, metric_matrix, near_chance, own_stage_values,
                           trained_at)
-from clbench.recorder import Resources, read_chance, read_resources, read_rows, read_tasks
+from clbench.recorder import Resources
 from clbench.tasks import TaskSpec
 
 
@@ -307,11 +306,11 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join([line(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |"] + [line(r) for r in cells[1:]])
 
 
-def run_summary(run_dir: Path) -> str:
+def run_summary(rows: pd.DataFrame, tasks: Sequence[TaskSpec], chance: dict[str, float],
+                resources: Resources) -> str:
     """What `clbench run` prints: the stage table (DESIGN.md's default threshold) and the time line."""
-    rows = read_rows(run_dir)
-    table, note = run_table(rows, read_tasks(run_dir, rows), threshold=DEFAULT_THRESHOLD, chance=read_chance(run_dir))
-    return to_markdown(table) + "\n" + note + "\n" + resource_line(read_resources(run_dir))
+    table, note = run_table(rows, tasks, threshold=DEFAULT_THRESHOLD, chance=chance)
+    return to_markdown(table) + "\n" + note + "\n" + resource_line(resources)
 
 
 def resource_line(resources: Resources) -> str:

@@ -21,7 +21,8 @@ from clbench import ClbenchError
 from clbench.config import RunConfig, resolve
 from clbench.evaluate import EVAL_BATCH, TaskEval, chance_level, evaluate_task
 from clbench.freezing import batchnorm_state
-from clbench.loop import OnStep, StageSettings, task_loss, to_device, train_stage
+from clbench.loop import OnStep, StageSettings, task_loss, train_stage
+from clbench.tensors import to_device
 from clbench.memory import DecodedSet, MemoryLoader, footprint_bytes, plan
 from clbench.model import UniHeadNet
 from clbench.plugins import create

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from clbench import ClbenchError
 from clbench.config import parse_bool
 from clbench.tasks import TaskSpec
+from clbench.tensors import to_device
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,6 @@ class StageContext:
 
     def device_batches(self) -> Iterator[tuple[torch.Tensor, Any]]:
         """(images, targets) of the stage's training set on the device: for Fisher and importance passes."""
-        from clbench.loop import to_device
         for images, targets, _ in self.train_loader:
             yield to_device(images, self.device), to_device(targets, self.device)
 

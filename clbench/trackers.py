@@ -22,6 +22,7 @@ import yaml
 
 from clbench import ClbenchError
 from clbench.drop import metric_matrix
+from clbench.figures import pyplot
 from clbench.results import atomic_write, to_json
 from clbench.tasks import TaskSpec
 
@@ -156,8 +157,7 @@ class Trackers:
         figure = matrix_figure(pd.DataFrame(rows), tasks)
         for tracker in self.trackers.values():
             tracker.figure("stage_task_matrix", figure, stage)
-        import matplotlib.pyplot as plt
-        plt.close(figure)
+        pyplot().close(figure)
 
     def close(self, status: str = "FINISHED") -> None:
         for tracker in self.trackers.values():
@@ -166,8 +166,7 @@ class Trackers:
 
 def matrix_figure(rows: pd.DataFrame, tasks: Sequence[TaskSpec]) -> Any:
     """Heat map of each task's primary metric (columns) after each stage (rows), values written in."""
-    from clbench.plots import _pyplot
-    plt = _pyplot()
+    plt = pyplot()
     matrix = metric_matrix(rows, {t.name: t.metric for t in tasks})[[t.name for t in tasks]]
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(tasks), 1.0 + 0.5 * len(matrix)))
     ax.imshow(matrix.to_numpy(dtype=float), cmap="viridis", vmin=0, vmax=max(float(matrix.max().max()), 1e-9))

@@ -36,7 +36,8 @@ import torch
 from clbench.accel import Precision, compile_model, precision
 from clbench.config import resolve
 from clbench.evaluate import evaluate_task
-from clbench.loop import StageSettings, to_device, train_epoch
+from clbench.loop import StageSettings, train_epoch
+from clbench.tensors import to_device
 from clbench.memory import MemoryLoader
 from clbench.plugins import create
 from clbench.resources import device_name, latency_ms

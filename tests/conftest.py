@@ -75,4 +75,16 @@ def small_comparison(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) 
             "log": "tensorboard,mlflow"}
     settings = CompareSettings(strategies=("naive", "bn_per_task"), seeds=(0, 1), reference=False,
                                base=resolve(None, args), bounds=("joint",))
-    return compare(settings, out=tmp_path_factory.mktemp("comparison"), name="small", progress=False)
+    folder = compare(settings, out=tmp_path_factory.mktemp("comparison"), name="small", progress=False)
+    return write_views(folder)
+
+
+def write_views(folder: Path) -> Path:
+    """What `clbench compare` writes after the grid: summary.md/csv (picked.json) and report.html, from one read."""
+    from clbench.page import write_report
+    from clbench.reader import ComparisonData
+    from clbench.summary import write_summary
+    data = ComparisonData.load(folder)
+    write_summary(data)
+    write_report(data)
+    return folder

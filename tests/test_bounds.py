@@ -18,6 +18,7 @@ from clbench.compare import CompareSettings, cells, compare
 from clbench.config import resolve
 from clbench.joint import share
 from clbench.plots import SKIPPED, pareto_front
+from conftest import write_views
 
 PRIMARY = {"seg": "mIoU", "det": "mAP", "cls": "top1"}
 
@@ -40,7 +41,7 @@ def grid_comparison(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -
             "batch_size": "4", "head_channels": "16", "device": "cpu", "progress": "false", "latency_sizes": ""}
     settings = CompareSettings(strategies=("naive", "lwf"), seeds=(0,), reference=False, base=resolve(None, args),
                                bounds=("joint", "frozen"), grid=(("lwf.lam", ("0.5", "4")),))
-    return compare(settings, out=tmp_path_factory.mktemp("grid"), name="grid", progress=False)
+    return write_views(compare(settings, out=tmp_path_factory.mktemp("grid"), name="grid", progress=False))
 
 
 def test_joint_steps_spread_each_tasks_images_exactly():

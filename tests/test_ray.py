@@ -194,9 +194,10 @@ def test_a_killed_driver_resumes_with_the_same_command(cluster, tiny_root, tmp_p
     history = json.loads((folder / "runs" / "stall-seed0" / "resume.json").read_text())
     assert [h["resumed_after_stage"] for h in history] == [1]
     whole = uninterrupted(tiny_root, tmp_path / "whole", ("naive", STALL), {"stall.marker": str(marker)})
-    from clbench.compare import write_summary
     from clbench.drop import DEFAULT_THRESHOLD
-    write_summary(whole, "drop", DEFAULT_THRESHOLD)   # as the command line writes it
+    from clbench.reader import ComparisonData
+    from clbench.summary import write_summary
+    write_summary(ComparisonData.load(whole), "drop", DEFAULT_THRESHOLD)   # as the command line writes it
     for name in ("summary.csv", "runs/naive-seed0/metrics.csv", "runs/stall-seed0/metrics.csv"):
         assert (folder / name).read_bytes() == (whole / name).read_bytes(), name
 

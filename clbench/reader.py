@@ -1,0 +1,163 @@
+"""One reader of results folders: a run or a comparison folder loaded once into a typed object that the tables,
+plots, the report page and the summary read from (they never open a results file themselves, and never import
+a runner). The per-file readers it builds on are ``clbench.recorder``'s (``read_rows``, ``read_tasks``, ...)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Union
+
+import pandas as pd
+import yaml
+
+from clbench import ClbenchError
+from clbench.drop import DEFINITIONS
+from clbench.recorder import Resources, read_bn_drift, read_chance, read_resources, read_rows, read_tasks
+from clbench.tasks import TaskSpec
+
+
+@dataclass(frozen=True)
+class RunData:
+    """One run folder: its rows (metrics.csv), tasks, chance levels, configuration and environment; resources and
+    BN drift where the run wrote them."""
+
+    path: Path
+    rows: pd.DataFrame
+    tasks: list[TaskSpec]
+    chance: dict[str, float]
+    config: dict[str, Any]
+    env: dict[str, Any]
+    resources: Resources | None
+    bn_drift: pd.DataFrame
+
+    @classmethod
+    def load(cls, path: Path) -> "RunData":
+        path = Path(path)
+        rows = read_rows(path)
+        return cls(path, rows, read_tasks(path, rows), read_chance(path), _yaml(path / "config.yaml", {}),
+                   _json(path / "env.json", {}), read_resources(path) if (path / "resources.json").exists() else None,
+                   read_bn_drift(path))
+
+
+def finished_runs(folder: Path, sub: str = "runs") -> list[Path]:
+    """The cell folders under ``folder/sub`` whose run finished (done.json written), in name order."""
+    return [d for d in sorted((Path(folder) / sub).glob("*")) if (d / "done.json").exists()]
+
+
+@dataclass(frozen=True)
+class ComparisonData:
+    """A comparison folder: every finished cell (``runs``), their rows together, the tasks, chance levels, each
+    seed's single-task references, the joint bound's rows, the grid's order, the cells not finished and failed."""
+
+    path: Path
+    settings: dict[str, Any]            # compare.yaml
+    runs: list[RunData]
+    tasks: list[TaskSpec]
+    references: dict[int, dict[str, float]]
+    joint: pd.DataFrame | None
+    labels: list[str]                   # the rows' strategy labels in the grid's order (cells.json)
+    missing: list[str]                  # cells of the grid without a finished run
+    failed: list[str]                   # failed.json's lines
+    rows: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
+
+    @classmethod
+    def load(cls, path: Path) -> "ComparisonData":
+        path = Path(path)
+        runs = [RunData.load(d) for d in finished_runs(path)]
+        if not runs:
+            raise ClbenchError(f"{path}: no finished run in runs/")
+        settings = _yaml(path / "compare.yaml")
+        cells = _json(path / "cells.json", None)
+        labels = list(dict.fromkeys(label for _, label in cells)) if cells is not None else list(settings["strategies"])
+        done = {r.path.name for r in runs}
+        missing = [cell for cell, _ in cells or [] if cell not in done]
+        joint = [read_rows(d) for d in finished_runs(path, "bounds")]
+        return cls(path, settings, runs, runs[0].tasks, _references(path), pd.concat(joint, ignore_index=True)
+                   if joint else None, labels, missing, _json(path / "failed.json", []),
+                   pd.concat([r.rows for r in runs], ignore_index=True))
+
+    @property
+    def chance(self) -> dict[str, float]:
+        """The tasks' chance levels (every cell evaluates the same test sets: the first finished run's)."""
+        return self.runs[0].chance
+
+    @property
+    def env(self) -> dict[str, Any]:
+        return self.runs[0].env
+
+    @property
+    def order(self) -> list[str]:
+        """The strategies with rows, in the grid's order."""
+        present = set(self.rows["strategy"])
+        return [s for s in self.labels if s in present]
+
+    @cached_property
+    def bn_drift(self) -> pd.DataFrame:
+        return pd.concat([r.bn_drift for r in self.runs], ignore_index=True)
+
+    def joint_finals(self) -> dict[int, dict[str, float]]:
+        """seed -> task -> the joint bound's final primary metric."""
+        if self.joint is None:
+            return {}
+        primary = {t.name: t.metric for t in self.tasks}
+        joint = self.joint
+        final = joint[(joint.stage == joint.stage.max()) & (joint.metric == joint.eval_task.map(primary))]
+        return {int(seed): dict(zip(g.eval_task, g.value.astype(float))) for seed, g in final.groupby("seed")}
+
+    def measured_against(self, definition: str) -> tuple[dict[int, dict[str, float]], str]:
+        """The references a definition is measured against and a note on where they come from: the single-task
+        references; for plasticity without them, the joint bound's final metric of the same seed."""
+        if not DEFINITIONS[definition].needs_reference or self.references:
+            return self.references, ""
+        if definition == "plasticity" and self.joint is not None:
+            return self.joint_finals(), (" R_ref = the joint bound's final metric of the same seed (no single-task "
+                                         "reference in this comparison).")
+        raise ClbenchError(f"{self.path}: --definition {definition} needs a comparison run with --reference "
+                           "single-task" + (" or with the joint bound" if definition == "plasticity" else ""))
+
+
+Folder = Union[RunData, ComparisonData]
+
+
+def load(folder: Path) -> Folder:
+    """A comparison folder (compare.yaml) or a run folder (metrics.csv), read once."""
+    folder = Path(folder)
+    if (folder / "compare.yaml").exists():
+        return ComparisonData.load(folder)
+    if (folder / "metrics.csv").exists():
+        return RunData.load(folder)
+    raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
+
+
+def _references(folder: Path) -> dict[int, dict[str, float]]:
+    """seed -> task -> the single-task reference run's final primary metric."""
+    out: dict[int, dict[str, float]] = {}
+    for d in finished_runs(folder, "reference"):
+        rows = read_rows(d)
+        task = read_tasks(d, rows)[0]
+        final = rows[(rows.stage == rows.stage.max()) & (rows.eval_task == task.name) & (rows.metric == task.metric)]
+        out.setdefault(int(rows["seed"].iloc[0]), {})[task.name] = float(final["value"].iloc[0])
+    return out
+
+
+def _yaml(path: Path, default: dict[str, Any] | None = None) -> dict[str, Any]:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        if default is not None:
+            return default
+        raise ClbenchError(f"{path}: missing") from None
+    except yaml.YAMLError as exc:
+        raise ClbenchError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def _json(path: Path, default: Any) -> Any:
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ClbenchError(f"{path}: not valid JSON ({exc})") from None
