@@ -13,11 +13,10 @@ from torch.utils.data import Dataset
 from clbench.tasks import TaskSpec
 
 from .coco import CocoDetection
-from .images import IMAGENET, Normalization
 from .imagefolder import ImageFolderClassification, class_folders
+from .images import IMAGENET, Normalization
 from .layouts import TASK_DIRS
 from .voc import VocSegmentation, read_class_list
-
 
 DATASET_NAMES = {"seg": "Mini-VOC-Seg", "det": "Mini-COCO-Det", "cls": "Imagenette-160"}
 

@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from clbench import ClbenchError
+
 from .images import IMAGENET, Normalization, read_image, resize_transform, train_transform
 from .layouts import coco_split_files
-from clbench import ClbenchError
 
 
 def load_coco_json(path: Path) -> dict[str, Any]:

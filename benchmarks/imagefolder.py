@@ -7,8 +7,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .images import IMAGE_SUFFIXES, IMAGENET, Normalization, check_utf8_name, list_images, read_image, resize_transform, train_transform
 from clbench import ClbenchError
+
+from .images import (
+    IMAGE_SUFFIXES,
+    IMAGENET,
+    Normalization,
+    check_utf8_name,
+    list_images,
+    read_image,
+    resize_transform,
+    train_transform,
+)
 
 
 def class_folders(split_dir: Path) -> tuple[str, ...]:

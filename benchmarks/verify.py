@@ -12,9 +12,10 @@ from clbench import ClbenchError
 from .coco import load_coco_json
 from .imagefolder import class_folders
 from .images import list_images, read_image
+from .layouts import SPLITS, coco_split_files, voc_split_dirs
 from .sources import file_digest
-from .layouts import SPLITS, TASK_DIRS, coco_split_files, voc_split_dirs
 from .voc import read_class_list, read_mask
+
 
 def verify(root: Path) -> dict[str, dict[str, Any]]:
     """task → split → {"images": n, "per_class": {class: count}}; the first problem is a ClbenchError."""

@@ -15,9 +15,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from clbench import ClbenchError
+
 from .images import IMAGENET, Normalization, list_images, read_image, resize_transform, train_transform
 from .layouts import voc_split_dirs
-from clbench import ClbenchError
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",

@@ -8,9 +8,9 @@ from typing import Any, Callable
 import torch
 
 from clbench.freezing import no_bn_update
-from clbench.tensors import to_device
 from clbench.strategy import StageContext, Strategy
 from clbench.tasks import TaskSpec
+from clbench.tensors import to_device
 
 STORE_PURPOSE, DRAW_PURPOSE = 2, 1  # ctx.generator purposes: which images are stored / replayed
 

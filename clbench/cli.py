@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clbench import ClbenchError, __version__
-from clbench.config import (FIELDS, RUN_ID, RunConfig, add_arguments, at_least, finite_float, resolve, run_fields,
-                            whole_number)
+from clbench.config import FIELDS, RUN_ID, RunConfig, add_arguments, at_least, finite_float, resolve, run_fields, whole_number
 from clbench.drop import DEFAULT_THRESHOLD, DEFINITIONS
 
 # Every built-in, in the tables' order (`--strategies all`). The default is the baseline and the BN-drift remedy on

@@ -37,7 +37,6 @@ from clbench.recorder import read_resources
 from clbench.results import atomic_write, to_json, write_table
 from clbench.runtime import Session
 
-
 BOUNDS = ("joint", "frozen")
 
 

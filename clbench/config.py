@@ -211,7 +211,8 @@ def _trackers(value: Any) -> tuple[str, ...]:
 class RunConfig:
     """Every setting of one run; validated and normalised on construction, also when built in code."""
 
-    strategy: str = field(default="naive", metadata={"parse": str, "per_cell": True, "strategy": True, "help": "a strategy (see `clbench strategies`), "
+    strategy: str = field(default="naive", metadata={"parse": str, "per_cell": True, "strategy": True, "help":
+                          "a strategy (see `clbench strategies`), "
                           "a combination a+b, or path/file.py:Class / package.module:Class"})
     set: dict[str, Any] = field(default_factory=dict, metadata={"parse": _options, "append": True, "strategy": True,
                                 "help": "strategy hyperparameter STRATEGY.PARAM=VALUE (repeatable)"})
@@ -226,7 +227,8 @@ class RunConfig:
     lr: dict[str, float] = field(default_factory=lambda: {"seg": 2e-3, "det": 2e-3, "cls": 2e-3},
                                  metadata={"parse": _per_task(_positive(finite_float)), "help": "AdamW learning rate, per task"})
     batch_size: dict[str, int] = field(default_factory=lambda: {"seg": 16, "det": 16, "cls": 16},
-                                       metadata={"parse": _per_task(_positive(whole_number)), "help": "training batch size, per task"})
+                                       metadata={"parse": _per_task(_positive(whole_number)),
+                                                 "help": "training batch size, per task"})
     augment: dict[str, bool] = field(default_factory=lambda: {"seg": False, "det": False, "cls": False},
                                      metadata={"parse": _per_task(parse_bool), "help": "training augmentation per task: "
                                                "random resized crop, flip, colour jitter (true|false|seg=true,...)"})

@@ -8,10 +8,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from clbench.freezing import swapped_state
 from clbench.decode import boxes_to_original, decode_detections, seg_labels
-from clbench.metrics import (chance_miou, chance_top1, coco_evaluation, confusion_matrix, iou_from_confusion,
-                             topk_correct)
+from clbench.freezing import swapped_state
+from clbench.metrics import chance_miou, chance_top1, coco_evaluation, confusion_matrix, iou_from_confusion, topk_correct
 from clbench.tasks import TaskSpec
 
 # Test-set batch size: on 2 CPU threads at 128 px, 16 images per forward were the fastest per image (3.7 ms vs

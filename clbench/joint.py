@@ -25,10 +25,10 @@ import torch
 
 from clbench.config import RunConfig
 from clbench.loop import optimizer_step
-from clbench.tensors import to_device
 from clbench.recorder import StageResources
 from clbench.results import atomic_write, to_json
 from clbench.runtime import Session
+from clbench.tensors import to_device
 
 JOINT = "joint"
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-
 import math
 import os
 import time
@@ -16,15 +15,14 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-
 from clbench import ClbenchError, __version__
 from clbench.config import FIELDS
 from clbench.drop import DEFINITIONS, metric_matrix, trained_at
 from clbench.plots import plot_folder
 from clbench.reader import ComparisonData, Folder, RunData, load
 from clbench.report import BN_NOTE, bn_attribution, primary_metrics, resource_line, run_measures, run_table
-from clbench.summary import definition_table
 from clbench.results import atomic_write
+from clbench.summary import definition_table
 from clbench.tasks import TaskSpec
 
 STYLE = """

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 from clbench import ClbenchError
-from clbench.figures import pyplot, save
 from clbench.drop import DEFINITIONS, near_chance
+from clbench.figures import pyplot, save
 from clbench.reader import ComparisonData, Folder
 from clbench.report import primary_metrics, run_measures
 from clbench.tasks import TaskSpec

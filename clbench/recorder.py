@@ -20,8 +20,7 @@ import pandas as pd
 
 from clbench import ClbenchError
 from clbench.evaluate import TaskEval
-from clbench.results import (BN_COLUMNS, METRIC_COLUMNS, PER_CLASS_COLUMNS, atomic_write, save_checkpoint, to_json,
-                             write_table)
+from clbench.results import BN_COLUMNS, METRIC_COLUMNS, PER_CLASS_COLUMNS, atomic_write, save_checkpoint, to_json, write_table
 from clbench.tasks import KIND_LABELS, TaskSpec
 
 

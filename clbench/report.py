@@ -8,8 +8,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from clbench.drop import (DEFAULT_THRESHOLD, DEFINITIONS, Definition, metric_matrix, near_chance, own_stage_values,
-                          trained_at)
+from clbench.drop import DEFAULT_THRESHOLD, DEFINITIONS, Definition, metric_matrix, near_chance, own_stage_values, trained_at
 from clbench.recorder import Resources
 from clbench.tasks import TaskSpec
 

@@ -15,14 +15,13 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from clbench import ClbenchError
 from clbench.accel import Precision, compile_model, precision, set_determinism
 from clbench.bn_audit import BatchNormAudit
-from clbench import ClbenchError
 from clbench.config import RunConfig, resolve
 from clbench.evaluate import EVAL_BATCH, TaskEval, chance_level, evaluate_task
 from clbench.freezing import batchnorm_state
 from clbench.loop import OnStep, StageSettings, task_loss, train_stage
-from clbench.tensors import to_device
 from clbench.memory import DecodedSet, MemoryLoader, footprint_bytes, plan
 from clbench.model import UniHeadNet
 from clbench.plugins import create
@@ -30,10 +29,22 @@ from clbench.pretrained import ResolvedNormalization, normalization
 from clbench.recorder import Recorder, StageResources
 from clbench.resources import Timer, budget_checks, device_name, latency_ms, peak_memory_mb
 from clbench.results import data_source, environment, save_checkpoint, to_json
-from clbench.runtime import (MemoryCache, ModelConfig, Session, build_model, cached_in_memory, data_root, loader,
-                             resolve_device, rng_state, seed_everything, set_rng_state)
+from clbench.runtime import (
+    MemoryCache,
+    ModelConfig,
+    Session,
+    build_model,
+    cached_in_memory,
+    data_root,
+    loader,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from clbench.strategy import StageContext, Strategy
 from clbench.tasks import TaskSpec
+from clbench.tensors import to_device
 from clbench.trackers import TrackedRun, Trackers, check_installed
 
 

@@ -3,10 +3,9 @@ loaders, the network, and a Session that carries what is worth computing once pe
 
 from __future__ import annotations
 
-import json
-
 import ctypes
 import hashlib
+import json
 import random
 import signal
 import sys

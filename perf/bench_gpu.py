@@ -37,13 +37,13 @@ from clbench.accel import Precision, compile_model, precision
 from clbench.config import resolve
 from clbench.evaluate import evaluate_task
 from clbench.loop import StageSettings, train_epoch
-from clbench.tensors import to_device
 from clbench.memory import MemoryLoader
 from clbench.plugins import create
 from clbench.resources import device_name, latency_ms
 from clbench.run import prepare, run, stage_context
 from clbench.runtime import Session, loader
 from clbench.strategy import StageContext
+from clbench.tensors import to_device
 
 TASKS = ("seg", "det", "cls")
 

@@ -17,15 +17,14 @@ import time
 import torch
 
 from clbench.accel import Precision
-
 from clbench.benchmarks import load_task
 from clbench.benchmarks.images import collate
 from clbench.benchmarks.synthetic import SynthSpec, cached
 from clbench.loop import StageSettings, task_loss, train_epoch
-from clbench.tensors import to_device
 from clbench.model import UniHeadNet
 from clbench.plugins import create
 from clbench.strategy import StageContext
+from clbench.tensors import to_device
 
 
 def bare_epoch(model, task, batches, optimizer, device, image_size, grad_clip):

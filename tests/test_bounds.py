@@ -11,14 +11,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import write_views
 
-from clbench import ClbenchError
 from clbench.cli import main
 from clbench.compare import CompareSettings, cells, compare
 from clbench.config import resolve
 from clbench.joint import share
 from clbench.plots import SKIPPED, pareto_front
-from conftest import write_views
 
 PRIMARY = {"seg": "mIoU", "det": "mAP", "cls": "top1"}
 

@@ -33,7 +33,8 @@ def test_compare_runs_the_grid_and_shares_stage_1_bit_identically(tiny_args, tmp
     folder = compare_folder(tiny_args)
     assert sorted(p.name for p in (folder / "runs").iterdir()) == ["ewc-seed0", "ewc-seed1", "naive-seed0", "naive-seed1"]
     assert len(list((folder / "cache").glob("stage1-*.pt"))) == 2          # one per seed
-    stage1 = lambda cell: json.loads((folder / "runs" / cell / "resources.json").read_text())["stages"]["1"]
+    def stage1(cell: str) -> dict:
+        return json.loads((folder / "runs" / cell / "resources.json").read_text())["stages"]["1"]
     assert stage1("naive-seed0")["seconds_saved_by_cache"] == 0.0 and stage1("ewc-seed0")["train_seconds"] == 0.0
     assert stage1("ewc-seed0")["seconds_saved_by_cache"] == pytest.approx(stage1("naive-seed0")["train_seconds"])
     assert json.loads((folder / "cache_report.json").read_text())["stage1_reused_by_cells_this_invocation"] == 2
@@ -154,6 +155,7 @@ def test_the_stage_1_cache_key_changes_with_every_setting_that_changes_stage_1()
 def test_the_default_comparison_is_the_one_the_readme_shows():
     import re
     from pathlib import Path
+
     from clbench.cli import DEFAULT_STRATEGIES, build_parser
     args = build_parser().parse_args(["compare"])
     assert args.strategies == DEFAULT_STRATEGIES

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from clbench.accel import Precision
-
 from clbench import ClbenchError
+from clbench.accel import Precision
 from clbench.checkpoint import evaluate_checkpoint
 from clbench.config import resolve
 from clbench.distill import pod_loss, pooled_embedding

@@ -3,8 +3,19 @@ import math
 import pandas as pd
 import pytest
 
-from clbench.drop import (DEFINITIONS, absolute_change, average_accuracy, backward_transfer, drop_percent, forgetting,
-                          forward_transfer, metric_matrix, plasticity, reference_drop, trained_at)
+from clbench.drop import (
+    DEFINITIONS,
+    absolute_change,
+    average_accuracy,
+    backward_transfer,
+    drop_percent,
+    forgetting,
+    forward_transfer,
+    metric_matrix,
+    plasticity,
+    reference_drop,
+    trained_at,
+)
 from clbench.report import aggregate, comparison_table, paired_difference, run_measures, run_table, stage_table
 from clbench.tasks import TaskSpec
 
@@ -150,7 +161,8 @@ def test_run_table_marks_pass_and_fail_at_the_threshold():
     assert table.at["Classification", "Within 15"] == "-"        # trained last
     absolute = stage_table(rows_from(MATRIX), TASKS, "abs", threshold=10.5).set_index("Task")
     assert absolute.at["Segmentation", "Within 10.5"] == "pass"  # -10 pp
-    assert stage_table(rows_from(MATRIX), TASKS, "abs", threshold=9.5).set_index("Task").at["Segmentation", "Within 9.5"] == "FAIL"
+    table = stage_table(rows_from(MATRIX), TASKS, "abs", threshold=9.5).set_index("Task")
+    assert table.at["Segmentation", "Within 9.5"] == "FAIL"
     _, note = run_table(rows_from(MATRIX), TASKS, "abs", threshold=10.5)
     assert note.startswith("Abs. change = 100 x") and "Within 10.5: pass when the task lost at most 10.5 pp" in note
     _, note = run_table(rows_from(MATRIX), TASKS, threshold=5)
@@ -199,6 +211,7 @@ def test_standard_metrics_get_a_mean_column_no_pass_fail_and_say_how_they_normal
 
 def test_chance_levels_by_hand():
     import torch
+
     from clbench.metrics import chance_miou, chance_top1
     assert chance_top1(torch.tensor([0, 0, 1, 2]), 3) == 0.5
     # predict class 0 (6 of 10 pixels) everywhere: IoU 6/10, 0, 0 → mIoU 0.2

@@ -38,7 +38,9 @@ def pycocotools_stats(gt, dets):
         coco.dataset = copy.deepcopy(gt)
         coco.createIndex()
         ev = RefCOCOeval(coco, coco.loadRes(copy.deepcopy(dets)), iouType="bbox")
-        ev.evaluate(); ev.accumulate(); ev.summarize()
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
     return ev.stats[:6]
 
 

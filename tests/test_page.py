@@ -44,6 +44,7 @@ def test_report_of_a_run_folder_through_the_cli(tiny_args, capsys):
     assert "clbench run" in page and "--strategy lwf" in page and "Primary metric after every stage" in page
     # chance.json: top-1 of the most frequent test class (counted here from the folder itself), mAP 0
     from collections import Counter
+
     from clbench.benchmarks import load_task
     chance = json.loads((run_dir / "chance.json").read_text())
     labels = [label for _, label in load_task(tiny_args["data_root"], "cls", image_size=64).test.samples]

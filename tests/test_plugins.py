@@ -8,7 +8,6 @@ import pytest
 from clbench import ClbenchError
 from clbench.cli import main
 from clbench.plugins import available, create, find
-from clbench.strategy import REGISTRY
 from clbench.testing import smoke_test
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -1,14 +1,14 @@
-import json
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
+from official_fakes import WNIDS, make_coco, make_imagenette, make_voc, tar_folder, zip_folder
 
 from clbench import ClbenchError
 from clbench.benchmarks.prepare import Counts, choose, prepare
 from clbench.benchmarks.verify import verify
 from clbench.cli import main
-from official_fakes import WNIDS, make_coco, make_imagenette, make_voc, tar_folder, zip_folder
 
 COUNTS = Counts(train=9, val=6)
 

@@ -42,7 +42,9 @@ def test_three_stage_run_writes_every_file_with_the_right_schema(tiny_args):
 
 
 def test_saved_predictions_rescore_to_the_reported_map_with_pycocotools(tiny_args):
-    import contextlib, io
+    import contextlib
+    import io
+
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     run_dir = run(resolve(None, {**tiny_args, "run_id": "rescore", "epochs": "det=3,seg=1,cls=1"}))
@@ -51,7 +53,9 @@ def test_saved_predictions_rescore_to_the_reported_map_with_pycocotools(tiny_arg
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(Path(tiny_args["data_root"]) / "mini_coco_det" / "val" / "annotations.json"))
         ev = COCOeval(gt, gt.loadRes(str(run_dir / "predictions" / "stage2_det.json")), iouType="bbox")
-        ev.evaluate(); ev.accumulate(); ev.summarize()
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
     assert reported == pytest.approx(ev.stats[0], abs=1e-12)
     per_class = pd.read_csv(run_dir / "per_class.csv")
     ap = per_class[(per_class.stage == 2) & (per_class.metric == "AP")]
