@@ -12,16 +12,18 @@ from clbench import ClbenchError
 from .coco import load_coco_json
 from .imagefolder import class_folders
 from .images import list_images, read_image
-from .layouts import SPLITS, coco_split_files, voc_split_dirs
+from .layouts import SPLITS, TASK_DIRS, coco_split_files, voc_split_dirs
 from .sources import file_digest
 from .voc import read_class_list, read_mask
 
 
-def verify(root: Path) -> dict[str, dict[str, Any]]:
-    """task → split → {"images": n, "per_class": {class: count}}; the first problem is a ClbenchError."""
+def verify(root: Path, tasks: list[tuple[str, str, str | None]] | None = None) -> dict[str, dict[str, Any]]:
+    """task → split → {"images": n, "per_class": {class: count}} for each (name, kind, folder or None) of
+    ``tasks`` (default: the three kinds in their own folders); the first problem is a ClbenchError."""
     root = Path(root)
-    return {"det": _verify_det(root / "mini_coco_det"), "seg": _verify_seg(root / "mini_voc_seg"),
-            "cls": _verify_cls(root / "imagenette_160")}
+    checks = {"det": _verify_det, "seg": _verify_seg, "cls": _verify_cls}
+    tasks = tasks if tasks is not None else [(kind, kind, None) for kind in ("det", "seg", "cls")]
+    return {name: checks[kind](root / (folder or TASK_DIRS[kind])) for name, kind, folder in tasks}
 
 
 def _check_disjoint(task_root: Path, files: dict[str, list[Path]]) -> None:

@@ -43,7 +43,7 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
 
 def evaluate_checkpoint(weights: Path, root: Path | None, tasks: str, device: str) -> dict[str, dict[str, float]]:
     """task → {its primary metric: value} for the requested tasks of the checkpoint's network."""
-    from clbench.benchmarks import TASK_DIRS, load_task
+    from clbench.benchmarks import load_task, task_folder
     from clbench.benchmarks.stream import build_stream
     ckpt = load_checkpoint(weights)
     try:
@@ -62,10 +62,11 @@ def evaluate_checkpoint(weights: Path, root: Path | None, tasks: str, device: st
     data_dir, _ = data_root(str(root) if root else None, **synth)
     by_name = {s.name: s for s in specs}
     data = [load_task(data_dir, by_name[name].kind, image_size=model_config.image_size,
-                      normalization=model_config.normalization) for name in wanted]
+                      normalization=model_config.normalization, name=name, folder=by_name[name].folder)
+            for name in wanted]
     for name, task in zip(wanted, data):
         if task.spec.classes != by_name[name].classes:
-            raise ClbenchError(f"{data_dir / TASK_DIRS[task.spec.kind]}: the {name} classes {list(task.spec.classes)} "
+            raise ClbenchError(f"{task_folder(data_dir, task.spec)}: the {name} classes {list(task.spec.classes)} "
                                f"differ from the checkpoint's {list(by_name[name].classes)}")
     try:
         model = build_model(model_config, specs, dev)

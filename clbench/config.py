@@ -20,33 +20,52 @@ import yaml
 from clbench import ClbenchError
 from clbench.pretrained import PACKAGED, parse_normalize
 
-TASK_NAMES = ("seg", "det", "cls")
+KINDS = ("seg", "det", "cls")
+TASK_NAMES = KINDS   # the default tasks: one of each kind, named after it
+# Per-task settings a task takes from its kind when none is given for it (DESIGN.md §6a).
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {"epochs": {"seg": 4, "det": 6, "cls": 3},
+                                            "lr": {"seg": 2e-3, "det": 2e-3, "cls": 2e-3},
+                                            "batch_size": {"seg": 16, "det": 16, "cls": 16},
+                                            "augment": {"seg": False, "det": False, "cls": False}}
+ALL = "*"   # a per-task value given once, for every task
+TASK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
 def _per_task(cast: Callable[[str], Any]) -> Callable[[Any], dict[str, Any]]:
+    """One value for every task (``3``) or per task name (``seg=3,det=6`` or a YAML mapping); which names exist
+    and the values a task takes from its kind are settled by ``RunConfig`` against its ``tasks``."""
     def parse(value: Any) -> dict[str, Any]:
         if isinstance(value, dict):
             items = value.items()
         elif isinstance(value, str) and "=" in value:
             items = (part.split("=", 1) for part in value.split(","))
         else:
-            return {task: cast(value) for task in TASK_NAMES}
-        parsed = {str(k).strip(): cast(v) for k, v in items}
-        unknown = set(parsed) - set(TASK_NAMES)
-        if unknown:
-            raise ValueError(f"unknown task {sorted(unknown)[0]!r}, expected some of {', '.join(TASK_NAMES)}")
-        missing = set(TASK_NAMES) - set(parsed)
-        if missing:
-            raise ValueError(f"no value for {', '.join(sorted(missing))}")
-        return parsed
+            return {ALL: cast(value)}
+        return {str(k).strip(): cast(v) for k, v in items}
     return parse
 
 
+def _tasks(value: Any) -> dict[str, str]:
+    """The tasks a run may train: name -> kind, or kind:folder (a folder of the data root; default the kind's own,
+    e.g. mini_voc_seg), as ``seg_a=seg,seg_b=seg:voc_extra`` or a YAML mapping."""
+    items = value.items() if isinstance(value, dict) else (part.split("=", 1) for part in str(value).split(","))
+    out = {}
+    for name, spec in ((str(k).strip(), str(v).strip()) for k, v in items):
+        kind, _, folder = spec.partition(":")
+        if not TASK_NAME.fullmatch(name) or kind not in KINDS or (folder and not RUN_ID.fullmatch(folder)):
+            raise ValueError(f"{name}={spec}: expected NAME=KIND or NAME=KIND:FOLDER, KIND one of {', '.join(KINDS)}, "
+                             "FOLDER a folder of the data root")
+        out[name] = spec
+    if not out:
+        raise ValueError("expected at least one task")
+    return out
+
+
 def _order(value: Any) -> tuple[str, ...]:
-    """The stages' tasks: a permutation of seg,det,cls (or a subset, as single-task reference runs use)."""
-    order = tuple(value.split(",") if isinstance(value, str) else value)
-    if not order or len(set(order)) != len(order) or not set(order) <= set(TASK_NAMES):
-        raise ValueError(f"expected a permutation of {','.join(TASK_NAMES)} (or some of them, each once)")
+    """The stages' tasks by name, each once (which names exist: ``tasks``)."""
+    order = tuple(v.strip() for v in value.split(",")) if isinstance(value, str) else tuple(value)
+    if not order or len(set(order)) != len(order):
+        raise ValueError("expected a permutation of the task names, each once (some of them: single-task runs)")
     return order
 
 
@@ -221,15 +240,19 @@ class RunConfig:
     device: str = field(default="auto", metadata={"parse": _choice("auto", "cpu", "cuda"), "help": "auto = cuda if available"})
     data_root: str | None = field(default=None, metadata={"parse": _optional_str,
                                   "help": "dataset root; default: the synthetic benchmark, generated into the cache"})
-    order: tuple[str, ...] = field(default=TASK_NAMES, metadata={"parse": _order, "help": "task order, e.g. seg,det,cls"})
-    epochs: dict[str, int] = field(default_factory=lambda: {"seg": 4, "det": 6, "cls": 3},
-                                   metadata={"parse": _per_task(_positive(whole_number)), "help": "N or seg=N,det=N,cls=N"})
-    lr: dict[str, float] = field(default_factory=lambda: {"seg": 2e-3, "det": 2e-3, "cls": 2e-3},
+    tasks: dict[str, str] = field(default_factory=lambda: {k: k for k in KINDS}, metadata={"parse": _tasks, "help": (
+        "the tasks by name: NAME=KIND or NAME=KIND:FOLDER (default seg=seg,det=det,cls=cls, each in its kind's folder "
+        "of the data root: mini_voc_seg, mini_coco_det, imagenette_160); two tasks may share a kind")})
+    order: tuple[str, ...] = field(default=TASK_NAMES, metadata={"parse": _order, "help": "task order by name, e.g. seg,det,cls"})
+    epochs: dict[str, int] = field(default_factory=dict, metadata={
+        "parse": _per_task(_positive(whole_number)), "help": "N or per task NAME=N,... (a task not named: its kind's "
+        "default, seg 4, det 6, cls 3)"})
+    lr: dict[str, float] = field(default_factory=dict,
                                  metadata={"parse": _per_task(_positive(finite_float)), "help": "AdamW learning rate, per task"})
-    batch_size: dict[str, int] = field(default_factory=lambda: {"seg": 16, "det": 16, "cls": 16},
+    batch_size: dict[str, int] = field(default_factory=dict,
                                        metadata={"parse": _per_task(_positive(whole_number)),
                                                  "help": "training batch size, per task"})
-    augment: dict[str, bool] = field(default_factory=lambda: {"seg": False, "det": False, "cls": False},
+    augment: dict[str, bool] = field(default_factory=dict,
                                      metadata={"parse": _per_task(parse_bool), "help": "training augmentation per task: "
                                                "random resized crop, flip, colour jitter (true|false|seg=true,...)"})
     weight_decay: float = field(default=1e-4, metadata={"parse": at_least(finite_float, 0), "help": "AdamW weight decay"})
@@ -292,7 +315,35 @@ class RunConfig:
         for f in dataclasses.fields(self):
             value = parse_field(f.name, getattr(self, f.name), f"RunConfig.{f.name}")
             object.__setattr__(self, f.name, _frozen(value))
+        self._resolve_tasks()
         self._packaged_weights()
+
+    def kind(self, task: str) -> str:
+        return self.tasks[task].partition(":")[0]
+
+    def folder(self, task: str) -> str | None:
+        """The task's folder in the data root, when it is not its kind's own."""
+        return self.tasks[task].partition(":")[2] or None
+
+    def stream(self) -> list[tuple[str, str, str | None]]:
+        """(name, kind, folder or None) of each task in ``order``: what the run trains, stage by stage."""
+        return [(t, self.kind(t), self.folder(t)) for t in self.order]
+
+    def _resolve_tasks(self) -> None:
+        """``order`` names tasks of ``tasks``; every per-task setting gets a value for every task: the one given
+        for it, else the one given for all, else its kind's default."""
+        unknown = [t for t in self.order if t not in self.tasks]
+        if unknown:
+            raise ClbenchError(f"order: {unknown[0]!r} is not a task (tasks: {', '.join(self.tasks)}; --tasks adds "
+                               "one)")
+        for name, defaults in KIND_DEFAULTS.items():
+            given = dict(getattr(self, name))
+            stray = sorted(set(given) - set(self.tasks) - {ALL})
+            if stray:
+                raise ClbenchError(f"--{name.replace('_', '-')}: unknown task {stray[0]!r}, expected some of "
+                                   f"{', '.join(self.tasks)}")
+            values = {t: given.get(t, given.get(ALL, defaults[self.kind(t)])) for t in self.tasks}
+            object.__setattr__(self, name, _frozen(values))
 
     def _packaged_weights(self) -> None:
         """``pretrained: lite0`` picks its architecture (the default backbone gives way; another is an error)."""

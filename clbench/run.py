@@ -204,9 +204,9 @@ def prepare(config: RunConfig, session: Session) -> Setup:
              "compile": config.compile}
     amp = precision(config.amp, device)
     root, benchmark = data_root(config.data_root, config.synth_train, config.synth_val, config.synth_domain)
-    session.verify(root)
+    session.verify(root, config.stream())
     norm = input_normalization(config)
-    tasks = load_tasks(root, config.order, image_size=config.image_size, augment=config.augment,
+    tasks = load_tasks(root, config.stream(), image_size=config.image_size, augment=config.augment,
                        normalization=norm.normalization)
     strategy, options = create(config.strategy, config.set)
     # config.yaml records every resolved hyperparameter, and the weights' mean/std as values (timm may change them)
@@ -269,10 +269,10 @@ def input_normalization(config: RunConfig) -> ResolvedNormalization:
 
 def open_run(setup: Setup, session: Session) -> Recorder:
     """Claim the run folder and write config.yaml, env.json, tasks.json and chance.json into it."""
-    from clbench.benchmarks import TASK_DIRS
+    from clbench.benchmarks import task_folder
     config, root = setup.config, setup.root
     run_id = config.run_id or f"{setup.strategy.name}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    hashes = {t.name: (root / TASK_DIRS[t.kind], session.tree_hash(root / TASK_DIRS[t.kind])) for t in setup.specs}
+    hashes = {t.name: (task_folder(root, t), session.tree_hash(task_folder(root, t))) for t in setup.specs}
     env = {**environment(setup.device, hashes), "counts": setup.model.parameter_counts(),
            "seeding": {"python": config.seed, "numpy": config.seed, "torch": config.seed,
                        "loader_generator": "seed + 1000 * stage", "strategy": "StageContext.generator(seed, stage)"},

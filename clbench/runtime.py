@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clbench import ClbenchError
+from clbench.benchmarks.layouts import TASK_DIRS
 from clbench.model import UniHeadNet
 from clbench.pretrained import IMAGENET, Normalization
 from clbench.tasks import TaskSpec
@@ -29,16 +30,19 @@ class Session:
     data roots already verified, dataset fingerprints, inference latency per architecture (it does not
     depend on the weights). One per `clbench run`; `clbench compare` passes one to all its cells."""
 
-    verified: set[Path] = field(default_factory=set)
+    verified: set[Path] = field(default_factory=set)   # task folders already checked
     tree_hashes: dict[Path, str] = field(default_factory=dict)
     latency: dict[tuple, dict[str, dict[str, dict[int, float]]]] = field(default_factory=dict)
 
-    def verify(self, root: Path) -> None:
-        """The full check of `clbench data verify`, once per data root: a bad dataset fails in seconds."""
+    def verify(self, root: Path, stream: list[tuple[str, str, str | None]] | None = None) -> None:
+        """The full check of `clbench data verify` of the run's task folders, once per folder: a bad dataset fails
+        in seconds."""
         from clbench.benchmarks.verify import verify
-        if root.resolve() not in self.verified:
-            verify(root)
-            self.verified.add(root.resolve())
+        tasks = [(name, kind, folder) for name, kind, folder in stream or []
+                 if (root / (folder or TASK_DIRS[kind])).resolve() not in self.verified]
+        if stream is None or tasks:
+            verify(root, tasks if stream is not None else None)
+            self.verified.update((root / (folder or TASK_DIRS[kind])).resolve() for _, kind, folder in tasks)
 
     def tree_hash(self, root: Path) -> str:
         """sha256 over every file's relative path and bytes, in sorted order: a dataset's fingerprint."""

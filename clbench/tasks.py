@@ -26,6 +26,7 @@ class TaskSpec:
     dataset: str
     classes: tuple[str, ...]
     category_ids: tuple[int, ...] = ()  # detection: original COCO category id of each class index
+    folder: str | None = None           # its folder of the data root when not its kind's own (mini_voc_seg, ...)
 
     @property
     def num_classes(self) -> int:
@@ -54,10 +55,11 @@ class TaskSpec:
         return KIND_LABELS[self.kind][1]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "dataset": self.dataset, "classes": list(self.classes),
-                "category_ids": list(self.category_ids)}
+        out = {"name": self.name, "kind": self.kind, "dataset": self.dataset, "classes": list(self.classes),
+               "category_ids": list(self.category_ids)}
+        return {**out, "folder": self.folder} if self.folder else out
 
     @classmethod
     def from_dict(cls, data: dict) -> "TaskSpec":
         return cls(name=data["name"], kind=data["kind"], dataset=data["dataset"], classes=tuple(data["classes"]),
-                   category_ids=tuple(data.get("category_ids", ())))
+                   category_ids=tuple(data.get("category_ids", ())), folder=data.get("folder"))

@@ -154,3 +154,37 @@ def test_the_loop_benchmark_script_still_runs():
                           "--image-size", "64", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "ratio clbench/bare:" in out.stdout
+
+
+def test_two_tasks_of_one_kind_run_under_their_own_names(tiny_root, tiny_args, tmp_path, capsys):
+    """A task is a name with a kind (and a folder): two segmentation tasks, one from a second folder, each with its
+    own slice, rows, per-task settings and `clbench eval`."""
+    import shutil
+
+    from clbench.checkpoint import evaluate_checkpoint
+    from clbench.cli import main
+    data = tmp_path / "data"
+    shutil.copytree(tiny_root, data)
+    shutil.copytree(data / "mini_voc_seg", data / "voc_extra")
+    args = {**tiny_args, "data_root": str(data), "tasks": "first=seg,det=det,second=seg:voc_extra",
+            "order": "first,det,second", "epochs": "first=1,det=1,second=2", "run_id": "two-seg"}
+    assert main(["run", *[f"--{k.replace('_', '-')}={v}" for k, v in args.items()]]) == 0
+    run_dir = tmp_path / "results" / "two-seg"
+    tasks = json.loads((run_dir / "tasks.json").read_text())
+    assert [(t["name"], t["kind"], t.get("folder")) for t in tasks] == [("first", "seg", None), ("det", "det", None),
+                                                                     ("second", "seg", "voc_extra")]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["epochs"] == {"first": 1, "det": 1, "second": 2}
+    rows = pd.read_csv(run_dir / "metrics.csv")
+    assert set(rows.eval_task) == {"first", "det", "second"} and list(rows.stage_task.unique()) == ["none", "first",
+                                                                                                "det", "second"]
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["data"]["second"]["path"] == str(data / "voc_extra")
+    ckpt = torch.load(run_dir / "checkpoints" / "stage3.pt", weights_only=True)
+    assert [t["name"] for t in ckpt["tasks"]] == ["first", "det", "second"]
+    out = capsys.readouterr().out
+    assert "| first (Segmentation) " in out and "| second (Segmentation) " in out
+    final = rows[(rows.stage == 3) & (rows.metric == "mIoU")].set_index("eval_task")["value"]
+    served = evaluate_checkpoint(run_dir / "checkpoints" / "stage3.pt", data, "second,first", "cpu")
+    assert served == {"second": {"mIoU": pytest.approx(final["second"], abs=1e-9)},
+                      "first": {"mIoU": pytest.approx(final["first"], abs=1e-9)}}
