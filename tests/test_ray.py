@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_views
 
 from clbench.executors import LOCAL_ENV, RayOptions
 
@@ -91,7 +92,7 @@ LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "0000000000000000000
 
 def run_compare(settings, out, options):
     from clbench.compare import compare
-    return compare(settings, out=out, name="c", progress=False, executor=options)
+    return write_views(compare(settings, out=out, name="c", progress=False, executor=options))
 
 
 def test_ray_gives_the_sequential_results_byte_for_byte_on_loopback_only(cluster, tiny_root, tmp_path):
