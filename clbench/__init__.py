@@ -6,12 +6,20 @@ Installed layout: ``clbench`` (core), ``clbench.strategies`` (the repository's `
 
 from importlib.machinery import PathFinder
 from pathlib import Path
+from typing import Iterable
 
 __version__ = "0.1.0"
 
 
 class ClbenchError(Exception):
     """An error caused by the user's input; the CLI prints it as one line and exits non-zero."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices``, or ``""``: every unknown-name error ends with it."""
+    import difflib
+    hint = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {hint[0]!r}?" if hint else ""
 
 
 # Imported straight from a source checkout (e.g. `python -m clbench` in the repository root, which

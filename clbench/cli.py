@@ -4,21 +4,18 @@ download, verify)."""
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from clbench import ClbenchError, __version__
+from clbench import ClbenchError, __version__, did_you_mean
 from clbench.config import FIELDS, RUN_ID, RunConfig, add_arguments, at_least, finite_float, resolve, run_fields, whole_number
 from clbench.drop import DEFAULT_THRESHOLD, DEFINITIONS
 
-# Every built-in, in the tables' order (`--strategies all`). The default is the baseline and the BN-drift remedy on
-# the original report's method: what fits 5 minutes on 2 CPU cores (a third cell, der, took it to 319 s; README,
-# "What the table shows").
-ALL_BUILTINS = "naive,freeze_restore,lwf,bn_frozen,ewc,replay,bn_per_task,si,mas,der,agem,pod"
+# The default comparison is the baseline and the BN-drift remedy on the original report's method: what fits 5 minutes
+# on 2 CPU cores (a third cell, der, took it to 319 s; docs/results.md, "What the table shows").
 DEFAULT_STRATEGIES = "naive,bn_per_task+freeze_restore"
 
 
@@ -100,7 +97,8 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     compare = sub.add_parser("compare", allow_abbrev=False,
                              help="strategy x seed grid on one benchmark; prints the summary drop table")
     compare.add_argument("--strategies", default=DEFAULT_STRATEGIES,
-                         help=f"comma-separated; `all` = every built-in ({ALL_BUILTINS}) (default {DEFAULT_STRATEGIES})")
+                         help=f"comma-separated; `all` = every built-in method, naive first (`clbench strategies` lists them; "
+                         f"bounds are --bounds) (default {DEFAULT_STRATEGIES})")
     compare.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     compare.add_argument("--reference", choices=("none", "single-task"), default="none",
                          help="also train each task alone (same budget, seed) for the drop vs single-task")
@@ -168,8 +166,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     if unknown:
         sub = parser._subparsers._group_actions[0].choices.get(args.command)  # noqa: SLF001 — argparse has no API
         known = [opt for action in sub._actions for opt in action.option_strings]  # noqa: SLF001
-        hint = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
-        parser.error(f"unknown argument {unknown[0]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        parser.error(f"unknown argument {unknown[0]!r}" + did_you_mean(unknown[0].split("=")[0], known))
     return args
 
 
@@ -226,6 +223,7 @@ def _compare(args: argparse.Namespace) -> int:
     from clbench.compare import CompareSettings, compare
     from clbench.executors import RayOptions
     from clbench.page import write_report
+    from clbench.plugins import builtins
     from clbench.reader import ComparisonData
     from clbench.summary import eval_share_line, parse_pick, write_summary
     base = resolve(args.config, run_fields(vars(args)))
@@ -239,7 +237,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.name is not None and not RUN_ID.fullmatch(args.name):
         raise ClbenchError(f"--name {args.name}: expected a plain folder name, not a path")
     strategies = tuple(name for s in args.strategies.split(",") if s.strip()
-                       for name in (ALL_BUILTINS.split(",") if s.strip() == "all" else [s.strip()]))
+                       for name in (builtins() if s.strip() == "all" else [s.strip()]))
     if args.pick is not None:
         parse_pick(args.pick)  # before anything trains
     bounds = () if args.bounds.strip() == "none" else tuple(b.strip() for b in args.bounds.split(",") if b.strip())

@@ -33,7 +33,7 @@ from clbench import ClbenchError
 from clbench.config import RunConfig
 from clbench.executors import Job, RayOptions, import_ray, run_on_ray, sequential_where
 from clbench.reader import finished_runs
-from clbench.recorder import read_resources
+from clbench.recorder import mark_finished, read_resources
 from clbench.results import atomic_write, to_json, write_table
 from clbench.runtime import Session
 
@@ -149,8 +149,7 @@ def run_cell(folder: Path, cell_id: str, config: RunConfig, progress: Progress, 
     start = time.perf_counter()
     run(dataclasses.replace(config, out=str(folder), run_id=cell_id, progress=False), stage1_cache=stage1_cache,
         on_stage=progress.on_stage, session=session, resume=resume, group=(folder.parent.name, folder.parent))
-    atomic_write(run_dir / "executor.json", to_json(sequential_where()))
-    atomic_write(run_dir / "done.json", to_json({"seconds": time.perf_counter() - start}))
+    mark_finished(run_dir, sequential_where(), time.perf_counter() - start)
     progress.finish_cell(stages)
 
 
@@ -192,8 +191,7 @@ def run_joint_cell(folder: Path, cell_id: str, config: RunConfig, progress: Prog
         start = time.perf_counter()
         run_joint(dataclasses.replace(config, out=str(folder), run_id=cell_id, progress=False), session=session,
                   group=(folder.parent.name, folder.parent))
-        atomic_write(folder / cell_id / "executor.json", to_json(sequential_where()))
-        atomic_write(folder / cell_id / "done.json", to_json({"seconds": time.perf_counter() - start}))
+        mark_finished(folder / cell_id, sequential_where(), time.perf_counter() - start)
     progress.finish_cell(1)
 
 

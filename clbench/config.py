@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from clbench import ClbenchError
+from clbench import ClbenchError, did_you_mean
 from clbench.pretrained import PACKAGED, parse_normalize
 
 KINDS = ("seg", "det", "cls")
@@ -378,8 +377,7 @@ def parse_field(name: str, value: Any, source: str) -> Any:
 
 
 def unknown_key_error(key: str, source: str, known: list[str]) -> ClbenchError:
-    hint = difflib.get_close_matches(key, known, n=1)
-    return ClbenchError(f"{source}: unknown key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    return ClbenchError(f"{source}: unknown key {key!r}" + did_you_mean(key, known))
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

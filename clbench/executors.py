@@ -32,7 +32,8 @@ from typing import Any, Iterator
 import yaml
 
 from clbench import ClbenchError
-from clbench.results import atomic_write, to_json
+from clbench.recorder import mark_finished
+from clbench.results import atomic_write
 
 INSTALL = 'pip install "clbench[ray]"'
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local Ray instance binds every port to 127.0.0.1
@@ -153,6 +154,7 @@ def cell_task(kind: str, cell_id: str, config: dict[str, Any], cache: bytes | No
     from clbench.config import RunConfig
     from clbench.run import DONE, run_stages
     torch.set_num_threads(threads)
+    start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="clbench-cell-"))
     try:
         run_dir = work / "runs" / cell_id
@@ -173,7 +175,8 @@ def cell_task(kind: str, cell_id: str, config: dict[str, Any], cache: bytes | No
                                 resume=(run_dir / "config.yaml").exists())
         for stage in stages:
             files = {rel: as_driver_wrote_it(rel, data, out) for rel, data in changed_files(run_dir, before).items()}
-            yield {"files": files, "stage": stage, **({"where": where()} if stage == DONE else {})}
+            yield {"files": files, "stage": stage,
+                   **({"where": where(), "seconds": time.perf_counter() - start} if stage == DONE else {})}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -256,7 +259,12 @@ def _drive(ray: Any, jobs: list[Job], folder: Path, options: RayOptions, progres
                                        options.cell_cpus, str(folder / job.sub))
         pending[generator] = job
         progress.job_started(job)
-    waiting_caches = {ref: path for path, ref in caches.items() if not path.exists()}
+    return _collect(ray, pending, {ref: path for path, ref in caches.items() if not path.exists()}, folder, progress)
+
+
+def _collect(ray: Any, pending: dict[Any, Job], waiting_caches: dict[Any, Path], folder: Path,
+             progress: Any) -> list[str]:
+    """Write what the cells stream back as it comes (and the stage-1 caches they computed); one line per failure."""
     failures: list[str] = []
     while pending or waiting_caches:
         ready, _ = ray.wait(list(pending) + list(waiting_caches), num_returns=1, timeout=5.0)
@@ -265,31 +273,38 @@ def _drive(ray: Any, jobs: list[Job], folder: Path, options: RayOptions, progres
                 path = waiting_caches.pop(ref)
                 try:
                     atomic_write(path, ray.get(ref))
-                except Exception:  # the cells that depend on it report the cause
+                except ray.exceptions.RayError:  # the cells that depend on it fail with the same cause, reported
                     pass
                 continue
-            job = pending[ref]
-            try:
-                chunk = ray.get(next(ref))
-            except StopIteration:
-                del pending[ref]
-                continue
-            except Exception as exc:  # the cell raised (not retried), or its retries are used up
-                del pending[ref]
-                failures.append(f"{job.sub}/{job.cell_id}: failed: {cause(exc)}")
-                progress.job_failed(job, failures[-1])
-                continue
-            _commit_chunk(folder / job.sub / job.cell_id, chunk)
-            progress.job_stage(job, chunk["stage"])
+            failure = _next_chunk(ray, ref, pending, folder, progress)
+            if failure:
+                failures.append(failure)
     return failures
+
+
+def _next_chunk(ray: Any, ref: Any, pending: dict[Any, Job], folder: Path, progress: Any) -> str | None:
+    """One chunk of a cell written (or the cell's end noted); the failure line when the cell failed."""
+    job = pending[ref]
+    try:
+        chunk = ray.get(next(ref))
+    except StopIteration:
+        del pending[ref]
+        return None
+    except ray.exceptions.RayError as exc:  # the cell raised (not retried), or its retries are used up
+        del pending[ref]
+        line = f"{job.sub}/{job.cell_id}: failed: {cause(exc)}"
+        progress.job_failed(job, line)
+        return line
+    _commit_chunk(folder / job.sub / job.cell_id, chunk)
+    progress.job_stage(job, chunk["stage"])
+    return None
 
 
 def _commit_chunk(run_dir: Path, chunk: dict[str, Any]) -> None:
     from clbench.run import DONE
     write_files(run_dir, chunk["files"])
     if chunk["stage"] == DONE:
-        atomic_write(run_dir / "executor.json", to_json(chunk["where"]))
-        atomic_write(run_dir / "done.json", to_json({"finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        mark_finished(run_dir, chunk["where"], chunk["seconds"])
 
 
 def cause(exc: BaseException) -> str:

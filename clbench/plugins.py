@@ -6,7 +6,6 @@ A broken plugin is an error naming it; nothing ever falls back to another strate
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -18,7 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from clbench import ClbenchError
+from clbench import ClbenchError, did_you_mean
 from clbench.strategy import REGISTRY, Composite, Strategy, hyperparameters, parse_value
 
 ENTRY_POINT_GROUP = "clbench.strategies"
@@ -38,6 +37,12 @@ def registered() -> dict[str, Found]:
         importlib.import_module(f"clbench.strategies.{module.name}")
     return {name: Found(cls, "built-in" if cls.__module__.startswith("clbench.strategies.")
                         else f"registered by {cls.__module__}") for name, cls in REGISTRY.items()}
+
+
+def builtins() -> list[str]:
+    """``--strategies all``: every built-in method, naive (the baseline) first, the others by name; bounds out."""
+    methods = [name for name, found in registered().items() if found.origin == "built-in" and not found.cls.bound]
+    return sorted(methods, key=lambda name: (name != "naive", name))
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,7 @@ def find(reference: str) -> Found:
     if matches:
         return _load_entry_point(matches[0])
     names = set(found) | {ep.name for ep in _entry_points()}
-    hint = difflib.get_close_matches(reference, names, n=1)
-    raise ClbenchError(f"strategy {reference!r} not found" + (f"; did you mean {hint[0]!r}?" if hint else "") +
+    raise ClbenchError(f"strategy {reference!r} not found" + did_you_mean(reference, names) +
                        f" (available: {', '.join(sorted(names))})")
 
 
@@ -185,10 +189,8 @@ def create(spec: str, options: dict[str, Any]) -> tuple[Strategy, dict[str, Any]
         given = {key.split(".", 1)[1]: value for key, value in options.items() if key.split(".", 1)[0] == part.cls.name}
         for key in given:
             if key not in params:
-                hint = difflib.get_close_matches(key, params, n=1)
                 raise ClbenchError(f"--set {part.cls.name}.{key}: {part.cls.name!r} has no hyperparameter {key!r}" +
-                                   (f"; did you mean {hint[0]!r}?" if hint else "") +
-                                   f" (it has: {', '.join(params) or 'none'})")
+                                   did_you_mean(key, params) + f" (it has: {', '.join(params) or 'none'})")
         values = {k: parse_value(hp, given[k], f"--set {part.cls.name}.{k}") if k in given else hp.default
                   for k, hp in params.items()}
         try:
@@ -205,9 +207,8 @@ def _check_option_owners(spec: str, names: list[str], options: dict[str, Any]) -
         if "." not in key:
             raise ClbenchError(f"--set {key}: expected STRATEGY.PARAM=VALUE, e.g. ewc.lam=5000")
         if owner not in names:
-            hint = difflib.get_close_matches(owner, names, n=1)
             raise ClbenchError(f"--set {key}: strategy {owner!r} is not part of --strategy {spec}" +
-                               (f"; did you mean {hint[0]!r}?" if hint else ""))
+                               did_you_mean(owner, names))
 
 
 def options_for(spec: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -256,6 +256,14 @@ def read_chance(run_dir: Path) -> dict[str, float]:
         raise ClbenchError(f"{path}: expected task -> chance level ({exc})") from None
 
 
+def mark_finished(run_dir: Path, where: dict[str, Any], seconds: float) -> None:
+    """A comparison cell is finished: ``executor.json`` (where it ran), then ``done.json`` (one format, written
+    here only: the cell's seconds and when it finished). A cell without done.json is resumed."""
+    atomic_write(Path(run_dir) / "executor.json", to_json(where))
+    atomic_write(Path(run_dir) / "done.json", to_json({"seconds": round(seconds, 3),
+                                                        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}))
+
+
 def read_resources(run_dir: Path) -> Resources:
     path = Path(run_dir) / "resources.json"
     try:

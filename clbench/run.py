@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,8 +298,8 @@ def last_resume_point(run_dir: Path, stages: int) -> tuple[int, dict[str, Any] |
     for stage in range(stages, 0, -1):
         try:
             ckpt = torch.load(run_dir / "checkpoints" / f"stage{stage}.pt", map_location="cpu", weights_only=True)
-        except Exception:  # missing, truncated, not a checkpoint: that stage is redone
-            continue
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):  # missing, truncated, not a
+            continue                                                                    # checkpoint: that stage is redone
         if isinstance(ckpt, dict) and RESUME_KEYS <= set(ckpt):
             return stage, ckpt
     return 0, None

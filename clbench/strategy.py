@@ -120,6 +120,8 @@ class Strategy:
     shares_first_stage: ClassVar[bool] = False
     # Why this strategy cannot be combined with others (``a+b``); empty = it can.
     not_combinable: ClassVar[str] = ""
+    # A reference row (a bound such as ``frozen``), not a method: kept out of ``--strategies all``.
+    bound: ClassVar[bool] = False
 
     def before_stage(self, ctx: StageContext) -> None:
         """Before the optimizer is built: freezing here keeps parameters out of it."""

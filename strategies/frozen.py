@@ -16,6 +16,7 @@ class Frozen(FreezeRestore):
     frozen features let a new task learn. A bound (`clbench compare --bounds frozen`), not in --strategies all."""
 
     shares_first_stage = True  # stage 1 is plain training; after_stage only snapshots
+    bound = True               # the zero-interference end: compare --bounds frozen, never in --strategies all
 
     def __init__(self) -> None:
         super().__init__(patterns=(), last_stage_slice_only=True)

@@ -16,7 +16,7 @@ class Replay(Rehearsal):
     spread over seeds includes the buffer's. The replayed batches are normalised with their own batch
     statistics but do not update BN running statistics (``no_bn_update``), like every buffer pass, unless
     ``update_bn`` (this strategy's behaviour before that contract: it kept much more of the earlier tasks
-    on the synthetic benchmark, see the README)."""
+    on the synthetic benchmark, see docs/results.md)."""
 
     def __init__(self, *, per_task: int = 10, batch: int = 4, update_bn: bool = False) -> None:
         super().__init__(per_task=per_task, batch=batch, update_bn=update_bn)

@@ -160,7 +160,7 @@ def test_the_default_comparison_is_the_one_the_readme_shows():
     args = build_parser().parse_args(["compare"])
     assert args.strategies == DEFAULT_STRATEGIES
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    quick = readme[readme.index("## Quick start"):readme.index("## Command line")]
+    quick = readme[readme.index("## Quick start"):readme.index("## What it finds")]
     rows = re.findall(r"^\| (\S+) +\| [-+0-9.]+%", quick, flags=re.MULTILINE)
     assert rows == DEFAULT_STRATEGIES.split(",")
     assert re.search(r"^\| joint \(all tasks at once\) +\| final [0-9.]+ ", quick, flags=re.MULTILINE)  # the default bound

@@ -126,6 +126,13 @@ def test_the_check_sees_a_violation_when_there_is_one():
     assert circles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
 
 
+def test_the_architecture_page_names_every_module_of_the_core():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text[text.index("| module of `clbench/` |"):]
+    named = set(re.findall(r"`(\w+)\.py`", table[: table.index("\n\n")]))
+    assert named == {p.stem for p in (ROOT / "clbench").glob("*.py")} - {"__init__"}
+
+
 if __name__ == "__main__":
     edges = graph()
     found_circles, found = circles(edges), violations(edges, layer_table())

@@ -10,15 +10,16 @@ from clbench.cli import main
 from clbench.plugins import available, create, find
 from clbench.testing import smoke_test
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+STRATEGIES_PAGE = Path(__file__).resolve().parent.parent / "docs" / "strategies.md"
 
 
 def readme_example() -> str:
-    text = README.read_text()
+    """The example plugin of the docs' strategies page."""
+    text = STRATEGIES_PAGE.read_text()
     return re.search(r"<!-- example-plugin -->\n```python\n(.*?)```", text, re.S).group(1)
 
 
-def test_the_readme_example_plugin_is_short_and_passes_the_smoke_test(tmp_path):
+def test_the_docs_example_plugin_is_short_and_passes_the_smoke_test(tmp_path):
     source = readme_example()
     assert len(source.strip().splitlines()) < 40
     path = tmp_path / "my_l2.py"
