@@ -8,6 +8,7 @@ import pytest
 
 from clbench.benchmarks.synthetic import SynthSpec, generate
 from clbench.tasks import TaskSpec
+from clbench.testing import tiny_run_settings
 
 TINY = SynthSpec(seed=3, n_train=12, n_val=10, min_side=40, max_side=64)
 
@@ -47,12 +48,27 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("data") / "tiny", TINY)
 
 
+def tiny_settings(data_root: Path, **overrides: str) -> dict[str, str]:
+    """The tiny run settings (clbench.testing's, at 64 px), without an output folder: the one place tests take
+    them from. Latency is timed in the one test about it."""
+    settings = {k: v for k, v in tiny_run_settings(data_root, Path()).items() if k != "out"}
+    return {**settings, "image_size": "64", **overrides}
+
+
+def flags(settings: dict, **extra: str) -> list[str]:
+    """``--key=value`` command-line flags for settings."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in {**settings, **extra}.items()]
+
+
+def compare_flags(settings: dict, **extra: str) -> list[str]:
+    """Compare flags for settings; the joint bound (the default) is left out: tests/test_bounds.py covers it."""
+    return flags(settings, bounds="none", **extra)
+
+
 @pytest.fixture
 def tiny_args(tiny_root: Path, tmp_path: Path) -> dict:
     """CLI-style settings for a 3-stage run that takes a few seconds."""
-    return {"data_root": str(tiny_root), "backbone": "test_efficientnet", "image_size": "64", "epochs": "1",
-            "batch_size": "4", "head_channels": "16", "out": str(tmp_path / "results"), "progress": "false",
-            "device": "cpu", "latency_sizes": ""}  # latency is timed in the one test about it
+    return tiny_settings(tiny_root, out=str(tmp_path / "results"))
 
 
 @pytest.fixture
@@ -70,9 +86,7 @@ def small_comparison(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) 
     pytest.importorskip("mlflow", reason="the test extra installs mlflow-skinny")
     from clbench.compare import CompareSettings, compare
     from clbench.config import resolve
-    args = {"data_root": str(tiny_root), "backbone": "test_efficientnet", "image_size": "64", "epochs": "1",
-            "batch_size": "4", "head_channels": "16", "device": "cpu", "progress": "false", "latency_sizes": "",
-            "log": "tensorboard,mlflow"}
+    args = tiny_settings(tiny_root, log="tensorboard,mlflow")
     settings = CompareSettings(strategies=("naive", "bn_per_task"), seeds=(0, 1), reference=False,
                                base=resolve(None, args), bounds=("joint",))
     folder = compare(settings, out=tmp_path_factory.mktemp("comparison"), name="small", progress=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import flags
 
 from clbench.cli import main
 from clbench.config import resolve
@@ -21,9 +22,6 @@ from clbench.run import run
 
 CLBENCH = str(Path(sys.executable).parent / "clbench")
 
-
-def flags(tiny_args, **extra):
-    return [f"--{k.replace('_', '-')}={v}" for k, v in {**tiny_args, **extra}.items()]
 
 
 def one_line_error(capsys, *needles):
@@ -234,8 +232,10 @@ def test_sigint_prints_one_line_and_keeps_finished_stages(command, tiny_args, tm
     spec = f"{Path(__file__).parent / 'plugins' / 'counting.py'}:Blocking"
     args = ["run", "--strategy", spec, "--run-id", "int"] if command == "run" else \
         ["compare", "--strategies", spec, "--name", "int"]
+    # the child gets SIGINT's default disposition whatever this suite inherited (under nohup or as a background job
+    # SIGINT is ignored, and an ignored signal stays ignored across exec)
     process = subprocess.Popen([CLBENCH, *args, *flags(tiny_args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env)
+                               text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)

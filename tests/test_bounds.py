@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import write_views
+from conftest import tiny_settings, write_views
 
 from clbench.cli import main
 from clbench.compare import CompareSettings, cells, compare
@@ -36,8 +36,7 @@ def primary(run_dir: Path, stage: int, task: str) -> float:
 
 @pytest.fixture(scope="module")
 def grid_comparison(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    args = {"data_root": str(tiny_root), "backbone": "test_efficientnet", "image_size": "64", "epochs": "1",
-            "batch_size": "4", "head_channels": "16", "device": "cpu", "progress": "false", "latency_sizes": ""}
+    args = tiny_settings(tiny_root)
     settings = CompareSettings(strategies=("naive", "lwf"), seeds=(0,), reference=False, base=resolve(None, args),
                                bounds=("joint", "frozen"), grid=(("lwf.lam", ("0.5", "4")),))
     return write_views(compare(settings, out=tmp_path_factory.mktemp("grid"), name="grid", progress=False))
@@ -155,8 +154,7 @@ def test_pareto_front_by_hand():
 
 def test_rerunning_the_command_redoes_no_cell_and_no_bound(grid_comparison, tiny_root):
     stamps = {p: p.stat().st_mtime_ns for p in grid_comparison.glob("*/*/metrics.csv")}
-    args = {"data_root": str(tiny_root), "backbone": "test_efficientnet", "image_size": "64", "epochs": "1",
-            "batch_size": "4", "head_channels": "16", "device": "cpu", "progress": "false", "latency_sizes": ""}
+    args = tiny_settings(tiny_root)
     settings = CompareSettings(strategies=("naive", "lwf"), seeds=(0,), reference=False, base=resolve(None, args),
                                bounds=("joint", "frozen"), grid=(("lwf.lam", ("0.5", "4")),))
     compare(settings, out=grid_comparison.parent, name="grid", progress=False)

@@ -8,16 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import compare_flags as flags
 
 from clbench.cli import main
 from clbench.config import resolve
 from clbench.run import run
-
-
-def flags(tiny_args, **extra):
-    """Compare flags for the tiny settings; the joint bound (the default) is left out: tests/test_bounds.py
-    covers it."""
-    return [f"--{k.replace('_', '-')}={v}" for k, v in {**tiny_args, "bounds": "none", **extra}.items()]
 
 
 def compare_folder(tiny_args):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_views
+from conftest import compare_flags, tiny_settings, write_views
 
 from clbench.executors import LOCAL_ENV, RayOptions
 
@@ -23,7 +23,13 @@ CLBENCH = [sys.executable, "-m", "clbench"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ.update(LOCAL_ENV)  # before ray is imported: every port on 127.0.0.1
+    with pytest.MonkeyPatch.context() as patch:   # LOCAL_ENV only while this module's tests run
+        for key, value in LOCAL_ENV.items():
+            patch.setenv(key, value)                 # before ray is imported: every port on 127.0.0.1
+        yield from _cluster()
+
+
+def _cluster():
     ray = pytest.importorskip("ray", reason="the test extra installs ray (pip install \"clbench[ray]\")")
     from ray.cluster_utils import Cluster
     # a removed node is noticed within ~4 s instead of Ray's default ~20 s (health checks every 3 s, 5 misses)
@@ -41,14 +47,12 @@ def cluster():
 
 
 def settings_args(tiny_root: Path) -> dict:
-    return {"data_root": str(tiny_root), "backbone": "test_efficientnet", "image_size": "48", "epochs": "1",
-            "batch_size": "4", "head_channels": "16", "device": "cpu", "progress": "false", "latency_sizes": ""}
+    return tiny_settings(tiny_root, image_size="48")
 
 
 def command(tiny_root: Path, out: Path, strategies: str, *extra: str) -> list[str]:
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings_args(tiny_root).items()]
-    return [*CLBENCH, "compare", "--strategies", strategies, "--bounds", "none", "--out", str(out), "--name", "c",
-            *flags, *extra]
+    return [*CLBENCH, "compare", "--strategies", strategies, "--out", str(out), "--name", "c",
+            *compare_flags(settings_args(tiny_root)), *extra]
 
 
 def descendants(pid: int) -> set[int]:

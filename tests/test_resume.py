@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import flags
 
 from clbench.cli import main
 from clbench.config import resolve
@@ -21,9 +22,6 @@ from clbench.run import run
 CLBENCH = str(Path(sys.executable).parent / "clbench")
 PLUGIN = Path(__file__).parent / "plugins" / "counting.py"
 
-
-def flags(tiny_args, **extra):
-    return [f"--{k.replace('_', '-')}={v}" for k, v in {**tiny_args, **extra}.items()]
 
 
 def kill_at(command, marker, where, env_extra=None):

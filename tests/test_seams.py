@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import compare_flags as flags
 
 from clbench import ClbenchError
 from clbench.cli import main
@@ -21,11 +22,6 @@ from clbench.testing import smoke_test
 
 PLUGIN = Path(__file__).parent / "plugins" / "counting.py"
 
-
-def flags(tiny_args, **extra):
-    """Compare flags for the tiny settings; the joint bound (the default) is left out: tests/test_bounds.py
-    covers it."""
-    return [f"--{k.replace('_', '-')}={v}" for k, v in {**tiny_args, "bounds": "none", **extra}.items()]
 
 
 # stage-1 sharing -------------------------------------------------------------------------------------------
