@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pickle
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,14 +294,20 @@ RESUME_KEYS = {"model", "strategy", "rng", "bn_stats", "record"}
 
 
 def last_resume_point(run_dir: Path, stages: int) -> tuple[int, dict[str, Any] | None]:
-    """(k, checkpoint) of the last stage whose checkpoint loads and holds a resume point; (0, None) if none."""
+    """(k, checkpoint) of the last stage whose checkpoint loads and holds a resume point; (0, None) if none. A
+    checkpoint that exists but does not load is said (one line on stderr) and its stage is redone."""
     for stage in range(stages, 0, -1):
+        path = run_dir / "checkpoints" / f"stage{stage}.pt"
+        if not path.exists():
+            continue
         try:
-            ckpt = torch.load(run_dir / "checkpoints" / f"stage{stage}.pt", map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):  # missing, truncated, not a
-            continue                                                                    # checkpoint: that stage is redone
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: the unpickler raises whatever it hit first
+            print(f"clbench: {path}: unreadable ({type(exc).__name__}); stage {stage} is redone", file=sys.stderr)
+            continue
         if isinstance(ckpt, dict) and RESUME_KEYS <= set(ckpt):
             return stage, ckpt
+        print(f"clbench: {path}: not a resume point; stage {stage} is redone", file=sys.stderr)
     return 0, None
 
 

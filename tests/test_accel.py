@@ -275,6 +275,7 @@ def test_fp16_with_a_grad_scaler_trains_every_kind_of_term_and_records_latency_b
 
 # torch.compile -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_compiled_run_equals_the_eager_one_and_its_checkpoints_load_anywhere(tiny_args, tiny_root, monkeypatch):
     monkeypatch.setattr(clbench.accel, "BACKEND", "eager")   # dynamo traces for real; inductor's codegen takes minutes
     compiled = run(resolve(None, {**tiny_args, "strategy": "lwf", "compile": "true", "run_id": "compiled"}))

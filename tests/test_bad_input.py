@@ -225,6 +225,7 @@ def test_a_stages_rows_are_written_only_after_its_checkpoint(tiny_args, monkeypa
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["stage1.pt", "stage2.pt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "compare"])
 def test_sigint_prints_one_line_and_keeps_finished_stages(command, tiny_args, tmp_path):
     marker = tmp_path / "stage2"

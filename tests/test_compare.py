@@ -65,6 +65,7 @@ def test_an_option_no_strategy_of_the_grid_has_is_an_error(tiny_args, capsys):
     assert "--set lwf.lam: no strategy of --strategies naive,ewc has it" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_kill_9_at_a_known_point_then_rerun_resumes_and_equals_an_uninterrupted_comparison(tiny_args, tmp_path):
     script = Path(sys.executable).parent / "clbench"
     plugin = Path(__file__).parent / "plugins" / "counting.py"

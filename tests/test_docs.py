@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from clbench.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +42,7 @@ def test_the_docs_have_runnable_blocks():
     assert len(lines) >= 5 and all(line.startswith("clbench ") for _, line in lines)
 
 
+@pytest.mark.slow
 def test_every_runnable_docs_line_runs(tiny_args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                      # results/ of the lines lands here
     for page, line in runnable_lines():

@@ -17,6 +17,8 @@ from conftest import compare_flags, tiny_settings, write_views
 
 from clbench.executors import LOCAL_ENV, RayOptions
 
+pytestmark = pytest.mark.slow   # Ray clusters: the fast lane (`pytest -m "not slow"`) leaves them out
+
 STALL = str(Path(__file__).parent / "plugins" / "stall.py") + ":Stall"
 CLBENCH = [sys.executable, "-m", "clbench"]
 

@@ -37,6 +37,7 @@ def kill_at(command, marker, where, env_extra=None):
     process.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ewc+lwf+replay"])   # a Fisher, a teacher and a buffer carried over at once
 def test_a_run_killed_mid_stage_resumes_to_a_byte_identical_metrics_csv(strategy, tiny_args, tmp_path):
     pick = random.Random(strategy)                      # a random moment of stage 2 or 3, known in advance
@@ -65,6 +66,7 @@ def test_an_unreadable_checkpoint_is_redone_and_nothing_else(tiny_args, capsys):
     (run_dir / "checkpoints" / "stage2.pt").write_bytes(b"truncated")
     stage1 = (run_dir / "checkpoints" / "stage1.pt").stat().st_mtime_ns
     assert main(["run", "--resume", str(run_dir), "--progress", "false"]) == 0
+    assert f"clbench: {run_dir / 'checkpoints' / 'stage2.pt'}: unreadable (" in capsys.readouterr().err   # said, not silent
     assert (run_dir / "metrics.csv").read_bytes() == reference
     assert (run_dir / "checkpoints" / "stage1.pt").stat().st_mtime_ns == stage1
     assert json.loads((run_dir / "resume.json").read_text())[0]["resumed_after_stage"] == 1

@@ -131,6 +131,7 @@ def test_non_finite_loss_fails_loudly_and_keeps_finished_stages(tiny_args, explo
     assert (run_dir / "checkpoints" / "stage1.pt").exists() and not (run_dir / "checkpoints" / "stage2.pt").exists()
 
 
+@pytest.mark.slow
 def test_cli_run_prints_the_report_table(tiny_args, tmp_path):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**tiny_args, "run_id": "cli"}.items()]
     script = Path(sys.executable).parent / "clbench"  # the installed console script, run outside the checkout
@@ -147,6 +148,7 @@ def test_cli_run_prints_the_report_table(tiny_args, tmp_path):
     assert f"({100 * report['eval_share']:.1f}% of stage time; per stage {shares})" in out.stdout
 
 
+@pytest.mark.slow
 def test_the_loop_benchmark_script_still_runs():
     """perf/ scripts print figures and are not timed here; this only keeps them in step with the API."""
     script = Path(__file__).resolve().parent.parent / "perf" / "bench_loop.py"
