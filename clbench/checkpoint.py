@@ -43,46 +43,61 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
 
 def evaluate_checkpoint(weights: Path, root: Path | None, tasks: str, device: str) -> dict[str, dict[str, float]]:
     """task → {its primary metric: value} for the requested tasks of the checkpoint's network."""
-    from clbench.benchmarks import load_task, task_folder
     from clbench.benchmarks.stream import build_stream
     ckpt = load_checkpoint(weights)
-    try:
-        specs = [TaskSpec.from_dict(t) for t in ckpt["tasks"]]
-        model_config = ModelConfig.from_dict(ckpt["model_config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ClbenchError(f"{weights}: malformed model_config or tasks ({type(exc).__name__}: {exc})") from None
+    specs, model_config = _described(ckpt, weights)
     wanted = [t.name for t in specs] if tasks == "all" else [t.strip() for t in tasks.split(",")]
     unknown = [t for t in wanted if t not in {s.name for s in specs}]
     if unknown:
         raise ClbenchError(f"--tasks {tasks}: {unknown[0]!r} is not a task of {weights} "
                            f"(it has {', '.join(s.name for s in specs)})")
     dev = resolve_device(device)
-    synth = {key: ckpt.get("synthetic", {}).get(key, FIELDS[key].default)  # the run's synthetic benchmark
-             for key in ("synth_train", "synth_val", "synth_domain")}
-    data_dir, _ = data_root(str(root) if root else None, **synth)
     by_name = {s.name: s for s in specs}
-    data = [load_task(data_dir, by_name[name].kind, image_size=model_config.image_size,
-                      normalization=model_config.normalization, name=name, folder=by_name[name].folder)
-            for name in wanted]
-    for name, task in zip(wanted, data):
-        if task.spec.classes != by_name[name].classes:
-            raise ClbenchError(f"{task_folder(data_dir, task.spec)}: the {name} classes {list(task.spec.classes)} "
-                               f"differ from the checkpoint's {list(by_name[name].classes)}")
-    try:
-        model = build_model(model_config, specs, dev)
-    except (RuntimeError, ValueError) as exc:
-        raise ClbenchError(f"{weights}: its model_config does not build a network ({exc})") from None
-    load_weights(model, ckpt["model"], weights)
-    served = ckpt.get("evaluation") or {}
-    for name, state in served.items():
-        if not isinstance(state, dict) or any(key not in ckpt["model"] for key in state):
-            raise ClbenchError(f"{weights}: evaluation state of {name!r} names tensors the network does not have")
+    data = _test_data(ckpt, root, [by_name[name] for name in wanted], model_config)
+    model = _network(ckpt, weights, specs, model_config, dev)
+    served = ckpt.get("evaluation") or {}   # what the run served each task with (e.g. bn_per_task's statistics)
     stream = build_stream([t.test for t in data], [t.test for t in data])
     results = {}
     for name, task, experience in zip(wanted, data, stream.test_stream):
         spec = by_name[name]
         batches = loader(experience.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=0, workers=0, device=dev)
-        state = served.get(name)  # what the run served this task with (e.g. bn_per_task's statistics)
-        value, _ = evaluate_task(model, spec, batches, dev, task.coco_gt, state).metrics[spec.metric]
+        value, _ = evaluate_task(model, spec, batches, dev, task.coco_gt, served.get(name)).metrics[spec.metric]
         results[name] = {spec.metric: value}
     return results
+
+
+def _described(ckpt: dict, weights: Path) -> tuple[list[TaskSpec], ModelConfig]:
+    """The checkpoint's tasks and the configuration that rebuilds its network."""
+    try:
+        return [TaskSpec.from_dict(t) for t in ckpt["tasks"]], ModelConfig.from_dict(ckpt["model_config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ClbenchError(f"{weights}: malformed model_config or tasks ({type(exc).__name__}: {exc})") from None
+
+
+def _test_data(ckpt: dict, root: Path | None, specs: list[TaskSpec], model_config: ModelConfig) -> list:
+    """Each task's data as the run read it (its folder, the input size and normalisation), classes checked."""
+    from clbench.benchmarks import load_task, task_folder
+    synth = {key: ckpt.get("synthetic", {}).get(key, FIELDS[key].default)  # the run's synthetic benchmark
+             for key in ("synth_train", "synth_val", "synth_domain")}
+    data_dir, _ = data_root(str(root) if root else None, **synth)
+    data = [load_task(data_dir, spec.kind, image_size=model_config.image_size, normalization=model_config.normalization,
+                      name=spec.name, folder=spec.folder) for spec in specs]
+    for spec, task in zip(specs, data):
+        if task.spec.classes != spec.classes:
+            raise ClbenchError(f"{task_folder(data_dir, task.spec)}: the {spec.name} classes {list(task.spec.classes)} "
+                               f"differ from the checkpoint's {list(spec.classes)}")
+    return data
+
+
+def _network(ckpt: dict, weights: Path, specs: list[TaskSpec], model_config: ModelConfig,
+             device: torch.device) -> torch.nn.Module:
+    """The network its model_config describes, with the checkpoint's weights; its served states checked."""
+    try:
+        model = build_model(model_config, specs, device)
+    except (RuntimeError, ValueError) as exc:
+        raise ClbenchError(f"{weights}: its model_config does not build a network ({exc})") from None
+    load_weights(model, ckpt["model"], weights)
+    for name, state in (ckpt.get("evaluation") or {}).items():
+        if not isinstance(state, dict) or any(key not in ckpt["model"] for key in state):
+            raise ClbenchError(f"{weights}: evaluation state of {name!r} names tensors the network does not have")
+    return model

@@ -24,12 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Continual-learning benchmark harness for UniHeadNet.")
     parser.add_argument("--version", action="version", version=f"clbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", allow_abbrev=False, help="train seg -> det -> cls with one strategy, print the table")
+    run = sub.add_parser("run", allow_abbrev=False, help="train the tasks in order with one strategy, print the table")
     run.add_argument("--config", type=Path, default=None, help="YAML file; its keys mirror these flags")
     run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                      help="continue an interrupted run after its last finished stage (its own config.yaml)")
     add_arguments(run)
     _compare_parser(sub)
+    _view_parsers(sub)
+    sub.add_parser("strategies", help="list every strategy found, its origin and hyperparameters")
+    _data_parsers(sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True))
+    return parser
+
+
+def _view_parsers(sub: argparse._SubParsersAction) -> None:
+    """table, plot, report (views of a results folder) and eval (a checkpoint)."""
     table = sub.add_parser("table", allow_abbrev=False, help="the drop table of a run or comparison folder")
     table.add_argument("folder", type=Path)
     table.add_argument("--format", choices=("md", "csv", "latex"), default="md")
@@ -39,18 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "forgetting:plasticity>=P); default acc")
     table.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
                        help=f"allowed drop for pass/fail (default {DEFAULT_THRESHOLD:g})")
-    plot = sub.add_parser("plot", allow_abbrev=False, help="PNG plots of a run or comparison folder")
-    plot.add_argument("folder", type=Path)
+    sub.add_parser("plot", allow_abbrev=False, help="PNG plots of a run or comparison folder").add_argument(
+        "folder", type=Path)
+    sub.add_parser("report", allow_abbrev=False, help="write report.html: one self-contained page for a run or "
+                   "comparison folder").add_argument("folder", type=Path)
     evaluate = sub.add_parser("eval", allow_abbrev=False, help="evaluate a checkpoint: mAP, mIoU, Top-1")
     evaluate.add_argument("--weights", type=Path, required=True, help="a checkpoints/stage{k}.pt of a run")
     evaluate.add_argument("--data-root", type=Path, default=None, help="default: the synthetic benchmark")
-    evaluate.add_argument("--tasks", default="all", help="all, or some of seg,det,cls")
+    evaluate.add_argument("--tasks", default="all", help="all, or some of the checkpoint's task names")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    report = sub.add_parser("report", allow_abbrev=False,
-                            help="write report.html: one self-contained page for a run or comparison folder")
-    report.add_argument("folder", type=Path)
-    sub.add_parser("strategies", help="list every strategy found, its origin and hyperparameters")
-    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+
+
+def _data_parsers(data: argparse._SubParsersAction) -> None:
     synth = data.add_parser("synth", allow_abbrev=False, help="write the synthetic benchmark in the real formats")
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("--seed", type=_count(0), default=0)
@@ -72,9 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--only", default="coco,voc,imagenette", help="some of coco,coco-train,voc,imagenette")
     down.add_argument("--mirror", default=None, help="base URL serving the same file names")
     _import_parser(data)
-    verify = data.add_parser("verify", allow_abbrev=False, help="check a data root and count images per class")
-    verify.add_argument("root", type=Path)
-    return parser
+    data.add_parser("verify", allow_abbrev=False, help="check a data root and count images per class").add_argument(
+        "root", type=Path)
 
 
 def _import_parser(data: argparse._SubParsersAction) -> None:
@@ -119,6 +126,13 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
                          help="with --grid: pick each strategy's best setting by acc (highest ACC), forgetting "
                          "(lowest F) or forgetting:plasticity>=P (lowest F among settings with plasticity >= P %%); "
                          "default acc")
+    _ray_options(compare)
+    compare.add_argument("--name", default=None, help="comparison folder name (default: compare-<settings hash>)")
+    compare.add_argument("--config", type=Path, default=None, help="YAML run options shared by every cell")
+    add_arguments(compare, skip_role="per_cell")
+
+
+def _ray_options(compare: argparse.ArgumentParser) -> None:
     compare.add_argument("--executor", choices=("sequential", "ray"), default="sequential",
                          help="sequential: the cells one after another in this process (default); ray: each cell a "
                          "Ray task (extra clbench[ray]); the results are the same")
@@ -131,9 +145,6 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("--retries", type=_argument(at_least(whole_number, 0)), default=2,
                          help="Ray reruns of a cell whose worker or node was lost (default 2; an error in the cell "
                          "itself is not retried)")
-    compare.add_argument("--name", default=None, help="comparison folder name (default: compare-<settings hash>)")
-    compare.add_argument("--config", type=Path, default=None, help="YAML run options shared by every cell")
-    add_arguments(compare, skip_role="per_cell")
 
 
 def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -220,12 +231,33 @@ def _resumed_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from clbench.compare import CompareSettings, compare
-    from clbench.executors import RayOptions
+    """Run the grid (the writers), then write and print its views from one read of the folder."""
+    from clbench.compare import compare
     from clbench.page import write_report
-    from clbench.plugins import builtins
     from clbench.reader import ComparisonData
-    from clbench.summary import eval_share_line, parse_pick, write_summary
+    from clbench.summary import eval_share_line, write_summary
+    settings, definition = _compare_settings(args)
+    folder = compare(settings, out=Path(settings.base.out), name=args.name, progress=settings.base.progress,
+                     executor=_executor(args))
+    data = ComparisonData.load(folder)
+    print(write_summary(data, definition, args.threshold, pick=args.pick))
+    write_report(data)
+    report = json.loads((folder / "cache_report.json").read_text())
+    if report["stage1_reused_by_cells_this_invocation"]:
+        print(f"stage 1 came from the cache in {report['stage1_reused_by_cells_this_invocation']} cells: "
+              f"{report['stage1_seconds_saved_this_invocation']:.0f} s of training saved")
+    print(eval_share_line(data))
+    print(f"results: {folder}")
+    for line in data.failed:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if data.failed else 0
+
+
+def _compare_settings(args: argparse.Namespace) -> tuple[Any, str]:
+    """The grid and the summary's definition from the flags, every value checked before anything trains."""
+    from clbench.compare import CompareSettings
+    from clbench.plugins import builtins
+    from clbench.summary import parse_pick
     base = resolve(args.config, run_fields(vars(args)))
     definition = _definition(args.definition, args.threshold_mode, args.reference == "single-task")
     try:
@@ -239,31 +271,23 @@ def _compare(args: argparse.Namespace) -> int:
     strategies = tuple(name for s in args.strategies.split(",") if s.strip()
                        for name in (builtins() if s.strip() == "all" else [s.strip()]))
     if args.pick is not None:
-        parse_pick(args.pick)  # before anything trains
+        parse_pick(args.pick)
     bounds = () if args.bounds.strip() == "none" else tuple(b.strip() for b in args.bounds.split(",") if b.strip())
     settings = CompareSettings(strategies=strategies, seeds=seeds, reference=args.reference == "single-task", base=base,
                                bounds=bounds, grid=tuple(_grid(g) for g in args.grid))
     if definition == "plasticity" and not settings.reference and "joint" not in settings.bounds:
         raise ClbenchError("--definition plasticity needs --reference single-task or the joint bound (--bounds joint)")
+    return settings, definition
+
+
+def _executor(args: argparse.Namespace) -> Any:
+    """RayOptions for --executor ray; None (sequential) otherwise, where a Ray flag is an error."""
+    from clbench.executors import RayOptions
     ray_flags = [f for f, given in (("--ray-address", args.ray_address is not None), ("--cell-cpus", args.cell_cpus != 1),
                                     ("--cell-gpus", args.cell_gpus != 0), ("--retries", args.retries != 2)) if given]
     if args.executor != "ray" and ray_flags:
         raise ClbenchError(f"{ray_flags[0]}: applies to --executor ray only")
-    executor = RayOptions(args.ray_address, args.cell_cpus, args.cell_gpus, args.retries) \
-        if args.executor == "ray" else None
-    folder = compare(settings, out=Path(base.out), name=args.name, progress=base.progress, executor=executor)
-    data = ComparisonData.load(folder)  # the views below read the folder once, through this
-    print(write_summary(data, definition, args.threshold, pick=args.pick))
-    write_report(data)
-    report = json.loads((folder / "cache_report.json").read_text())
-    if report["stage1_reused_by_cells_this_invocation"]:
-        print(f"stage 1 came from the cache in {report['stage1_reused_by_cells_this_invocation']} cells: "
-              f"{report['stage1_seconds_saved_this_invocation']:.0f} s of training saved")
-    print(eval_share_line(data))
-    print(f"results: {folder}")
-    for line in data.failed:
-        print(f"error: {line}", file=sys.stderr)
-    return 1 if data.failed else 0
+    return RayOptions(args.ray_address, args.cell_cpus, args.cell_gpus, args.retries) if args.executor == "ray" else None
 
 
 def _definition(definition: str | None, mode: str, has_reference: bool) -> str:

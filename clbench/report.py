@@ -225,33 +225,48 @@ def comparison_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: 
               for name in also}
     stats = aggregate(measures).set_index(["strategy", "task"])
     diffs = paired_difference(measures).set_index(["strategy", "task"])
-    present = set(measures["task"])
+    shown = [t for t in tasks if t.name in set(measures["task"])]
     order = [s for s in strategies or [] if s in set(rows["strategy"])] or list(dict.fromkeys(rows["strategy"]))
     table = []
     for strategy in order:
-        row = {"Strategy": strategy}
         seeds = rows.loc[rows["strategy"] == strategy, "seed"].nunique()
-        for task in (t for t in tasks if t.name in present):
-            s = stats.loc[(strategy, task.name)]
-            cell = _stat_cell(s, d, trained_last=task is tasks[-1]) + (f" (n={int(s['n'])})" if 0 < s["n"] < seeds else "")
-            if strategy != "naive" and (strategy, task.name) in diffs.index and not math.isnan(s["mean"]):
-                cell += f"; Δ naive {diffs.loc[(strategy, task.name), 'mean_diff']:+.2f}"
-            if threshold is not None and d.thresholded and not math.isnan(s["mean"]):
-                cell += " pass" if d.passes(s["mean"], threshold) else " FAIL"
+        row = {"Strategy": strategy}
+        for task in shown:
+            cell = _task_cell(stats.loc[(strategy, task.name)], d, task is tasks[-1], seeds, threshold,
+                              diffs.loc[(strategy, task.name), "mean_diff"]
+                              if strategy != "naive" and (strategy, task.name) in diffs.index else None)
             row[f"{task.label} ({task.metric_label})"] = cell + chance_flag(measures, strategy, task.name, d, chance)
         if d.summary:
             row[f"{d.summary} (mean over tasks)"] = _stat_cell(stats.loc[(strategy, SUMMARY)], d)
         for name, extra in extras.items():
             row[DEFINITIONS[name].summary] = _stat_cell(extra.loc[(strategy, SUMMARY)], DEFINITIONS[name])
-        row["seeds"] = seeds
-        table.append(row)
-    if joint is not None and not joint.empty:
+        table.append({**row, "seeds": seeds})
+    has_joint = joint is not None and not joint.empty
+    if has_joint:
         table.append(joint_row(joint, tasks, d, references, also))
+    frame = pd.DataFrame(table)
+    return frame, _table_note(d, also, has_joint, threshold, references, chance, frame)
+
+
+def _task_cell(s: pd.Series, d: Definition, trained_last: bool, seeds: int, threshold: float | None,
+               diff: float | None) -> str:
+    """One strategy's cell for one task: the statistic, (n=k) when seeds are missing, Δ naive, pass/FAIL."""
+    cell = _stat_cell(s, d, trained_last=trained_last) + (f" (n={int(s['n'])})" if 0 < s["n"] < seeds else "")
+    if diff is not None and not math.isnan(s["mean"]):
+        cell += f"; Δ naive {diff:+.2f}"
+    if threshold is not None and d.thresholded and not math.isnan(s["mean"]):
+        cell += " pass" if d.passes(s["mean"], threshold) else " FAIL"
+    return cell
+
+
+def _table_note(d: Definition, also: Sequence[str], has_joint: bool, threshold: float | None,
+                references: dict | None, chance: dict[str, float] | None, table: pd.DataFrame) -> str:
+    """The footnote of a comparison table: every definition it shows, the joint row, the threshold, chance."""
     note = d.text + " Cells: mean ± sample std over seeds, [95% t-interval] with >= 3 seeds; " \
         "Δ naive = mean of the per-seed differences to naive; (n=k): only k seeds had a defined value."
     for name in also:
         note += f" {DEFINITIONS[name].summary} column: {DEFINITIONS[name].text}"
-    if joint is not None and not joint.empty:
+    if has_joint:
         note += (f" {JOINT_LABEL}: every task trained at once with the same budget (clbench.joint); it has no "
                  "sequence, so " + ("its value is on its final metrics." if d.name in JOINT_DEFINED else
                                     "its cells give each task's final metric instead of this definition."))
@@ -260,10 +275,9 @@ def comparison_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: 
     if d.normalises or any(DEFINITIONS[name].normalises for name in also):
         note += " " + ("N = R / R_ref: normalised by each seed's single-task reference." if references
                        else NO_REFERENCE)
-    table = pd.DataFrame(table)
     if NEAR_CHANCE in " ".join(table.astype(str).values.ravel()):
         note += " " + chance_note(chance or {})
-    return table, note
+    return note
 
 
 def chance_flag(measures: pd.DataFrame, strategy: str, task: str, d: Definition, chance: dict[str, float] | None) -> str:

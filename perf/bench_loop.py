@@ -43,6 +43,33 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def clbench_epoch(model, task, batches, optimizer, settings, device, image_size):
+    ctx = StageContext(model=model, stage=1, task=task, tasks=(task,), seed=0, train_loader=batches, device=device,
+                       task_loss=lambda t, o, y: task_loss(model, t, o, y, (image_size, image_size)))
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    train_epoch(ctx, create("naive", {})[0], batches, params, optimizer, scaler, settings, epoch=0)
+
+
+def timed_epochs(base, task, batches, settings, device, image_size, repeats) -> dict[str, list[float]]:
+    """Seconds per epoch of each loop, alternating which goes first; the first round warms up and is not counted."""
+    times: dict[str, list[float]] = {"clbench": [], "bare": []}
+    for repeat in range(repeats + 1):
+        for name in (("clbench", "bare") if repeat % 2 else ("bare", "clbench")):
+            model = copy.deepcopy(base).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+            sync(device)
+            start = time.perf_counter()
+            if name == "bare":
+                bare_epoch(model, task, batches, optimizer, device, image_size, settings.grad_clip)
+            else:
+                clbench_epoch(model, task, batches, optimizer, settings, device, image_size)
+            sync(device)
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="det", choices=["seg", "det", "cls"])
@@ -58,26 +85,7 @@ def main() -> None:
     batches = [collate(items[i:i + args.batch_size]) for i in range(0, len(items), args.batch_size)]
     base = UniHeadNet(tasks=[data.spec]).to(device).to_channels_last()  # as clbench.run builds it
     settings = StageSettings(epochs=1, lr=1e-3, weight_decay=1e-4, grad_clip=10.0, precision=Precision("cpu", None))
-    strategy, _ = create("naive", {})
-    times = {"clbench": [], "bare": []}
-    for repeat in range(args.repeats + 1):  # the first round warms up both and is not counted
-        for name in (("clbench", "bare") if repeat % 2 else ("bare", "clbench")):
-            model = copy.deepcopy(base).train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-            sync(device)
-            start = time.perf_counter()
-            if name == "bare":
-                bare_epoch(model, data.spec, batches, optimizer, device, args.image_size, settings.grad_clip)
-            else:
-                ctx = StageContext(model=model, stage=1, task=data.spec, tasks=(data.spec,), seed=0, train_loader=batches,
-                                   device=device, task_loss=lambda t, o, y, m=model: task_loss(
-                                       m, t, o, y, (args.image_size, args.image_size)))
-                scaler = torch.amp.GradScaler(device.type, enabled=False)
-                params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-                train_epoch(ctx, strategy, batches, params, optimizer, scaler, settings, epoch=0)
-            sync(device)
-            if repeat:
-                times[name].append(time.perf_counter() - start)
+    times = timed_epochs(base, data.spec, batches, settings, device, args.image_size, args.repeats)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     bare, ours = statistics.median(times["bare"]), statistics.median(times["clbench"])
     print(f"device: {device_name}; task {args.task}; {args.batches} batches of {args.batch_size} at {args.image_size} px")
