@@ -20,7 +20,7 @@ from clbench.config import FIELDS
 from clbench.drop import DEFINITIONS, metric_matrix, trained_at
 from clbench.plots import plot_folder
 from clbench.reader import ComparisonData, Folder, RunData, load
-from clbench.report import BN_NOTE, bn_attribution, primary_metrics, resource_line, run_measures, run_table
+from clbench.report import BN_NOTE, bn_attribution, definitions_table, primary_metrics, resource_line, run_measures, run_table
 from clbench.results import atomic_write
 from clbench.summary import definition_table
 from clbench.tasks import TaskSpec
@@ -35,6 +35,7 @@ p.note { color: #555; font-size: 12.5px; max-width: 1000px; }
 pre { background: #f6f6f6; padding: .8em; overflow-x: auto; font-size: 12px; }
 img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
 .verdict { background: #eef6ee; border-left: 4px solid #4a4; padding: .6em 1em; }
+details { margin: 1em 0; } summary { cursor: pointer; font-weight: 600; }
 """
 
 # Marks the page once loaded: data-images="decoded/total", so a headless browser can tell it rendered whole.
@@ -60,31 +61,64 @@ def write_report(data: Folder | Path) -> Path:
 # a comparison ----------------------------------------------------------------------------------------------
 
 def comparison_page(data: ComparisonData) -> tuple[str, str]:
+    """The verdict and one picture, one compact table (a column per definition), then the details."""
     rows, tasks, order, folder = data.rows, data.tasks, data.order, data.path
     costs = strategy_costs(data.runs)
-    parts = [f"<div class=\"verdict\">{verdict(rows, tasks, costs)}</div>", data_line(data.env)]
+    lead, plots = _lead_plot(plot_folder(data))
+    references = {}
+    for name in DEFINITIONS:
+        try:
+            references[name] = data.measured_against(name)[0]
+        except ClbenchError:   # needs single-task references this comparison has not run
+            continue
+    parts = [f"<div class=\"verdict\">{verdict(rows, tasks, costs)}</div>", data_line(data.env), lead]
     if data.missing:
         parts.append(f"<p class=\"note\">Not finished (not in any table): {_e(', '.join(data.missing))}.</p>")
-    parts.append("<h2>Summary: every definition</h2>")
+    parts.append("<h2>Every definition at a glance</h2>" + _table(definitions_table(rows, tasks, order, references)) +
+                 "<p class=\"note\">Mean over seeds; each column's definition, spread over seeds and pass/fail are in "
+                 "the tables below. " + ("Plasticity and drop vs single-task: against the single-task references."
+                                         if data.references else "Plasticity: against the joint bound's final metric of "
+                                         "the same seed (no single-task reference; no drop vs single-task)."
+                                         if data.joint is not None else "No reference runs: no plasticity, no drop vs "
+                                         "single-task.") + "</p>")
+    parts.append(_folded("Each definition's table: mean ± std over seeds, Δ naive, pass/fail, notes",
+                         _definition_tables(data)))
+    parts.append("<h2>Cost</h2>" + _table(costs.reindex(order).reset_index()) +
+                 "<p class=\"note\">Mean over seeds. Training time counts a stage restored from the shared stage-1 "
+                 "cache at what it took to train; peak memory is the process's peak RSS (CUDA: max allocated).</p>")
+    parts.append("<h2>More plots</h2>" + "".join(_image(p) for p in plots))
+    parts.append(_folded("Primary metric after every stage, per strategy (mean over seeds)", "".join(
+        f"<h3>{_e(strategy)}</h3>" + _table(stage_matrix(rows[rows.strategy == strategy], tasks)) for strategy in order)))
+    parts.append("<h2>BatchNorm attribution</h2>" + _table(bn_table(rows, tasks, order)) +
+                 f"<p class=\"note\">Mean over seeds. {_e(BN_NOTE)}</p>")
+    parts.append("<h2>Reproduce</h2><pre>" + _e(compare_command(folder, data.settings)) + "</pre>" +
+                 _folded("Settings (compare.yaml)", "<pre>" + _e((folder / "compare.yaml").read_text()) + "</pre>"))
+    parts.append(environment_block(data.env))
+    return f"clbench comparison {folder.name}", "\n".join(parts)
+
+
+def _definition_tables(data: ComparisonData) -> str:
+    out = []
     for name in DEFINITIONS:
         try:
             table, note = definition_table(data, name)
         except ClbenchError:  # needs single-task references this comparison has not run
             continue
-        parts.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
-    parts.append("<h2>Cost</h2>" + _table(costs.reindex(order).reset_index()) +
-                 "<p class=\"note\">Mean over seeds. Training time counts a stage restored from the shared stage-1 "
-                 "cache at what it took to train; peak memory is the process's peak RSS (CUDA: max allocated).</p>")
-    parts.append("<h2>Primary metric after every stage (mean over seeds)</h2>")
-    for strategy in order:
-        parts.append(f"<h3>{_e(strategy)}</h3>" + _table(stage_matrix(rows[rows.strategy == strategy], tasks)))
-    parts.append("<h2>Plots</h2>" + "".join(_image(p) for p in plot_folder(data)))
-    parts.append("<h2>BatchNorm attribution</h2>" + _table(bn_table(rows, tasks, order)) +
-                 f"<p class=\"note\">Mean over seeds. {_e(BN_NOTE)}</p>")
-    parts.append("<h2>Reproduce</h2><pre>" + _e(compare_command(folder, data.settings)) + "</pre><h3>Settings "
-                 "(compare.yaml)</h3><pre>" + _e((folder / "compare.yaml").read_text()) + "</pre>")
-    parts.append(environment_block(data.env))
-    return f"clbench comparison {folder.name}", "\n".join(parts)
+        out.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
+    return "".join(out)
+
+
+def _lead_plot(paths: list[Path]) -> tuple[str, list[Path]]:
+    """The one picture the page leads with (the stability-plasticity plot where there is one, else each task's
+    metric over the stages) and the others."""
+    names = [p.name for p in paths]
+    lead = next((p for name in ("stability_plasticity.png", "metric_by_stage.png") for p in paths if p.name == name),
+                paths[0] if paths else None)
+    return (_image(lead) if lead else ""), [p for p in paths if p != lead and p.name in names]
+
+
+def _folded(summary: str, body: str) -> str:
+    return f"<details><summary>{_e(summary)}</summary>{body}</details>"
 
 
 def verdict(rows: pd.DataFrame, tasks: Sequence[TaskSpec], costs: pd.DataFrame) -> str:
@@ -195,20 +229,27 @@ def _flag_value(value: Any) -> str:
 # one run ---------------------------------------------------------------------------------------------------
 
 def run_page(data: RunData) -> tuple[str, str]:
+    """One picture, one compact table (a column per definition), then the details."""
     rows, tasks, config = data.rows, data.tasks, data.config
-    parts = [data_line(data.env), "<h2>Every definition</h2>"]
+    lead, plots = _lead_plot(plot_folder(data))
+    strategy = str(rows["strategy"].iloc[0])
+    parts = [data_line(data.env), lead, "<h2>Every definition at a glance</h2>" +
+             _table(definitions_table(rows, tasks, [strategy])) +
+             "<p class=\"note\">Each column's definition and pass/fail are in the tables below.</p>"]
+    details = []
     for name in (n for n, d in DEFINITIONS.items() if not d.needs_reference):
         table, note = run_table(rows, tasks, name, chance=data.chance)
-        parts.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
+        details.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
+    parts.append(_folded("Each definition's table: per stage, pass/fail, BN attribution, notes", "".join(details)))
     parts.append("<h2>Primary metric after every stage</h2>" + _table(stage_matrix(rows, tasks)))
-    parts.append("<h2>Plots</h2>" + "".join(_image(p) for p in plot_folder(data)))
+    parts.append("<h2>More plots</h2>" + "".join(_image(p) for p in plots))
     if data.resources is not None:
         parts.append("<h2>Cost</h2><p>" + _e(resource_line(data.resources)) + "</p>")
     command = " \\\n    ".join(["clbench run", *changed_flags({k: v for k, v in config.items()
                                                                 if k not in ("out", "run_id", "set")}),
                                 *[f"--set {k}={_flag_value(v)}" for k, v in config.get("set", {}).items()]])
-    parts.append("<h2>Reproduce</h2><pre>" + _e(command) + "</pre><h3>config.yaml</h3><pre>" +
-                 _e((data.path / "config.yaml").read_text()) + "</pre>")
+    parts.append("<h2>Reproduce</h2><pre>" + _e(command) + "</pre>" +
+                 _folded("config.yaml", "<pre>" + _e((data.path / "config.yaml").read_text()) + "</pre>"))
     parts.append(environment_block(data.env))
     return f"clbench run {data.path.name}", "\n".join(parts)
 
@@ -240,7 +281,8 @@ def data_line(env: dict[str, Any]) -> str:
 
 def environment_block(env: dict[str, Any]) -> str:
     """env.json of a run (versions, git commit, device, data hashes) as written."""
-    return "<h2>Environment</h2><pre>" + _e(json.dumps(env, indent=1, default=str)) + "</pre>" if env else ""
+    return _folded("Environment (env.json)", "<pre>" + _e(json.dumps(env, indent=1, default=str)) + "</pre>") \
+        if env else ""
 
 
 def _table(frame: pd.DataFrame) -> str:

@@ -280,6 +280,26 @@ def _table_note(d: Definition, also: Sequence[str], has_joint: bool, threshold: 
     return note
 
 
+def definitions_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], strategies: Sequence[str],
+                      references: dict[str, dict[int, dict[str, float]]] | None = None) -> pd.DataFrame:
+    """One compact table: a row per strategy and task (and the strategy's mean over tasks), a column per
+    definition (mean over seeds, in the definition's unit; "—" where undefined). ``references``: definition ->
+    the references it is measured against; a definition that needs them and has none is left out."""
+    references = references or {}
+    shown = [d for d in DEFINITIONS.values() if not d.needs_reference or d.name in references]
+    means = {d.name: run_measures(rows, tasks, d.name, references.get(d.name)).groupby(["strategy", "task"])["value"]
+             .mean() for d in shown}
+    out = []
+    for strategy in strategies:
+        for key, label in [*((t.name, t.label) for t in tasks), (SUMMARY, "mean over tasks")]:
+            row = {"Strategy": strategy, "Task": label}
+            for d in shown:
+                value = means[d.name].get((strategy, key), math.nan)
+                row[d.column] = "—" if math.isnan(value) else d.format(value)
+            out.append(row)
+    return pd.DataFrame(out)
+
+
 def chance_flag(measures: pd.DataFrame, strategy: str, task: str, d: Definition, chance: dict[str, float] | None) -> str:
     """" (base near chance)" (or "... in k/n seeds") where a seed's base R[s(t),t] is within 2x of chance."""
     if not d.from_own_stage or not chance or task not in chance:
