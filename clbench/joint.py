@@ -23,11 +23,13 @@ from typing import Any, Iterator
 
 import torch
 
+from clbench.build import Setup, model_config, prepare, synthetic_settings
 from clbench.config import RunConfig
-from clbench.loop import optimizer_step
-from clbench.recorder import StageResources
+from clbench.loop import OnStep, optimizer_step
+from clbench.recorder import Recorder, StageResources
 from clbench.results import atomic_write, to_json
 from clbench.runtime import Session
+from clbench.stage import evaluate_all, open_trackers, stage_steps, start
 from clbench.tensors import to_device
 
 JOINT = "joint"
@@ -49,7 +51,6 @@ def run_joint(config: RunConfig, *, session: Session | None = None, group: tuple
     """Train and evaluate the joint bound into ``config.out / config.run_id``; returns the run folder. A folder
     left by an interrupted joint run is replaced (the joint run is one stage: nothing finished is lost).
     ``group``: as for ``clbench.run.run`` (the trackers of ``--log`` file the run under it)."""
-    from clbench.run import open_trackers, prepare, stage_steps, start
     session = session or Session()
     run_dir = Path(config.out) / str(config.run_id)
     if run_dir.exists() and not (run_dir / "done.json").exists():
@@ -75,10 +76,9 @@ def run_joint(config: RunConfig, *, session: Session | None = None, group: tuple
     return recorder.run_dir
 
 
-def finish(setup: Any, recorder: Any, seconds: float, losses: list[float], steps: int, images: list[int],
+def finish(setup: Setup, recorder: Recorder, seconds: float, losses: list[float], steps: int, images: list[int],
            lr: float) -> None:
     """Evaluate every task, then the checkpoint, the rows, joint.json and resources.json."""
-    from clbench.run import evaluate_all, stage_steps, synthetic_settings
     config = setup.config
     recorder.resources.stages[1] = StageResources(JOINT, seconds, parameters=setup.model.parameter_counts())
     eval_start = time.perf_counter()
@@ -95,7 +95,7 @@ def finish(setup: Any, recorder: Any, seconds: float, losses: list[float], steps
     recorder.write_resources()
 
 
-def task_batch(setup: Any, index: int, dataset: Any, items: list[int]) -> tuple[torch.Tensor, Any]:
+def task_batch(setup: Setup, index: int, dataset: Any, items: list[int]) -> tuple[torch.Tensor, Any]:
     """Items of task ``index`` as (network input, targets) on the device: from its in-memory set (augmented on
     the device) when it has one, else read image by image from ``dataset``."""
     if setup.in_memory[setup.specs[index].name]:
@@ -108,13 +108,12 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _model_config(setup: Any) -> dict[str, Any]:
-    from clbench.run import model_config
+def _model_config(setup: Setup) -> dict[str, Any]:
     return model_config(setup.config).to_dict()
 
 
-def train_joint(setup: Any, datasets: list[Any], images: list[int], steps: int, lr: float,
-                on_step: Any = None) -> list[float]:
+def train_joint(setup: Setup, datasets: list[Any], images: list[int], steps: int, lr: float,
+                on_step: OnStep | None = None) -> list[float]:
     """``steps`` optimizer steps on mixed batches (``images[t]`` of task t in all); returns every step's loss.
     ``on_step(step, values)`` after each step (from 1): the loss and each task's own loss (trackers)."""
     from clbench.loop import task_loss

@@ -34,14 +34,16 @@ from typing import Any, Callable
 import torch
 
 from clbench.accel import Precision, compile_model, precision
+from clbench.build import prepare
 from clbench.config import resolve
 from clbench.evaluate import evaluate_task
 from clbench.loop import StageSettings, train_epoch
 from clbench.memory import MemoryLoader
 from clbench.plugins import create
 from clbench.resources import device_name, latency_ms
-from clbench.run import prepare, run, stage_context
+from clbench.run import run
 from clbench.runtime import Session, loader
+from clbench.stage import stage_context
 from clbench.strategy import StageContext
 from clbench.tensors import to_device
 

@@ -16,6 +16,7 @@ import clbench.accel
 from clbench import ClbenchError
 from clbench.accel import Precision, is_compiled, precision, set_determinism
 from clbench.augment import augment_batch, crop_flip_boxes, crop_flip_grid, crop_params
+from clbench.build import prepare
 from clbench.checkpoint import evaluate_checkpoint
 from clbench.config import RunConfig, resolve
 from clbench.loop import optimizer_step
@@ -24,8 +25,9 @@ from clbench.memory import MemoryLoader, plan
 from clbench.model import UniHeadNet
 from clbench.plugins import create, registered
 from clbench.recorder import read_rows
-from clbench.run import prepare, run, stage_context
+from clbench.run import run
 from clbench.runtime import Session
+from clbench.stage import stage_context
 from clbench.strategy import loss_terms
 from clbench.teacher import frozen_teacher
 

@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from clbench import ClbenchError
+from clbench.build import prepare
 from clbench.checkpoint import evaluate_checkpoint
 from clbench.cli import main
 from clbench.config import resolve
 from clbench.memory import MemoryLoader
 from clbench.plugins import registered
 from clbench.recorder import read_rows
-from clbench.run import prepare, run, stage_context
+from clbench.run import run
 from clbench.runtime import Session
+from clbench.stage import stage_context
 from clbench.testing import smoke_test
 
 pytestmark = pytest.mark.cuda

@@ -182,9 +182,10 @@ def test_table_and_plot_take_tasks_from_the_run_not_from_a_literal(tmp_path, cap
 
 
 def test_cached_test_sets_are_read_in_this_process_so_the_cache_holds_with_workers(tiny_args):
+    from clbench.build import prepare
     from clbench.memory import MemoryLoader
-    from clbench.run import prepare, stage_context
     from clbench.runtime import MemoryCache, Session
+    from clbench.stage import stage_context
     setup = prepare(resolve(None, {**tiny_args, "workers": "2"}), Session())
     assert [loader.num_workers for loader in setup.test_loaders] == [0, 0, 0]
     cache = setup.test_loaders[2].dataset._datasets[0]  # noqa: SLF001 — the AvalancheDataset's one dataset

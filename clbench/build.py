@@ -1,0 +1,202 @@
+"""What a run builds before its first stage, once: seed, device, data (verified), strategy, network, stream, test
+loaders and chance levels (``Setup``), and the run folder it writes to (opened, or reopened at the last resume
+point). The public half of the stage API that ``clbench.run`` and ``clbench.joint`` drive."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from clbench import ClbenchError
+from clbench.accel import Precision, compile_model, precision, set_determinism
+from clbench.bn_audit import BatchNormAudit
+from clbench.config import RunConfig, resolve
+from clbench.evaluate import EVAL_BATCH, chance_level
+from clbench.memory import DecodedSet, footprint_bytes, plan
+from clbench.model import UniHeadNet
+from clbench.plugins import create
+from clbench.pretrained import ResolvedNormalization, normalization
+from clbench.recorder import Recorder
+from clbench.results import data_source, environment, to_json
+from clbench.runtime import (
+    MemoryCache,
+    ModelConfig,
+    Session,
+    build_model,
+    cached_in_memory,
+    data_root,
+    loader,
+    resolve_device,
+    seed_everything,
+    set_rng_state,
+)
+from clbench.strategy import Strategy
+from clbench.tasks import TaskSpec
+from clbench.tensors import to_device
+from clbench.trackers import check_installed
+
+
+@dataclass
+class Setup:
+    """Everything a run builds before its first stage."""
+
+    config: RunConfig               # with every strategy hyperparameter resolved
+    device: torch.device
+    root: Path
+    benchmark: str
+    tasks: list[Any]                # TaskData: spec, train and test datasets
+    strategy: Strategy
+    model: UniHeadNet
+    stream: Any                     # the Avalanche benchmark
+    test_loaders: list[DataLoader]
+    chance: dict[str, float]        # each task's primary metric at chance on its test set
+    precision: Precision            # --amp on this device
+    accel: dict[str, Any]           # what --amp, --channels-last, --compile, --deterministic resolved to (env.json)
+    in_memory: dict[str, bool]      # per task: its training set is decoded once and kept (--train-in-memory-mb)
+    normalization: ResolvedNormalization   # the input's mean/std and why (env.json)
+    decoded: dict[str, DecodedSet] = dataclasses.field(default_factory=dict)   # filled when a stage first needs it
+
+    @property
+    def specs(self) -> tuple[TaskSpec, ...]:
+        return tuple(t.spec for t in self.tasks)
+
+    def decoded_set(self, index: int) -> DecodedSet:
+        """Task ``index``'s training set in memory, decoded on first use (then kept for the run)."""
+        task = self.tasks[index]
+        if task.spec.name not in self.decoded:
+            self.decoded[task.spec.name] = DecodedSet.decode(
+                task.train, task.spec.kind, self.config.image_size, augment=self.config.augment[task.spec.name],
+                pin=self.device.type == "cuda")
+        return self.decoded[task.spec.name]
+
+    def training_data(self) -> dict[str, dict[str, Any]]:
+        """Per task: which path its training batches take, the bytes it holds in memory, the seconds decoding took."""
+        out = {}
+        for task in self.tasks:
+            name, decoded = task.spec.name, self.decoded.get(task.spec.name)
+            out[name] = {"path": "memory" if self.in_memory[name] else "per-image",
+                         "memory_mb": round(footprint_bytes(len(task.train), task.spec.kind, self.config.image_size)
+                                            / 2**20, 2) if self.in_memory[name] else 0.0,
+                         "decode_seconds": None if decoded is None else round(decoded.seconds, 3)}
+        return out
+
+
+def prepare(config: RunConfig, session: Session) -> Setup:
+    """Seed, device, data (verified), strategy, network, stream and test loaders."""
+    from clbench.benchmarks import load_tasks
+    from clbench.benchmarks.stream import build_stream
+    check_installed(config.log)
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    accel = {**set_determinism(config.deterministic, device), "channels_last": config.channels_last,
+             "compile": config.compile}
+    amp = precision(config.amp, device)
+    root, benchmark = data_root(config.data_root, config.synth_train, config.synth_val, config.synth_domain)
+    session.verify(root, config.stream())
+    norm = input_normalization(config)
+    tasks = load_tasks(root, config.stream(), image_size=config.image_size, augment=config.augment,
+                       normalization=norm.normalization)
+    strategy, options = create(config.strategy, config.set)
+    # config.yaml records every resolved hyperparameter, and the weights' mean/std as values (timm may change them)
+    config = dataclasses.replace(config, set=options, normalize=norm.as_setting() if config.pretrained or
+                                 config.pretrained_file else config.normalize)
+    model = build_model(model_config(config), [t.spec for t in tasks], device, pretrained=config.pretrained,
+                        pretrained_file=config.pretrained_file, channels_last=config.channels_last)
+    if config.compile:
+        compile_model(model)
+    tests = [cached_in_memory(t.test, config.image_size) for t in tasks]
+    stream = build_stream([t.train for t in tasks], tests)
+    test_loaders = [loader(exp.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=config.seed, device=device,
+                           workers=0 if isinstance(test, MemoryCache) else config.workers)
+                    for exp, test in zip(stream.test_stream, tests)]
+    chance = {t.spec.name: chance_level(t.spec, test) for t, test in zip(tasks, tests)}
+    in_memory = plan([(t.spec.name, t.spec.kind, len(t.train)) for t in tasks], config.image_size,
+                     config.train_in_memory_mb)
+    return Setup(config, device, root, benchmark, tasks, strategy, model, stream, test_loaders, chance, amp,
+                 {**amp.to_dict(), **accel}, in_memory, norm)
+
+
+def model_config(config: RunConfig) -> ModelConfig:
+    return ModelConfig(backbone=config.backbone, head_channels=config.head_channels, head_stride=config.head_stride,
+                       image_size=config.image_size, order=config.order,
+                       normalization=input_normalization(config).normalization)
+
+
+def input_normalization(config: RunConfig) -> ResolvedNormalization:
+    return normalization(config.normalize, backbone=config.backbone, pretrained=config.pretrained,
+                         pretrained_file=config.pretrained_file)
+
+
+def synthetic_settings(config: RunConfig) -> dict[str, Any]:
+    """What `clbench eval` needs to find the run's synthetic benchmark without --data-root."""
+    return {key: getattr(config, key) for key in ("synth_train", "synth_val", "synth_domain")}
+
+
+def open_run(setup: Setup, session: Session) -> Recorder:
+    """Claim the run folder and write config.yaml, env.json, tasks.json and chance.json into it."""
+    from clbench.benchmarks import task_folder
+    config, root = setup.config, setup.root
+    run_id = config.run_id or f"{setup.strategy.name}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    hashes = {t.name: (task_folder(root, t), session.tree_hash(task_folder(root, t))) for t in setup.specs}
+    env = {**environment(setup.device, hashes), "counts": setup.model.parameter_counts(),
+           "seeding": {"python": config.seed, "numpy": config.seed, "torch": config.seed,
+                       "loader_generator": "seed + 1000 * stage", "strategy": "StageContext.generator(seed, stage)"},
+           "acceleration": setup.accel, "normalization": setup.normalization.to_dict(),
+           **data_source(root),
+           "training_data": {name: "memory" if kept else "per-image" for name, kept in setup.in_memory.items()}}
+    files = {"config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False), "env.json": to_json(env),
+             "tasks.json": to_json([t.to_dict() for t in setup.specs]), "chance.json": to_json(setup.chance)}
+    return Recorder.create(Path(config.out), run_id, row_base(setup), files)
+
+
+def row_base(setup: Setup) -> dict[str, Any]:
+    return {"benchmark": setup.benchmark, "strategy": setup.config.label or setup.strategy.name,
+            "seed": setup.config.seed}
+
+
+RESUME_KEYS = {"model", "strategy", "rng", "bn_stats", "record"}
+
+
+def last_resume_point(run_dir: Path, stages: int) -> tuple[int, dict[str, Any] | None]:
+    """(k, checkpoint) of the last stage whose checkpoint loads and holds a resume point; (0, None) if none. A
+    checkpoint that exists but does not load is said (one line on stderr) and its stage is redone."""
+    for stage in range(stages, 0, -1):
+        path = run_dir / "checkpoints" / f"stage{stage}.pt"
+        if not path.exists():
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: the unpickler raises whatever it hit first
+            print(f"clbench: {path}: unreadable ({type(exc).__name__}); stage {stage} is redone", file=sys.stderr)
+            continue
+        if isinstance(ckpt, dict) and RESUME_KEYS <= set(ckpt):
+            return stage, ckpt
+        print(f"clbench: {path}: not a resume point; stage {stage} is redone", file=sys.stderr)
+    return 0, None
+
+
+def reopen_run(setup: Setup, audit: BatchNormAudit) -> tuple[Recorder, int]:
+    """Back to the end of the interrupted run's last finished stage: model, strategy, RNGs, BN statistics and
+    every row as they were then. Returns the recorder and that stage (0: start again from stage 0)."""
+    config = setup.config
+    run_dir = Path(config.out) / str(config.run_id)
+    saved = run_dir / "config.yaml"
+    if not saved.exists() or resolve(saved, {}).without("output_only") != config.without("output_only"):
+        raise ClbenchError(f"{run_dir}: not an interrupted run of this configuration (its config.yaml differs or is "
+                           "missing); nothing was changed")
+    done, ckpt = last_resume_point(run_dir, len(config.order))
+    recorder = Recorder.reopen(run_dir, row_base(setup), ckpt["record"] if ckpt else None, done)
+    if ckpt is not None:
+        setup.model.load_state_dict(ckpt["model"])
+        setup.strategy.load_state_dict(to_device(ckpt["strategy"], setup.device))
+        audit.stats = {int(k): to_device(v, setup.device) for k, v in ckpt["bn_stats"].items()}
+        set_rng_state(ckpt["rng"])
+    return recorder, done

@@ -1,0 +1,179 @@
+"""One stage of a run, the public stage API ``clbench.run`` and ``clbench.joint`` drive: its context, training (or
+restoring stage 1 from the shared cache), ``after_stage``, every task evaluated as the strategy serves it, the BN
+audit, the checkpoint; the stage-0 evaluation of a new run; the trackers' step axis."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clbench.accel import Precision
+from clbench.bn_audit import BatchNormAudit
+from clbench.build import Setup, model_config, open_run, reopen_run, synthetic_settings
+from clbench.config import RunConfig
+from clbench.evaluate import TaskEval, evaluate_task
+from clbench.freezing import batchnorm_state
+from clbench.loop import OnStep, StageSettings, task_loss, train_stage
+from clbench.memory import MemoryLoader
+from clbench.recorder import Recorder, StageResources
+from clbench.results import save_checkpoint
+from clbench.runtime import (
+    Session,
+    loader,
+    rng_state,
+    set_rng_state,
+)
+from clbench.strategy import StageContext, Strategy
+from clbench.trackers import TrackedRun, Trackers
+
+
+def start(setup: Setup, session: Session, resume: bool) -> tuple[Recorder, BatchNormAudit, int]:
+    """A new run folder with stage 0 evaluated, or an interrupted one restored; returns the last finished stage."""
+    audit, done = BatchNormAudit(), 0
+    if resume:
+        recorder, done = reopen_run(setup, audit)
+    else:
+        recorder = open_run(setup, session)
+    if done == 0:
+        evaluate_all(recorder, setup, stage=0, stage_task="none")
+        recorder.commit(0, None)
+    return recorder, audit, done
+
+
+def stage_steps(setup: "Setup") -> list[int]:
+    """Optimizer steps of each stage (the trackers' step axis runs over the whole run)."""
+    config = setup.config
+    return [config.epochs[t.name] * math.ceil(len(exp.dataset) / config.batch_size[t.name])
+            for t, exp in zip(setup.specs, setup.stream.train_stream)]
+
+
+def open_trackers(setup: "Setup", recorder: Recorder, done: int, group: tuple[str, Path]) -> Trackers:
+    """The trackers of ``--log`` (continued where trackers.json names them); stage 0 logged if it was just run."""
+    env = json.loads((recorder.run_dir / "env.json").read_text())
+    tracked = TrackedRun(recorder.run_dir, group[0], recorder.run_dir.name, group[1], setup.config.to_dict(), env)
+    first_step = sum(stage_steps(setup)[:done]) + 1 if done else 0
+    trackers = Trackers.open(setup.config.log, tracked, first_step, setup.config.mlflow_uri)
+    if done == 0:
+        trackers.stage(0, recorder.rows, setup.specs)
+    return trackers
+
+
+def log_resources(trackers: Trackers, resources: Any) -> None:
+    """Each stage's times (step = stage), then peak memory and latency (step = the last stage)."""
+    for stage, cost in resources.stages.items():
+        trackers.scalars({"resources/train_seconds": cost.train_seconds, "resources/eval_seconds": cost.eval_seconds,
+                          "resources/bn_audit_seconds": cost.bn_audit_seconds}, stage)
+    last = max(resources.stages, default=0)
+    latency = {f"resources/latency_ms_{task}_{size}": ms for task, sizes in resources.latency_ms.items()
+               for size, ms in sizes.items() if ms is not None}
+    trackers.scalars({**{f"resources/{k}": v for k, v in resources.memory.items()}, **latency}, last)
+
+
+def stage_context(setup: Setup, stage: int, experience: Any) -> StageContext:
+    config, model, specs, device = setup.config, setup.model, setup.specs, setup.device
+    task = specs[stage - 1]
+    batch_size, seed = config.batch_size[task.name], config.seed + 1000 * stage
+    if setup.in_memory[task.name]:
+        train_loader: Any = MemoryLoader(lambda: setup.decoded_set(stage - 1), experience.dataset,
+                                         batch_size=batch_size, seed=seed, device=device,
+                                         task_label=experience.task_label)
+    else:
+        train_loader = loader(experience.dataset, batch_size=batch_size, shuffle=True, seed=seed,
+                              workers=config.workers, device=device)
+    size = (config.image_size,) * 2
+    return StageContext(model=model, stage=stage, task=task, tasks=specs, seed=config.seed, device=device,
+                        train_loader=train_loader, task_loss=lambda t, out, y: task_loss(model, t, out, y, size))
+
+
+def stage_settings(config: RunConfig, task: str, amp: Precision) -> StageSettings:
+    """What the loop needs of the configuration to train ``task``'s stage."""
+    return StageSettings(epochs=config.epochs[task], lr=config.lr[task], weight_decay=config.weight_decay,
+                         grad_clip=config.grad_clip, precision=amp)
+
+
+def run_stage(recorder: Recorder, ctx: StageContext, strategy: Strategy, settings: StageSettings, *, progress: bool,
+              cache: Path | None, on_step: OnStep | None = None) -> None:
+    """Train (or restore from the stage-1 cache), then the strategy's after_stage; records time and params."""
+    if cache is not None and cache.exists():
+        seconds, saved = 0.0, restore_stage1(cache, ctx)
+    else:
+        start = time.perf_counter()
+        train_stage(ctx, strategy, settings, progress=progress, on_step=on_step)
+        seconds, saved = time.perf_counter() - start, 0.0
+        if cache is not None:
+            save_stage1(cache, ctx, seconds)
+    strategy.after_stage(ctx)
+    recorder.resources.stages[ctx.stage] = StageResources(ctx.task.name, seconds, saved,
+                                                          parameters=ctx.model.parameter_counts())
+
+
+def save_stage1(cache: Path, ctx: StageContext, seconds: float) -> None:
+    """The model right after stage-1 training, the RNG states and the loader's shuffle state (the same state a
+    stage checkpoint's resume point holds)."""
+    save_checkpoint(cache, {"model": ctx.model.state_dict(), "rng": rng_state(),
+                            "loader_rng": ctx.train_loader.generator.get_state(), "seconds": seconds})
+
+
+def restore_stage1(cache: Path, ctx: StageContext) -> float:
+    """The state ``save_stage1`` wrote, as if this run had trained it; returns the training seconds it stands for."""
+    saved = torch.load(cache, map_location="cpu", weights_only=True)
+    ctx.model.load_state_dict(saved["model"])
+    set_rng_state(saved["rng"])
+    ctx.train_loader.generator.set_state(saved["loader_rng"])  # as if its epochs had drawn their shuffles
+    return float(saved["seconds"])
+
+
+def checkpoint(setup: Setup, ctx: StageContext, audit: BatchNormAudit) -> dict[str, Any]:
+    """A stage's checkpoint: what `clbench eval` needs, and the resume point (with ``record`` added by the recorder)."""
+    return {"model": setup.model.state_dict(), "strategy": setup.strategy.state_dict(), "stage": ctx.stage,
+            "task": ctx.task.name, "model_config": model_config(setup.config).to_dict(),
+            "tasks": [t.to_dict() for t in setup.specs], "rng": rng_state(),
+            "loader_rng": ctx.train_loader.generator.get_state(), "bn_stats": audit.stats,
+            "evaluation": evaluation_states(setup),
+            "synthetic": synthetic_settings(setup.config)}
+
+
+def evaluate_all(recorder: Recorder, setup: Setup, *, stage: int, stage_task: str) -> dict[str, tuple[float, int]]:
+    """Every task's metrics into the recorder; returns each task's primary (value, n)."""
+    primary = {}
+    for index, task in enumerate(setup.tasks):
+        result = serve(setup, index)
+        recorder.add_evaluation(stage, stage_task, task.spec, result)
+        primary[task.spec.name] = result.metrics[task.spec.metric]
+    return primary
+
+
+def serve(setup: Setup, index: int, extra: dict[str, torch.Tensor] | None = None) -> TaskEval:
+    """Task ``index`` evaluated as the strategy serves it (its ``evaluation_state``), ``extra`` loaded on top."""
+    task = setup.tasks[index]
+    state = {**(setup.strategy.evaluation_state(setup.model, task.spec) or {}), **(extra or {})}
+    return evaluate_task(setup.model, task.spec, setup.test_loaders[index], setup.device, task.coco_gt, state)
+
+
+def evaluation_states(setup: Setup) -> dict[str, dict[str, torch.Tensor]]:
+    """What each task is served with now: the checkpoint keeps it, so `clbench eval` serves the same."""
+    return {t.name: dict(setup.strategy.evaluation_state(setup.model, t) or {}) for t in setup.specs}
+
+
+def evaluate_stage(recorder: Recorder, audit: BatchNormAudit, setup: Setup, stage: int) -> None:
+    """After a stage: every task evaluated, BN drift audited (and attributed after the last stage); timed."""
+    stage_task = setup.specs[stage - 1].name
+    start_time = time.perf_counter()
+    primary = evaluate_all(recorder, setup, stage=stage, stage_task=stage_task)
+    audit_start = time.perf_counter()
+    for reference_stage, drift in audit.record(setup.model, stage):
+        recorder.add_bn_drift(stage, stage_task, reference_stage, drift)
+    if stage == len(setup.tasks):
+        states = evaluation_states(setup)
+        for own_stage, task in enumerate(setup.specs[: stage - 1], start=1):
+            served = {**batchnorm_state(setup.model), **states[task.name]}
+            value, n = audit.own_bn_metric(setup.model, own_stage, primary[task.name], served,
+                                           lambda own, i=own_stage - 1: serve(setup, i, own).metrics[task.metric])
+            recorder.add_metric(stage, stage_task, task, f"{task.metric}_own_bn", value, n)
+    resources = recorder.resources.stages[stage]
+    resources.eval_seconds, resources.bn_audit_seconds = audit_start - start_time, time.perf_counter() - audit_start
