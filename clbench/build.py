@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader
 
 from clbench import ClbenchError
 from clbench.accel import Precision, compile_model, precision, set_determinism
+from clbench.benchmarks import load_tasks, task_folder
+from clbench.benchmarks.stream import build_stream
 from clbench.bn_audit import BatchNormAudit
 from clbench.config import RunConfig, resolve
 from clbench.evaluate import EVAL_BATCH, chance_level
@@ -91,8 +93,6 @@ class Setup:
 
 def prepare(config: RunConfig, session: Session) -> Setup:
     """Seed, device, data (verified), strategy, network, stream and test loaders."""
-    from clbench.benchmarks import load_tasks
-    from clbench.benchmarks.stream import build_stream
     check_installed(config.log)
     seed_everything(config.seed)
     device = resolve_device(config.device)
@@ -142,7 +142,6 @@ def synthetic_settings(config: RunConfig) -> dict[str, Any]:
 
 def open_run(setup: Setup, session: Session) -> Recorder:
     """Claim the run folder and write config.yaml, env.json, tasks.json and chance.json into it."""
-    from clbench.benchmarks import task_folder
     config, root = setup.config, setup.root
     run_id = config.run_id or f"{setup.strategy.name}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     hashes = {t.name: (task_folder(root, t), session.tree_hash(task_folder(root, t))) for t in setup.specs}

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from clbench import ClbenchError
+from clbench.benchmarks import load_task, task_folder
+from clbench.benchmarks.stream import build_stream
 from clbench.config import FIELDS
 from clbench.evaluate import EVAL_BATCH, evaluate_task
 from clbench.runtime import ModelConfig, build_model, data_root, loader, resolve_device
@@ -43,7 +45,6 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
 
 def evaluate_checkpoint(weights: Path, root: Path | None, tasks: str, device: str) -> dict[str, dict[str, float]]:
     """task → {its primary metric: value} for the requested tasks of the checkpoint's network."""
-    from clbench.benchmarks.stream import build_stream
     ckpt = load_checkpoint(weights)
     specs, model_config = _described(ckpt, weights)
     wanted = [t.name for t in specs] if tasks == "all" else [t.strip() for t in tasks.split(",")]
@@ -76,7 +77,6 @@ def _described(ckpt: dict, weights: Path) -> tuple[list[TaskSpec], ModelConfig]:
 
 def _test_data(ckpt: dict, root: Path | None, specs: list[TaskSpec], model_config: ModelConfig) -> list:
     """Each task's data as the run read it (its folder, the input size and normalisation), classes checked."""
-    from clbench.benchmarks import load_task, task_folder
     synth = {key: ckpt.get("synthetic", {}).get(key, FIELDS[key].default)  # the run's synthetic benchmark
              for key in ("synth_train", "synth_val", "synth_domain")}
     data_dir, _ = data_root(str(root) if root else None, **synth)

@@ -32,9 +32,12 @@ from tqdm import tqdm
 from clbench import ClbenchError
 from clbench.config import RunConfig
 from clbench.executors import Job, RayOptions, import_ray, run_on_ray, sequential_where
+from clbench.joint import run_joint
+from clbench.plugins import create, options_for
 from clbench.reader import finished_runs
 from clbench.recorder import mark_finished, read_resources
 from clbench.results import atomic_write, to_json, write_table
+from clbench.run import DONE, run
 from clbench.runtime import Session
 
 BOUNDS = ("joint", "frozen")
@@ -137,7 +140,6 @@ def run_cell(folder: Path, cell_id: str, config: RunConfig, progress: Progress, 
              stage1_cache: Path | None, session: Session) -> None:
     """Run one cell unless done; a cell folder without done.json is an interrupted run and is resumed after its
     last finished stage."""
-    from clbench.run import run
     run_dir = folder / cell_id
     progress.start_cell(cell_id)
     if (run_dir / "done.json").exists():
@@ -168,7 +170,6 @@ def grid_settings(spec: str, name: str, grid: dict[str, tuple[str, ...]]) -> lis
     """The cross product of the --grid keys that belong to ``spec``: (options, label suffix) per setting;
     [({}, "")] when none does. The suffix names each parameter without its strategy prefix where that prefix
     is the cell's own strategy name: lwf[lam=0.1], bn_per_task+lwf[lwf.lam=0.1]."""
-    from clbench.plugins import options_for
     keys = list(options_for(spec, dict(grid)))
     out = []
     for combo in itertools.product(*(grid[k] for k in keys)):
@@ -184,7 +185,6 @@ def cell_folder(label: str, seed: int) -> str:
 
 def run_joint_cell(folder: Path, cell_id: str, config: RunConfig, progress: Progress, session: Session) -> None:
     """The joint bound of one seed unless done (an unfinished one is redone: it is a single stage)."""
-    from clbench.joint import run_joint
     progress.start_cell(cell_id)
     if not (folder / cell_id / "done.json").exists():
         progress.on_stage(1, "joint")
@@ -198,7 +198,6 @@ def run_joint_cell(folder: Path, cell_id: str, config: RunConfig, progress: Prog
 def cells(settings: CompareSettings) -> list[Cell]:
     """The grid's cells, seed by seed: every strategy (the frozen bound last) × its --grid settings. Cell
     folders are named after the strategy's registered name, never a path; two cells with one label are an error."""
-    from clbench.plugins import create, options_for
     specs = settings.strategies + tuple(b for b in settings.bounds if b == "frozen" and b not in settings.strategies)
     grid = dict(settings.grid)
     used = {key for s in specs for key in options_for(s, {**settings.base.set, **grid})}
@@ -328,7 +327,6 @@ class GridProgress:
         self._show()
 
     def job_stage(self, job: Job, stage: int) -> None:
-        from clbench.run import DONE
         if stage == DONE:
             self.running -= 1
             self.job_done(job)

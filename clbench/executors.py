@@ -32,8 +32,12 @@ from typing import Any, Iterator
 import yaml
 
 from clbench import ClbenchError
+from clbench.config import RunConfig
+from clbench.joint import run_joint
 from clbench.recorder import mark_finished
 from clbench.results import atomic_write
+from clbench.run import DONE, run_stages
+from clbench.runtime import Session
 
 INSTALL = 'pip install "clbench[ray]"'
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local Ray instance binds every port to 127.0.0.1
@@ -108,7 +112,6 @@ _SESSION: Any = None  # one per worker process: data verified and latency measur
 def _session() -> Any:
     global _SESSION
     if _SESSION is None:
-        from clbench.runtime import Session
         _SESSION = Session()
     return _SESSION
 
@@ -151,8 +154,6 @@ def cell_task(kind: str, cell_id: str, config: dict[str, Any], cache: bytes | No
     and {"files": ..., "stage": DONE, "where": ...} at the end. ``out``: the driver's folder, as text only."""
     import torch
 
-    from clbench.config import RunConfig
-    from clbench.run import DONE, run_stages
     torch.set_num_threads(threads)
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="clbench-cell-"))
@@ -167,7 +168,6 @@ def cell_task(kind: str, cell_id: str, config: dict[str, Any], cache: bytes | No
         settings = dataclasses.replace(RunConfig(**config), out=str(work / "runs"), run_id=cell_id, progress=False)
         before = snapshot(run_dir) if run_dir.exists() else {}
         if kind == "joint":
-            from clbench.joint import run_joint
             run_joint(settings, session=_session())
             stages: Iterator[int] = iter([DONE])
         else:
@@ -186,8 +186,6 @@ def stage1_task(config: dict[str, Any], threads: int) -> bytes:
     (the normal run path, stopped after stage 1) and return the stage-1 cache file's bytes."""
     import torch
 
-    from clbench.config import RunConfig
-    from clbench.run import run_stages
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="clbench-stage1-"))
     try:
@@ -301,7 +299,6 @@ def _next_chunk(ray: Any, ref: Any, pending: dict[Any, Job], folder: Path, progr
 
 
 def _commit_chunk(run_dir: Path, chunk: dict[str, Any]) -> None:
-    from clbench.run import DONE
     write_files(run_dir, chunk["files"])
     if chunk["stage"] == DONE:
         mark_finished(run_dir, chunk["where"], chunk["seconds"])

@@ -25,7 +25,7 @@ import torch
 
 from clbench.build import Setup, model_config, prepare, synthetic_settings
 from clbench.config import RunConfig
-from clbench.loop import OnStep, optimizer_step
+from clbench.loop import OnStep, optimizer_step, task_loss
 from clbench.recorder import Recorder, StageResources
 from clbench.results import atomic_write, to_json
 from clbench.runtime import Session
@@ -116,7 +116,6 @@ def train_joint(setup: Setup, datasets: list[Any], images: list[int], steps: int
                 on_step: OnStep | None = None) -> list[float]:
     """``steps`` optimizer steps on mixed batches (``images[t]`` of task t in all); returns every step's loss.
     ``on_step(step, values)`` after each step (from 1): the loss and each task's own loss (trackers)."""
-    from clbench.loop import task_loss
     config, model, specs = setup.config, setup.model, setup.specs
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=config.weight_decay)

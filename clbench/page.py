@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from clbench import ClbenchError, __version__
-from clbench.config import FIELDS
+from clbench.config import FIELDS, RunConfig
 from clbench.drop import DEFINITIONS, metric_matrix, trained_at
 from clbench.plots import plot_folder
 from clbench.reader import ComparisonData, Folder, RunData, load
@@ -210,7 +210,6 @@ def compare_command(folder: Path, settings: dict[str, Any]) -> str:
 
 def changed_flags(values: dict[str, Any]) -> list[str]:
     """``--flag value`` for every setting that differs from its default."""
-    from clbench.config import RunConfig
     defaults = RunConfig().to_dict()
     return [f"--{k.replace('_', '-')} {_flag_value(v)}" for k, v in values.items()
             if k in FIELDS and v != defaults.get(k) and v is not None]

@@ -10,7 +10,7 @@ from clbench import ClbenchError
 from clbench.drop import DEFINITIONS, near_chance
 from clbench.figures import pyplot, save
 from clbench.reader import ComparisonData, Folder
-from clbench.report import primary_metrics, run_measures
+from clbench.report import JOINT_LABEL, SUMMARY, joint_measures, primary_metrics, run_measures
 from clbench.tasks import TaskSpec
 
 
@@ -44,7 +44,6 @@ def stability_points(rows: pd.DataFrame, tasks: list[TaskSpec], references: dict
     """Per strategy: plasticity (mean over tasks, %) and forgetting F (mean over tasks, pp), each a mean and a
     sample std over seeds, and whether it lies on the Pareto front (no other strategy has at least its
     plasticity and at most its forgetting, one of them strictly)."""
-    from clbench.report import SUMMARY
     per_seed = []
     for name in ("plasticity", "forgetting"):
         m = run_measures(rows, tasks, name, references if name == "plasticity" else None)
@@ -85,7 +84,6 @@ def plot_stability_plasticity(rows: pd.DataFrame, tasks: list[TaskSpec], referen
             label="Pareto front")
     ax.scatter(front["plasticity"], front["forgetting"], s=160, facecolors="none", edgecolors="black", zorder=3)
     if joint is not None and not joint.empty:
-        from clbench.report import JOINT_LABEL, SUMMARY, joint_measures
         m = joint_measures(joint, tasks, "plasticity", references)
         x = m[m.task == SUMMARY]["value"].mean()
         ax.axvline(x, color="grey", linestyle=":", label=f"{JOINT_LABEL}: plasticity {x:.0f}%, no forgetting")

@@ -18,7 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clbench import ClbenchError
+from clbench.benchmarks import synthetic
 from clbench.benchmarks.layouts import TASK_DIRS
+from clbench.benchmarks.verify import verify
 from clbench.model import UniHeadNet
 from clbench.pretrained import IMAGENET, Normalization
 from clbench.tasks import TaskSpec
@@ -37,7 +39,6 @@ class Session:
     def verify(self, root: Path, stream: list[tuple[str, str, str | None]] | None = None) -> None:
         """The full check of `clbench data verify` of the run's task folders, once per folder: a bad dataset fails
         in seconds."""
-        from clbench.benchmarks.verify import verify
         tasks = [(name, kind, folder) for name, kind, folder in stream or []
                  if (root / (folder or TASK_DIRS[kind])).resolve() not in self.verified]
         if stream is None or tasks:
@@ -122,7 +123,6 @@ def data_root(path: str | None, synth_train: int, synth_val: int, synth_domain: 
         if not root.is_dir():
             raise ClbenchError(f"--data-root {root}: folder not found")
         return root, synthetic_name(root) if (root / "synth.json").exists() else root.name
-    from clbench.benchmarks import synthetic
     spec = synthetic.SynthSpec(seed=0, n_train=synth_train, n_val=synth_val, domain=synth_domain)
     root = synthetic.cached(spec)
     return root, synthetic_name(root)
