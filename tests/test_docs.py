@@ -39,13 +39,21 @@ def tiny(argv: list[str], tiny_args: dict) -> list[str]:
 
 def test_the_docs_have_runnable_blocks():
     lines = runnable_lines()
-    assert len(lines) >= 5 and all(line.startswith("clbench ") for _, line in lines)
+    assert len(lines) >= 5 and all(line.startswith(("clbench ", "python -c ")) for _, line in lines)
 
 
 @pytest.mark.slow
 def test_every_runnable_docs_line_runs(tiny_args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                      # results/ of the lines lands here
+    example = re.search(r"<!-- example-plugin -->\n```python\n(.*?)```", (ROOT / "docs" / "strategies.md").read_text(),
+                        re.S).group(1)
+    (tmp_path / "my_l2.py").write_text(example)      # the file the strategies page tells the reader to save
     for page, line in runnable_lines():
+        if line.startswith("python -c "):
+            result = subprocess.run([sys.executable, *shlex.split(line)[1:]], capture_output=True, text=True,
+                                    cwd=tmp_path, timeout=300)
+            assert result.returncode == 0, f"{page}: {line}\n{result.stderr[-2000:]}"
+            continue
         argv = tiny(shlex.split(line)[1:], tiny_args)
         assert main(argv) == 0, f"{page}: {line}"
     assert (tmp_path / "results" / "demo" / "report.html").exists()
