@@ -190,3 +190,11 @@ def test_two_tasks_of_one_kind_run_under_their_own_names(tiny_root, tiny_args, t
     served = evaluate_checkpoint(run_dir / "checkpoints" / "stage3.pt", data, "second,first", "cpu")
     assert served == {"second": {"mIoU": pytest.approx(final["second"], abs=1e-9)},
                       "first": {"mIoU": pytest.approx(final["first"], abs=1e-9)}}
+
+
+def test_python_dash_m_clbench_is_the_command_line():
+    from clbench import __version__
+    result = subprocess.run([sys.executable, "-m", "clbench", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"clbench {__version__}"
+    result = subprocess.run([sys.executable, "-m", "clbench", "stategies"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "invalid choice: 'stategies'" in result.stderr
