@@ -85,7 +85,8 @@ def comparison_page(data: ComparisonData) -> tuple[str, str]:
                          _definition_tables(data)))
     parts.append("<h2>Cost</h2>" + _table(costs.reindex(order).reset_index()) +
                  "<p class=\"note\">Mean over seeds. Training time counts a stage restored from the shared stage-1 "
-                 "cache at what it took to train; peak memory is the process's peak RSS (CUDA: max allocated).</p>")
+                 "cache at what it took to train; peak memory is the cell's own peak RSS (reset when the cell started; CUDA: max "
+                 "allocated since then).</p>")
     parts.append("<h2>More plots</h2>" + "".join(_image(p) for p in plots))
     parts.append(_folded("Primary metric after every stage, per strategy (mean over seeds)", "".join(
         f"<h3>{_e(strategy)}</h3>" + _table(stage_matrix(rows[rows.strategy == strategy], tasks)) for strategy in order)))

@@ -73,9 +73,29 @@ def latency_ms(model: nn.Module, task: TaskSpec, size: int, device: torch.device
     return statistics.median(times)
 
 
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """CUDA max allocated (if on CUDA) and the process's peak resident set size."""
-    out = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+RUN_PEAK = "the run's own: the process's peak RSS was reset when the run started (/proc/self/clear_refs)"
+PROCESS_PEAK = ("the process's peak RSS since it started (this system cannot reset it): earlier runs in the same "
+                "process are included")
+
+
+def reset_peak_memory(device: torch.device) -> str:
+    """Start a run's own high-water marks, so a comparison's cells do not inherit each other's peaks: CUDA's peak
+    statistics, and on Linux the process's peak RSS. Returns how the CPU peak will be measured."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return PROCESS_PEAK
+    return RUN_PEAK
+
+
+def peak_memory_mb(device: torch.device, method: str = PROCESS_PEAK) -> dict[str, float | str]:
+    """The peak resident set size (what ``method`` says it covers; resetting it resets getrusage's figure too) and
+    CUDA's max allocated since the run started (on CUDA)."""
+    out: dict[str, float | str] = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                   "peak_rss_is": method}
     if device.type == "cuda":
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out

@@ -11,9 +11,10 @@ from clbench.bn_audit import BatchNormAudit
 from clbench.build import Setup, prepare
 from clbench.config import RunConfig
 from clbench.recorder import Recorder
-from clbench.resources import Timer, budget_checks, device_name, latency_ms, peak_memory_mb
+from clbench.resources import Timer, budget_checks, device_name, latency_ms, peak_memory_mb, reset_peak_memory
 from clbench.runtime import (
     Session,
+    resolve_device,
 )
 from clbench.stage import (
     checkpoint,
@@ -58,6 +59,7 @@ def run_stages(config: RunConfig, *, stage1_cache: Path | None = None,
     stage-0 evaluation of a new run), then ``DONE`` once resources.json is written; returns the run folder.
     ``last_stage``: stop after that stage (no resources.json: the run stays resumable)."""
     session = session or Session()
+    peak_rss = reset_peak_memory(resolve_device(config.device))   # this run's peak, not an earlier cell's
     setup = prepare(config, session)
     recorder, audit, done = start(setup, session, resume)
     if done == 0:
@@ -73,7 +75,7 @@ def run_stages(config: RunConfig, *, stage1_cache: Path | None = None,
                     on_stage(stage, setup.specs[stage - 1].name)
                 run_and_commit(setup, recorder, audit, trackers, stage, experience, stage1_cache)
                 yield stage
-        write_resources(recorder, setup, session)
+        write_resources(recorder, setup, session, peak_rss)
         log_resources(trackers, recorder.resources)
     except BaseException as exc:
         trackers.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -100,7 +102,7 @@ def run_and_commit(setup: Setup, recorder: Recorder, audit: BatchNormAudit, trac
     trackers.stage(stage, recorder.rows, setup.specs)
 
 
-def write_resources(recorder: Recorder, setup: Setup, session: Session) -> None:
+def write_resources(recorder: Recorder, setup: Setup, session: Session, peak_rss: str) -> None:
     """resources.json: the stages' times plus latency in float32 and under --amp (once per session, architecture
     and device), memory, budgets, and which path each task's training data took."""
     model, specs, device, sizes = setup.model, setup.specs, setup.device, setup.config.latency_sizes
@@ -113,7 +115,7 @@ def write_resources(recorder: Recorder, setup: Setup, session: Session) -> None:
                              for t in specs}
             for precision_name, autocast in (("fp32", None), (amp.name, amp.autocast())) if precision_name != "off"}
     resources = recorder.resources
-    resources.device, resources.memory = device_name(device), peak_memory_mb(device)
+    resources.device, resources.memory = device_name(device), peak_memory_mb(device, peak_rss)
     resources.latency_ms = session.latency[key]["fp32"]
     resources.latency_amp_ms = session.latency[key].get(amp.name, {})
     resources.latency_detail = {"timer": Timer(device).name, "batch": 1, "amp": amp.to_dict()["autocast_dtype"],

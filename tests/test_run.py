@@ -198,3 +198,20 @@ def test_python_dash_m_clbench_is_the_command_line():
     assert result.returncode == 0 and result.stdout.strip() == f"clbench {__version__}"
     result = subprocess.run([sys.executable, "-m", "clbench", "stategies"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "invalid choice: 'stategies'" in result.stderr
+
+
+def test_a_runs_peak_memory_is_its_own_not_an_earlier_ones(tiny_args):
+    """A comparison runs its cells in one process: each cell's peak RSS must not be the highest peak of the cells
+    before it (the process's lifetime peak, which ru_maxrss reports, can only grow)."""
+    import resource
+
+    import numpy as np
+
+    from clbench.resources import RUN_PEAK
+    ballast = np.ones(600 * 2**20, dtype=np.uint8)   # an earlier 'cell' that peaked 600 MB higher, then freed it
+    del ballast
+    earlier = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    run_dir = run(resolve(None, {**tiny_args, "run_id": "peak"}))
+    memory = json.loads((run_dir / "resources.json").read_text())["memory"]
+    assert memory["peak_rss_is"] == RUN_PEAK
+    assert earlier - memory["process_peak_rss_mb"] > 300
