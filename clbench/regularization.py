@@ -10,13 +10,19 @@ from torch import nn
 
 
 def gradient_importance(model: nn.Module, batches: Iterable, objective: Callable[[object, object], torch.Tensor],
-                        max_batches: int, transform: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+                        max_batches: int, transform: Callable[[torch.Tensor], torch.Tensor],
+                        batch_limit: int | None = None) -> dict[str, torch.Tensor]:
     """The mean over ``max_batches`` batches of ``transform(∂ objective / ∂θ)`` for every parameter that
-    requires grad (zero where the objective does not reach)."""
+    requires grad (zero where the objective does not reach). With ``batch_limit``, ``batches`` yields
+    (source batch index, batch) and every batch of the first ``batch_limit`` source batches counts."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     count = 0
-    for count, (images, targets) in enumerate(batches, start=1):
+    for item in batches:
+        source, (images, targets) = item if batch_limit is not None else (None, item)
+        if batch_limit is not None and source > batch_limit:
+            break
+        count += 1
         grads = torch.autograd.grad(objective(images, targets), list(params.values()), allow_unused=True)
         for (name, _), grad in zip(params.items(), grads):
             if grad is not None:
@@ -28,8 +34,27 @@ def gradient_importance(model: nn.Module, batches: Iterable, objective: Callable
 
 def diagonal_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[object, object], torch.Tensor],
                     max_batches: int) -> dict[str, torch.Tensor]:
-    """Empirical diagonal Fisher: the mean squared gradient of the task loss (F_i in eq. 3 of Kirkpatrick et al.)."""
+    """The "batched" diagonal Fisher: the square of each batch's mean gradient, averaged over batches. An
+    approximation of F_i (eq. 3 of Kirkpatrick et al.): cross terms between a batch's samples enter, and it shrinks
+    as the batch grows. Costs one backward pass per batch."""
     return gradient_importance(model, batches, loss_fn, max_batches, torch.square)
+
+
+def per_sample_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable[[object, object], torch.Tensor],
+                      max_batches: int) -> dict[str, torch.Tensor]:
+    """The empirical diagonal Fisher as defined: the mean over samples of the squared gradient of each sample's own
+    loss (F_i = 1/N Σ_n (∂ℓ_n/∂θ_i)²). One backward pass per sample: the detection and segmentation losses have
+    data-dependent branches, so torch.func.vmap cannot batch them, and the loop is exact for every kind."""
+    return gradient_importance(model, _one_by_one(batches), loss_fn, max_batches=-1, transform=torch.square,
+                               batch_limit=max_batches)
+
+
+def _one_by_one(batches: Iterable) -> Iterable:
+    """Each batch's samples as batches of one (detection targets are a list of per-image dicts), tagged with the
+    batch they came from."""
+    for index, (images, targets) in enumerate(batches, start=1):
+        for i in range(len(images)):
+            yield index, (images[i:i + 1], [targets[i]] if isinstance(targets, list) else targets[i:i + 1])
 
 
 def output_sq_norm(kind: str, output: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
+from clbench import ClbenchError
 from clbench.config import resolve
 from clbench.distill import distillation_loss
 from clbench.freezing import name_matches
@@ -218,3 +219,34 @@ def test_resolved_hyperparameters_are_saved_in_the_config(tiny_args):
 def _specs(tiny_args):
     from clbench.benchmarks import load_tasks
     return [t.spec for t in load_tasks(tiny_args["data_root"], ("seg", "det", "cls"), image_size=64)]
+
+
+def test_the_per_sample_fisher_is_the_mean_of_each_samples_squared_gradient():
+    """Against a hand computation on a linear model with loss ½‖Wx + b − t‖² per sample: ∂ℓ_n/∂W = (Wx_n + b − t_n)
+    x_nᵀ. The batched Fisher squares each batch's mean gradient instead: another number."""
+    from clbench.regularization import per_sample_fisher
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x, t = torch.randn(6, 3), torch.randn(6, 2)
+    batches = [(x[:4], t[:4]), (x[4:], t[4:]), (torch.randn(2, 3), torch.randn(2, 2))]   # the third is not used
+
+    def loss(xb, tb):
+        return 0.5 * ((model(xb) - tb) ** 2).sum(dim=1).mean()
+    with torch.no_grad():
+        residual = x @ model.weight.T + model.bias - t                          # (6, 2)
+        per_sample_w = residual[:, :, None] * x[:, None, :]                     # (6, 2, 3)
+    fisher = per_sample_fisher(model, batches, loss, max_batches=2)
+    assert torch.allclose(fisher["weight"], (per_sample_w ** 2).mean(0), atol=1e-6)
+    assert torch.allclose(fisher["bias"], (residual ** 2).mean(0), atol=1e-6)
+    batched = diagonal_fisher(model, batches, loss, max_batches=2)
+    expected = ((per_sample_w[:4].mean(0) ** 2) + (per_sample_w[4:].mean(0) ** 2)) / 2
+    assert torch.allclose(batched["weight"], expected, atol=1e-6)
+    assert not torch.allclose(batched["weight"], fisher["weight"], rtol=0.1)
+
+
+def test_ewc_with_the_per_sample_fisher_runs_every_kind(tiny_args):
+    ckpt = checkpoints(run_with(tiny_args, "ewc", **{"ewc.fisher": "per_sample", "ewc.fisher_batches": "1"}))
+    assert set(ckpt[2]["strategy"]["fisher"]) == {"seg", "det"}
+    assert all(torch.isfinite(f).all() for f in ckpt[2]["strategy"]["fisher"]["det"].values())
+    with pytest.raises(ClbenchError, match="fisher 'exact': expected one of batched, per_sample"):
+        run_with({**tiny_args, "out": tiny_args["out"] + "x"}, "ewc", **{"ewc.fisher": "exact"})
