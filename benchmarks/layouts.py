@@ -29,6 +29,13 @@ TASK_DIRS = {"seg": "mini_voc_seg", "det": "mini_coco_det", "cls": "imagenette_1
 SPLITS = ("train", "val")
 MASK_SUFFIX = ".png"
 
+# The official downloads as `clbench data prepare` reads them (inside the archives or their extracted folders):
+# the file that marks each one's root, and what it is.
+OFFICIAL = {"coco": ("annotations/instances_val2017.json", "COCO 2017's annotations"),
+            "voc": ("ImageSets/Segmentation/val.txt", "PASCAL VOC 2012 trainval"),
+            "imagenette": ("val/<class>/<image>", "imagenette2-160")}
+COCO_ARCHIVES = ("val2017.zip", "annotations_trainval2017.zip", "train2017.zip")
+
 LOOKED_FOR = {
     "det": ("a FiftyOne export (<split>/labels.json + <split>/data/)",
             "a COCO JSON beside an image folder (COCO_train.json + train/)",

@@ -1,4 +1,5 @@
-"""`clbench data prepare`: the three mini subsets from the official downloads, deterministic and verifiable.
+"""`clbench data prepare`: the three mini subsets from the official downloads, deterministic and verifiable (the
+official layouts are named in ``clbench.benchmarks.layouts.OFFICIAL``).
 
 val is drawn from the official validation split of every dataset; train from the official training
 split (COCO: from train2017 when given, otherwise from the val2017 images not chosen for val).
@@ -22,10 +23,10 @@ from PIL import Image
 
 from clbench import ClbenchError
 
+from .layouts import COCO_ARCHIVES, OFFICIAL
 from .sources import MultiSource, Source, find_prefix, open_source
 
 DEFAULT_COCO_CLASSES = tuple(range(1, 11))  # person … traffic light, COCO's own ids
-COCO_ARCHIVES = ("val2017.zip", "annotations_trainval2017.zip", "train2017.zip")
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,9 @@ def parse_classes(text: str | None, categories: list[dict[str, Any]]) -> list[in
 
 def prepare_coco(src: Source, writer: Writer, counts: Counts, seed: int, classes_text: str | None) -> dict[str, Any]:
     names = src.names()
-    prefix = find_prefix(names, "annotations/instances_val2017.json", "COCO 2017's annotations", src.path)
-    val_json = json.loads(src.read(prefix + "annotations/instances_val2017.json"))
+    marker, what = OFFICIAL["coco"]
+    prefix = find_prefix(names, marker, what, src.path)
+    val_json = json.loads(src.read(prefix + marker))
     classes = parse_classes(classes_text, val_json["categories"])
     train_key = prefix + "annotations/instances_train2017.json"
     has_train = train_key in names and any(n.startswith(prefix + "train2017/") for n in names)
@@ -148,7 +150,7 @@ def _write_coco_split(src: Source, writer: Writer, coco: dict[str, Any], image_d
 
 def prepare_voc(src: Source, writer: Writer, counts: Counts, seed: int) -> dict[str, Any]:
     names = src.names()
-    prefix = find_prefix(names, "ImageSets/Segmentation/val.txt", "PASCAL VOC 2012 trainval", src.path)
+    prefix = find_prefix(names, *OFFICIAL["voc"], src.path)
     for split, n, offset in (("val", counts.val, 0), ("train", counts.train, 1)):
         ids = src.read(prefix + f"ImageSets/Segmentation/{split}.txt").decode().split()
         masks = src.read_many(prefix + f"SegmentationClass/{i}.png" for i in ids)
@@ -199,7 +201,7 @@ def _imagenette_prefix(names: list[str], where: Path) -> str:
         parts = name.split("/")
         if len(parts) >= 3 and parts[-3] == "val":
             return "/".join(parts[:-3]) + ("/" if len(parts) > 3 else "")
-    raise ClbenchError(f"{where}: no val/<class>/<image> found; expected imagenette2-160")
+    raise ClbenchError(f"{where}: no {OFFICIAL['imagenette'][0]} found; expected {OFFICIAL['imagenette'][1]}")
 
 
 def prepare(*, coco: Path, voc: Path, imagenette: Path, out: Path, counts: Counts = Counts(), seed: int = 0,

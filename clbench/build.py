@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from clbench import ClbenchError
 from clbench.accel import Precision, compile_model, precision, set_determinism
-from clbench.benchmarks import load_tasks, task_folder
+from clbench.benchmarks import TaskData, load_tasks, task_folder
 from clbench.benchmarks.stream import build_stream
 from clbench.bn_audit import BatchNormAudit
 from clbench.config import RunConfig, resolve
@@ -54,7 +54,7 @@ class Setup:
     device: torch.device
     root: Path
     benchmark: str
-    tasks: list[Any]                # TaskData: spec, train and test datasets
+    tasks: list[TaskData]           # spec, train and test datasets
     strategy: Strategy
     model: UniHeadNet
     stream: Any                     # the Avalanche benchmark
