@@ -21,6 +21,7 @@ from clbench.benchmarks import TaskData, load_tasks, task_folder
 from clbench.benchmarks.stream import build_stream
 from clbench.bn_audit import BatchNormAudit
 from clbench.config import RunConfig, resolve
+from clbench.curve import probe_ground_truth, probe_indices
 from clbench.evaluate import EVAL_BATCH, chance_level
 from clbench.memory import DecodedSet, footprint_bytes, plan
 from clbench.model import UniHeadNet
@@ -64,6 +65,7 @@ class Setup:
     accel: dict[str, Any]           # what --amp, --channels-last, --compile, --deterministic resolved to (env.json)
     in_memory: dict[str, bool]      # per task: its training set is decoded once and kept (--train-in-memory-mb)
     normalization: ResolvedNormalization   # the input's mean/std and why (env.json)
+    probes: list["Probe"] = dataclasses.field(default_factory=list)   # per task, with --eval-every
     decoded: dict[str, DecodedSet] = dataclasses.field(default_factory=dict)   # filled when a stage first needs it
 
     @property
@@ -118,10 +120,32 @@ def prepare(config: RunConfig, session: Session) -> Setup:
                            workers=0 if isinstance(test, MemoryCache) else config.workers)
                     for exp, test in zip(stream.test_stream, tests)]
     chance = {t.spec.name: chance_level(t.spec, test) for t, test in zip(tasks, tests)}
+    probes = [probe(task, exp.dataset, config.probe, device) for task, exp in zip(tasks, stream.test_stream)] \
+        if config.eval_every else []
     in_memory = plan([(t.spec.name, t.spec.kind, len(t.train)) for t in tasks], config.image_size,
                      config.train_in_memory_mb)
     return Setup(config, device, root, benchmark, tasks, strategy, model, stream, test_loaders, chance, amp,
-                 {**amp.to_dict(), **accel}, in_memory, norm)
+                 {**amp.to_dict(), **accel}, in_memory, norm, probes)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A task's images for evaluation inside stages (``--probe``): their loader, and for detection the ground truth
+    cut to them."""
+
+    loader: DataLoader
+    coco_gt: dict[str, Any] | None
+    size: int
+
+
+def probe(task: TaskData, test: Any, size: int, device: torch.device) -> Probe:
+    indices = probe_indices(len(test), size)
+    subset = test.subset(indices) if len(indices) < len(test) else test
+    coco = task.coco_gt
+    if coco is not None and len(indices) < len(test):
+        coco = probe_ground_truth(coco, {task.test.images[i]["id"] for i in indices})
+    return Probe(loader(subset, batch_size=EVAL_BATCH, shuffle=False, seed=0, workers=0, device=device), coco,
+                 len(indices))
 
 
 def model_config(config: RunConfig) -> ModelConfig:

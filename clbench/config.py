@@ -299,6 +299,12 @@ class RunConfig:
                               "help": "the strategy's name in the results rows (default: its registered name; "
                               "`compare --grid` labels a cell lwf[lam=0.1])"})
     progress: bool = field(default=True, metadata={"parse": parse_bool, "output_only": True, "help": "tqdm progress bars"})
+    eval_every: int = field(default=0, metadata={"parse": at_least(whole_number, 0), "output_only": True, "help": (
+        "evaluate every task inside each stage (curve.csv): after each of the first K optimizer steps, then every K-th "
+        "(0: off). Training is unchanged, bit for bit")})
+    probe: int = field(default=0, metadata={"parse": at_least(whole_number, 0), "output_only": True, "help": (
+        "test images per task for --eval-every: a fixed seeded subset, the same at every point and in every cell "
+        "(0: the whole test set)")})
     latency_sizes: tuple[int, ...] = field(default=(256, 512), metadata={
         "parse": _sizes, "output_only": True, "help": "input sides at which resources.json times batch-1 inference "
         "(empty: none; the 150 ms budget is checked at 512)"})

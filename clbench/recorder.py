@@ -20,7 +20,16 @@ import pandas as pd
 
 from clbench import ClbenchError
 from clbench.evaluate import TaskEval
-from clbench.results import BN_COLUMNS, METRIC_COLUMNS, PER_CLASS_COLUMNS, atomic_write, save_checkpoint, to_json, write_table
+from clbench.results import (
+    BN_COLUMNS,
+    CURVE_COLUMNS,
+    METRIC_COLUMNS,
+    PER_CLASS_COLUMNS,
+    atomic_write,
+    save_checkpoint,
+    to_json,
+    write_table,
+)
 from clbench.tasks import KIND_LABELS, TaskSpec
 
 
@@ -35,13 +44,14 @@ class StageResources:
     eval_seconds: float = 0.0
     bn_audit_seconds: float = 0.0
     parameters: dict[str, int] = field(default_factory=dict)
+    curve_seconds: float = 0.0   # in-stage evaluation (--eval-every), not counted as training
 
     @property
     def trained_seconds(self) -> float:
         return self.train_seconds + self.seconds_saved_by_cache
 
     def shares(self) -> dict[str, float | None]:
-        return eval_shares(self.trained_seconds, self.eval_seconds, self.bn_audit_seconds)
+        return eval_shares(self.trained_seconds, self.eval_seconds + self.curve_seconds, self.bn_audit_seconds)
 
 
 def eval_shares(train: float, evaluation: float, audit: float) -> dict[str, float | None]:
@@ -103,7 +113,8 @@ class Recorder:
         self.rows: list[dict[str, Any]] = []        # metrics.csv, committed stages only
         self.per_class: list[dict[str, Any]] = []   # per_class.csv
         self.bn_rows: list[dict[str, Any]] = []     # bn_drift.csv
-        self._pending: dict[str, list] = {"rows": [], "per_class": [], "bn_rows": [], "predictions": []}
+        self.curve: list[dict[str, Any]] = []       # curve.csv (--eval-every)
+        self._pending: dict[str, list] = {"rows": [], "per_class": [], "bn_rows": [], "curve": [], "predictions": []}
         self.resources = Resources()
 
     @classmethod
@@ -151,6 +162,18 @@ class Recorder:
         self._pending["bn_rows"] += [{**base, "layer": layer, "statistic": stat, "distance": d}
                                      for layer, stat, d in drift]
 
+    def add_curve_point(self, stage: int, step: int, global_step: int, task: TaskSpec, value: float, probe: int) -> None:
+        self._pending["curve"].append({**self.base, "stage": stage, "step": step, "global_step": global_step,
+                                       "eval_task": task.name, "metric": task.metric, "value": value, "probe": probe})
+
+    def add_curve_points(self, points: list[dict[str, Any]]) -> None:
+        """Curve points made by another run of the same configuration (the stage-1 cache), under this run's name."""
+        self._pending["curve"] += [{**self.base, **point} for point in points]
+
+    def pending_curve(self) -> list[dict[str, Any]]:
+        """The curve points of the stage in progress (the stage-1 cache keeps them)."""
+        return list(self._pending["curve"])
+
     def commit(self, stage: int, checkpoint: dict[str, Any] | None) -> None:
         """The stage's checkpoint first, then its rows: a stage is in the tables only if its checkpoint exists.
         The checkpoint also holds every row up to this stage and the resources so far (``record``), so a run
@@ -158,6 +181,7 @@ class Recorder:
         self.rows += self._pending["rows"]
         self.per_class += self._pending["per_class"]
         self.bn_rows += self._pending["bn_rows"]
+        self.curve += self._pending["curve"]
         predictions, self._pending = self._pending["predictions"], {key: [] for key in self._pending}
         if checkpoint is not None:
             save_checkpoint(self.run_dir / "checkpoints" / f"stage{stage}.pt", {**checkpoint, "record": self.record()})
@@ -169,10 +193,12 @@ class Recorder:
         write_table(self.run_dir / "metrics.csv", self.rows, METRIC_COLUMNS)
         write_table(self.run_dir / "per_class.csv", self.per_class, PER_CLASS_COLUMNS)
         write_table(self.run_dir / "bn_drift.csv", self.bn_rows, BN_COLUMNS)
+        if self.curve:
+            write_table(self.run_dir / "curve.csv", self.curve, CURVE_COLUMNS)
 
     def record(self) -> dict[str, Any]:
         """The rows and resources so far, as plain values (a checkpoint stays loadable with weights_only)."""
-        return {"rows": self.rows, "per_class": self.per_class, "bn_rows": self.bn_rows,
+        return {"rows": self.rows, "per_class": self.per_class, "bn_rows": self.bn_rows, "curve": self.curve,
                 "stages": {k: dataclasses.asdict(s) for k, s in self.resources.stages.items()}}
 
     @classmethod
@@ -182,6 +208,7 @@ class Recorder:
         recorder = cls(run_dir, {"run_id": run_dir.name, **base})
         if record is not None:
             recorder.rows, recorder.per_class, recorder.bn_rows = (list(record[k]) for k in ("rows", "per_class", "bn_rows"))
+            recorder.curve = list(record.get("curve", []))
             recorder.resources.stages = {int(k): StageResources(**v) for k, v in record["stages"].items()}
         history = json.loads((run_dir / "resume.json").read_text()) if (run_dir / "resume.json").exists() else []
         history.append({"resumed_after_stage": from_stage, "at": time.strftime("%Y-%m-%d %H:%M:%S")})

@@ -24,6 +24,8 @@ PER_CLASS_COLUMNS = ("run_id", "benchmark", "strategy", "seed", "stage", "stage_
                      "value")
 BN_COLUMNS = ("run_id", "benchmark", "strategy", "seed", "stage", "stage_task", "reference_stage", "layer",
               "statistic", "distance")
+CURVE_COLUMNS = ("run_id", "benchmark", "strategy", "seed", "stage", "step", "global_step", "eval_task", "metric",
+                 "value", "probe")
 PACKAGES = ("torch", "torchvision", "timm", "avalanche-lib", "faster-coco-eval", "pycocotools", "pandas", "numpy",
             "pillow", "clbench")
 

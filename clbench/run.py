@@ -17,11 +17,13 @@ from clbench.runtime import (
     resolve_device,
 )
 from clbench.stage import (
+    InStage,
     checkpoint,
     evaluate_stage,
     log_resources,
     open_trackers,
     run_stage,
+    stage1_cache_fits,
     stage_context,
     stage_settings,
     stage_steps,
@@ -93,10 +95,11 @@ def run_and_commit(setup: Setup, recorder: Recorder, audit: BatchNormAudit, trac
     """One stage: train (or restore), after_stage, evaluate and audit, checkpoint and rows, trackers."""
     ctx = stage_context(setup, stage, experience)
     use_cache = stage == 1 and setup.strategy.shares_first_stage
-    offset = sum(stage_steps(setup)[: stage - 1])
-    on_step = (lambda step, values: trackers.scalars(values, offset + step)) if trackers.active else None
+    if use_cache and stage1_cache is not None and not stage1_cache_fits(stage1_cache, setup.config):
+        stage1_cache.unlink()   # made without the curve this run asks for: trained again (bit for bit) and rewritten
+    in_stage = InStage(setup, recorder, trackers, stage, offset=sum(stage_steps(setup)[: stage - 1]))
     run_stage(recorder, ctx, setup.strategy, stage_settings(setup.config, ctx.task.name, setup.precision),
-              progress=setup.config.progress, cache=stage1_cache if use_cache else None, on_step=on_step)
+              progress=setup.config.progress, cache=stage1_cache if use_cache else None, in_stage=in_stage)
     evaluate_stage(recorder, audit, setup, stage)
     recorder.commit(stage, checkpoint(setup, ctx, audit))
     trackers.stage(stage, recorder.rows, setup.specs)

@@ -14,11 +14,12 @@ import torch
 
 from clbench.accel import Precision
 from clbench.bn_audit import BatchNormAudit
-from clbench.build import Setup, model_config, open_run, reopen_run, synthetic_settings
+from clbench.build import Probe, Setup, model_config, open_run, reopen_run, synthetic_settings
 from clbench.config import RunConfig
+from clbench.curve import due, untouched
 from clbench.evaluate import TaskEval, evaluate_task
 from clbench.freezing import batchnorm_state
-from clbench.loop import OnStep, StageSettings, task_loss, train_stage
+from clbench.loop import StageSettings, task_loss, train_stage
 from clbench.memory import MemoryLoader
 from clbench.recorder import Recorder, StageResources
 from clbench.results import save_checkpoint
@@ -41,6 +42,8 @@ def start(setup: Setup, session: Session, resume: bool) -> tuple[Recorder, Batch
         recorder = open_run(setup, session)
     if done == 0:
         evaluate_all(recorder, setup, stage=0, stage_task="none")
+        if setup.probes:
+            evaluate_curve(recorder, setup, 0, 0, 0)   # the curve's reference point, before any training
         recorder.commit(0, None)
     return recorder, audit, done
 
@@ -60,6 +63,7 @@ def open_trackers(setup: "Setup", recorder: Recorder, done: int, group: tuple[st
     trackers = Trackers.open(setup.config.log, tracked, first_step, setup.config.mlflow_uri)
     if done == 0:
         trackers.stage(0, recorder.rows, setup.specs)
+        trackers.scalars({f"curve/{p['eval_task']}/{p['metric']}": p["value"] for p in recorder.curve}, 0)
     return trackers
 
 
@@ -96,35 +100,93 @@ def stage_settings(config: RunConfig, task: str, amp: Precision) -> StageSetting
                          grad_clip=config.grad_clip, precision=amp)
 
 
+class InStage:
+    """The per-step callback of a stage: the loss values to the trackers and, where ``--eval-every`` makes it due,
+    every task evaluated on its probe (curve.csv). Its evaluation time is kept apart from training time."""
+
+    def __init__(self, setup: Setup, recorder: Recorder, trackers: Trackers, stage: int, offset: int) -> None:
+        self.setup, self.recorder, self.trackers, self.stage, self.offset = setup, recorder, trackers, stage, offset
+        self.seconds = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.trackers.active or bool(self.setup.probes)
+
+    @property
+    def curve_settings(self) -> list[int]:
+        """What a stage-1 cache's curve was made with ([] without a curve)."""
+        return [self.setup.config.eval_every, self.setup.config.probe] if self.setup.probes else []
+
+    def __call__(self, step: int, values: dict[str, float]) -> None:
+        global_step = self.offset + step
+        self.trackers.scalars(values, global_step)
+        if self.setup.probes and due(step, self.setup.config.eval_every):
+            start = time.perf_counter()
+            points = evaluate_curve(self.recorder, self.setup, self.stage, step, global_step)
+            self.trackers.scalars({f"curve/{task}": value for task, value in points.items()}, global_step)
+            self.seconds += time.perf_counter() - start
+
+
+def evaluate_curve(recorder: Recorder, setup: Setup, stage: int, step: int, global_step: int) -> dict[str, float]:
+    """Every task on its probe, served as at the stage ends, with training left exactly as it was."""
+    points = {}
+    with untouched(setup.model):
+        for index, (task, probe) in enumerate(zip(setup.tasks, setup.probes)):
+            value = serve(setup, index, probe=probe).metrics[task.spec.metric][0]
+            recorder.add_curve_point(stage, step, global_step, task.spec, value, probe.size)
+            points[f"{task.spec.name}/{task.spec.metric}"] = value
+    return points
+
+
 def run_stage(recorder: Recorder, ctx: StageContext, strategy: Strategy, settings: StageSettings, *, progress: bool,
-              cache: Path | None, on_step: OnStep | None = None) -> None:
-    """Train (or restore from the stage-1 cache), then the strategy's after_stage; records time and params."""
+              cache: Path | None, in_stage: InStage | None = None) -> None:
+    """Train (or restore from the stage-1 cache, with its curve), then the strategy's after_stage; records the
+    training time (in-stage evaluation apart) and the parameters."""
+    curve = 0.0
     if cache is not None and cache.exists():
-        seconds, saved = 0.0, restore_stage1(cache, ctx)
+        seconds, saved = 0.0, restore_stage1(cache, ctx, recorder)
     else:
         start = time.perf_counter()
-        train_stage(ctx, strategy, settings, progress=progress, on_step=on_step)
-        seconds, saved = time.perf_counter() - start, 0.0
+        train_stage(ctx, strategy, settings, progress=progress, on_step=in_stage if in_stage and in_stage.active else None)
+        curve = in_stage.seconds if in_stage else 0.0
+        seconds, saved = time.perf_counter() - start - curve, 0.0
         if cache is not None:
-            save_stage1(cache, ctx, seconds)
+            save_stage1(cache, ctx, seconds, recorder.pending_curve(), in_stage.curve_settings if in_stage else [])
     strategy.after_stage(ctx)
-    recorder.resources.stages[ctx.stage] = StageResources(ctx.task.name, seconds, saved,
+    recorder.resources.stages[ctx.stage] = StageResources(ctx.task.name, seconds, saved, curve_seconds=curve,
                                                           parameters=ctx.model.parameter_counts())
 
 
-def save_stage1(cache: Path, ctx: StageContext, seconds: float) -> None:
+def stage1_cache_fits(cache: Path, config: RunConfig) -> bool:
+    """Whether an existing stage-1 cache holds the curve this run asks for (--eval-every, --probe): the cache key
+    leaves them out, since they change no result."""
+    if not cache.exists() or not config.eval_every:
+        return True
+    saved = torch.load(cache, map_location="cpu", weights_only=True)
+    return saved.get("curve_settings") == [config.eval_every, config.probe]
+
+
+CURVE_POINT = ("stage", "step", "global_step", "eval_task", "metric", "value", "probe")
+
+
+def save_stage1(cache: Path, ctx: StageContext, seconds: float, curve: list[dict[str, Any]],
+                curve_settings: list[int]) -> None:
     """The model right after stage-1 training, the RNG states and the loader's shuffle state (the same state a
-    stage checkpoint's resume point holds)."""
+    stage checkpoint's resume point holds), and stage 1's curve points with the settings that made them."""
     save_checkpoint(cache, {"model": ctx.model.state_dict(), "rng": rng_state(),
-                            "loader_rng": ctx.train_loader.generator.get_state(), "seconds": seconds})
+                            "loader_rng": ctx.train_loader.generator.get_state(), "seconds": seconds,
+                            "curve": [{k: point[k] for k in CURVE_POINT} for point in curve],
+                            "curve_settings": curve_settings})
 
 
-def restore_stage1(cache: Path, ctx: StageContext) -> float:
-    """The state ``save_stage1`` wrote, as if this run had trained it; returns the training seconds it stands for."""
+def restore_stage1(cache: Path, ctx: StageContext, recorder: Recorder) -> float:
+    """The state ``save_stage1`` wrote, as if this run had trained it (its curve points too); returns the training
+    seconds it stands for."""
     saved = torch.load(cache, map_location="cpu", weights_only=True)
     ctx.model.load_state_dict(saved["model"])
     set_rng_state(saved["rng"])
     ctx.train_loader.generator.set_state(saved["loader_rng"])  # as if its epochs had drawn their shuffles
+    recorder.add_curve_points(saved.get("curve", []))
     return float(saved["seconds"])
 
 
@@ -148,11 +210,13 @@ def evaluate_all(recorder: Recorder, setup: Setup, *, stage: int, stage_task: st
     return primary
 
 
-def serve(setup: Setup, index: int, extra: dict[str, torch.Tensor] | None = None) -> TaskEval:
-    """Task ``index`` evaluated as the strategy serves it (its ``evaluation_state``), ``extra`` loaded on top."""
+def serve(setup: Setup, index: int, extra: dict[str, torch.Tensor] | None = None, probe: Probe | None = None) -> TaskEval:
+    """Task ``index`` evaluated as the strategy serves it (its ``evaluation_state``), ``extra`` loaded on top; on
+    its whole test set, or on ``probe``."""
     task = setup.tasks[index]
     state = {**(setup.strategy.evaluation_state(setup.model, task.spec) or {}), **(extra or {})}
-    return evaluate_task(setup.model, task.spec, setup.test_loaders[index], setup.device, task.coco_gt, state)
+    batches, coco = (probe.loader, probe.coco_gt) if probe else (setup.test_loaders[index], task.coco_gt)
+    return evaluate_task(setup.model, task.spec, batches, setup.device, coco, state)
 
 
 def evaluation_states(setup: Setup) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,0 +1,101 @@
+"""Evaluation inside stages (--eval-every, --probe): training untouched bit for bit, the schedule, the probe, the
+stage-end agreement, resume and the stage-1 cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from conftest import flags
+
+from clbench.compare import CompareSettings, compare
+from clbench.config import resolve
+from clbench.curve import due, probe_ground_truth, probe_indices
+from clbench.run import run
+
+
+def test_the_schedule_is_dense_first_then_every_kth():
+    assert [s for s in range(1, 20) if due(s, 4)] == [1, 2, 3, 4, 8, 12, 16]
+    assert not any(due(s, 0) for s in range(1, 20))
+
+
+def test_the_probe_is_a_fixed_subset_and_cuts_the_ground_truth():
+    assert probe_indices(10, 4) == probe_indices(10, 4) and len(probe_indices(10, 4)) == 4
+    assert probe_indices(10, 0) == list(range(10)) == probe_indices(10, 50)
+    coco = {"images": [{"id": i} for i in range(5)], "annotations": [{"image_id": i, "id": 10 + i} for i in (0, 2, 2, 4)],
+            "categories": [{"id": 1, "name": "a"}]}
+    cut = probe_ground_truth(coco, {2, 4})
+    assert [img["id"] for img in cut["images"]] == [2, 4] and [a["id"] for a in cut["annotations"]] == [12, 12, 14]
+    assert cut["categories"] == coco["categories"]
+
+
+def without_run_id(path):
+    return pd.read_csv(path).drop(columns="run_id")
+
+
+@pytest.mark.parametrize("strategy", ["bn_frozen+lwf+replay", "bn_per_task+freeze_restore"])
+def test_in_stage_evaluation_leaves_training_bit_identical(tiny_args, strategy):
+    plain = run(resolve(None, {**tiny_args, "strategy": strategy, "run_id": "plain"}))
+    curved = run(resolve(None, {**tiny_args, "strategy": strategy, "run_id": "curved", "eval_every": "1",
+                                "probe": "4"}))
+    assert without_run_id(plain / "metrics.csv").equals(without_run_id(curved / "metrics.csv"))
+    a = torch.load(plain / "checkpoints" / "stage3.pt", weights_only=True)["model"]
+    b = torch.load(curved / "checkpoints" / "stage3.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    curve = pd.read_csv(curved / "curve.csv")
+    assert set(curve.probe) == {4} and set(curve.eval_task) == {"seg", "det", "cls"}
+    assert not (plain / "curve.csv").exists()
+
+
+def test_the_last_point_of_a_stage_is_its_stage_end_row(tiny_args):
+    """naive's after_stage changes nothing, so with the whole test set as the probe the curve's point after the last
+    step is the stage's row in metrics.csv, to the bit; stage 0 is the reference point."""
+    run_dir = run(resolve(None, {**tiny_args, "run_id": "c", "eval_every": "3", "batch_size": "4"}))
+    curve, rows = pd.read_csv(run_dir / "curve.csv"), pd.read_csv(run_dir / "metrics.csv")
+    steps = curve.groupby("stage")["step"].max()
+    assert steps.to_dict() == {0: 0, 1: 3, 2: 3, 3: 3}                 # 12 images, batches of 4, one epoch
+    assert curve.global_step.max() == 9
+    for stage, last in steps.items():
+        points = curve[(curve.stage == stage) & (curve.step == last)].set_index("eval_task")
+        for task, point in points.iterrows():
+            row = rows[(rows.stage == stage) & (rows.eval_task == task) & (rows.metric == point.metric)]
+            assert point.value == row.value.item(), (stage, task)
+
+
+def test_a_resumed_runs_curve_equals_an_uninterrupted_ones(tiny_args, tmp_path):
+    from clbench.cli import main
+    run_dir = run(resolve(None, {**tiny_args, "strategy": "lwf", "run_id": "r", "eval_every": "2", "probe": "4"}))
+    whole = (run_dir / "curve.csv").read_bytes()
+    (run_dir / "checkpoints" / "stage3.pt").unlink()
+    (run_dir / "checkpoints" / "stage2.pt").unlink()
+    assert main(["run", "--resume", str(run_dir), "--progress", "false"]) == 0
+    assert (run_dir / "curve.csv").read_bytes() == whole
+
+
+def test_the_stage1_cache_carries_its_curve_and_the_options_stay_out_of_the_settings_hash(tiny_args, tmp_path):
+    base = {k: v for k, v in tiny_args.items() if k != "out"}
+    curved = CompareSettings(strategies=("naive", "ewc"), seeds=(0,), reference=False,
+                             base=resolve(None, {**base, "eval_every": "2", "probe": "4"}))
+    plain = CompareSettings(strategies=("naive", "ewc"), seeds=(0,), reference=False, base=resolve(None, base))
+    assert curved.name() == plain.name()
+    folder = compare(curved, out=tmp_path, name="c", progress=False)
+    naive, ewc = (pd.read_csv(folder / "runs" / f"{s}-seed0" / "curve.csv") for s in ("naive", "ewc"))
+    stage1 = [frame[frame.stage <= 1].drop(columns=["run_id", "strategy"]).reset_index(drop=True)
+              for frame in (naive, ewc)]
+    assert stage1[0].equals(stage1[1]) and len(stage1[0]) > 3
+    resources = json.loads((folder / "runs" / "ewc-seed0" / "resources.json").read_text())
+    assert resources["stages"]["1"]["train_seconds"] == 0.0 and resources["stages"]["1"]["seconds_saved_by_cache"] > 0
+    assert set(ewc.stage) == {0, 1, 2, 3}
+
+
+def test_a_cache_made_without_the_curve_is_made_again_with_it(tiny_args, tmp_path):
+    from clbench.cli import main
+    args = ["compare", "--strategies", "naive,ewc", "--name", "c", "--bounds", "none"]
+    assert main([*args, *flags(tiny_args)]) == 0
+    shutil.rmtree(tmp_path / "results" / "c" / "runs" / "ewc-seed0")
+    assert main([*args, *flags(tiny_args, eval_every="2")]) == 0   # the same comparison (folder), now with curves
+    curve = pd.read_csv(tmp_path / "results" / "c" / "runs" / "ewc-seed0" / "curve.csv")
+    assert set(curve.stage) == {0, 1, 2, 3}
