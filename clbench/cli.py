@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from clbench.reader import RunData
-    from clbench.report import run_summary
+    from clbench.report import curve_text, run_summary
     from clbench.run import run as run_one
     if args.resume is not None:
         config = _resumed_config(args)
@@ -212,6 +212,9 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = run_one(config, resume=args.resume is not None)
     data = RunData.load(run_dir)
     print(run_summary(data.rows, data.tasks, data.chance, data.resources))
+    curve = curve_text(data.rows, data.curve, data.tasks)
+    if curve:
+        print("\n" + curve)
     print(f"\nresults: {run_dir}")
     return 0
 
@@ -302,7 +305,7 @@ def _definition(definition: str | None, mode: str, has_reference: bool) -> str:
 
 def _table(args: argparse.Namespace) -> int:
     from clbench.reader import ComparisonData, load
-    from clbench.report import render, run_table
+    from clbench.report import curve_text, render, run_table
     data = load(args.folder)
     if isinstance(data, ComparisonData):
         from clbench.summary import comparison_summary, parse_pick
@@ -317,6 +320,10 @@ def _table(args: argparse.Namespace) -> int:
     print(render(table, args.format).rstrip("\n"))
     if args.format == "md":
         print("\n" + note)
+        curve = curve_text(data.rows, data.curve, data.tasks, getattr(data, "references", None),
+                           getattr(data, "order", ()))
+        if curve:
+            print("\n" + curve)
     return 0
 
 

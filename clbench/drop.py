@@ -210,3 +210,68 @@ DEFINITIONS: dict[str, Definition] = {d.name: d for d in (
                "(same budget and seed); 100% = learned as much as alone.",
                plasticity, summary="mean", thresholded=False),
 )}
+
+
+# Measures of the curve inside the stages (--eval-every; DESIGN.md §4b) -------------------------------------
+
+GAP_TOLERANCE = 0.05   # a task has recovered once it is back within 5% (relative) of its value when the stage began
+
+
+def _normalised_curve(curve: pd.DataFrame, reference: dict[str, float]) -> pd.DataFrame:
+    """The curve's values as ACC uses them: R / R_ref where a single-task reference exists, R otherwise (× 100)."""
+    scale = curve["eval_task"].map(lambda t: 100.0 / reference[t] if reference.get(t) else 100.0)
+    return curve.assign(value=curve["value"] * scale).sort_values("global_step", kind="stable")
+
+
+def min_acc(curve: pd.DataFrame, trained: dict[str, int], reference: dict[str, float]) -> dict[str, float]:
+    """Per task but the last: the lowest value at any point after its own stage (De Lange et al., ICLR 2023),
+    normalised as ACC (× 100)."""
+    points = _normalised_curve(curve, reference)
+    last = _last_trained(trained)
+    return {t: float(points[(points.eval_task == t) & (points.stage > s)]["value"].min())
+            for t, s in trained.items() if t != last}
+
+
+def wc_acc(curve: pd.DataFrame, R: pd.DataFrame, trained: dict[str, int], reference: dict[str, float]) -> float:
+    """Worst-case accuracy after the last stage k: (1/k) A[k,k] + (1 − 1/k) min-ACC (mean over earlier tasks)."""
+    last, k = _last_trained(trained), len(trained)
+    final = float(R.at[trained[last], last]) * (100.0 / reference[last] if reference.get(last) else 100.0)
+    earlier = [v for v in min_acc(curve, trained, reference).values() if not math.isnan(v)]
+    return final / k + (1 - 1 / k) * (sum(earlier) / len(earlier) if earlier else math.nan)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A task's largest fall inside a later stage: from its value when the stage began to the lowest point."""
+
+    task: str
+    stage: int
+    size: float                 # points (× 100, normalised as ACC); > 0 = it fell
+    lowest_at: int              # the step of the lowest point
+    recovered_at: int | None    # the first later step back within GAP_TOLERANCE of the start; None = never
+
+
+def stability_gaps(curve: pd.DataFrame, trained: dict[str, int], reference: dict[str, float]) -> dict[str, Gap]:
+    """Per task but the last: its largest stability gap over the stages after its own."""
+    points = _normalised_curve(curve, reference)
+    out = {}
+    for task, own in trained.items():
+        if task == _last_trained(trained):
+            continue
+        series = points[points.eval_task == task]
+        gaps = [_gap(task, stage, series) for stage in sorted(set(series.stage)) if stage > own]
+        gaps = [g for g in gaps if g is not None]
+        if gaps:
+            out[task] = max(gaps, key=lambda g: g.size)
+    return out
+
+
+def _gap(task: str, stage: int, series: pd.DataFrame) -> Gap | None:
+    before, inside = series[series.stage < stage], series[series.stage == stage]
+    if before.empty or inside.empty:
+        return None
+    start = float(before["value"].iloc[-1])          # the last point before the stage began
+    lowest = inside.loc[inside["value"].idxmin()]
+    after = inside[(inside.step >= lowest.step) & (inside.value >= start - GAP_TOLERANCE * abs(start))]
+    return Gap(task, stage, start - float(lowest.value), int(lowest.step),
+               int(after.step.iloc[0]) if not after.empty else None)

@@ -20,7 +20,18 @@ from clbench.config import FIELDS, RunConfig
 from clbench.drop import DEFINITIONS, metric_matrix, trained_at
 from clbench.plots import plot_folder
 from clbench.reader import ComparisonData, Folder, RunData, load
-from clbench.report import BN_NOTE, bn_attribution, definitions_table, primary_metrics, resource_line, run_measures, run_table
+from clbench.report import (
+    BN_NOTE,
+    CURVE_NOTE,
+    bn_attribution,
+    curve_measures,
+    curve_table,
+    definitions_table,
+    primary_metrics,
+    resource_line,
+    run_measures,
+    run_table,
+)
 from clbench.results import atomic_write
 from clbench.summary import definition_table
 from clbench.tasks import TaskSpec
@@ -83,6 +94,7 @@ def comparison_page(data: ComparisonData) -> tuple[str, str]:
                                          "single-task.") + "</p>")
     parts.append(_folded("Each definition's table: mean ± std over seeds, Δ naive, pass/fail, notes",
                          _definition_tables(data)))
+    parts.append(_curve_section(data))
     parts.append("<h2>Cost</h2>" + _table(costs.reindex(order).reset_index()) +
                  "<p class=\"note\">Mean over seeds. Training time counts a stage restored from the shared stage-1 "
                  "cache at what it took to train; peak memory is the cell's own peak RSS (reset when the cell started; CUDA: max "
@@ -96,6 +108,17 @@ def comparison_page(data: ComparisonData) -> tuple[str, str]:
                  _folded("Settings (compare.yaml)", "<pre>" + _e((folder / "compare.yaml").read_text()) + "</pre>"))
     parts.append(environment_block(data.env))
     return f"clbench comparison {folder.name}", "\n".join(parts)
+
+
+def _curve_section(data: Folder) -> str:
+    """Forgetting inside the stages (--eval-every): the curve plot and min-ACC, WC-ACC, the stability gaps."""
+    if data.curve.empty:
+        return ""
+    measures = curve_measures(data.rows, data.curve, data.tasks, getattr(data, "references", None))
+    plot = data.path / "plots" / "curve.png"
+    return ("<h2>Forgetting inside the stages</h2>" + (_image(plot) if plot.exists() else "") +
+            _table(curve_table(measures, data.tasks, getattr(data, "order", ()))) +
+            f"<p class=\"note\">{_e(CURVE_NOTE)}</p>")
 
 
 def _definition_tables(data: ComparisonData) -> str:
@@ -115,7 +138,7 @@ def _lead_plot(paths: list[Path]) -> tuple[str, list[Path]]:
     names = [p.name for p in paths]
     lead = next((p for name in ("stability_plasticity.png", "metric_by_stage.png") for p in paths if p.name == name),
                 paths[0] if paths else None)
-    return (_image(lead) if lead else ""), [p for p in paths if p != lead and p.name in names]
+    return (_image(lead) if lead else ""), [p for p in paths if p != lead and p.name in names and p.name != "curve.png"]
 
 
 def _folded(summary: str, body: str) -> str:
@@ -241,6 +264,7 @@ def run_page(data: RunData) -> tuple[str, str]:
         table, note = run_table(rows, tasks, name, chance=data.chance)
         details.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
     parts.append(_folded("Each definition's table: per stage, pass/fail, BN attribution, notes", "".join(details)))
+    parts.append(_curve_section(data))
     parts.append("<h2>Primary metric after every stage</h2>" + _table(stage_matrix(rows, tasks)))
     parts.append("<h2>More plots</h2>" + "".join(_image(p) for p in plots))
     if data.resources is not None:

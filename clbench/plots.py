@@ -24,6 +24,8 @@ def plot_folder(data: Folder) -> list[Path]:
              plot_drops(metrics, data.tasks, out / "drop_percent.png", chance=data.chance)]
     if not data.bn_drift.empty:
         paths.append(plot_bn_drift(data.bn_drift, out / "bn_drift.png"))
+    if not data.curve.empty:
+        paths.append(plot_curves(data.curve, data.tasks, out / "curve.png"))
     if isinstance(data, ComparisonData):
         try:
             references, _ = data.measured_against("plasticity")
@@ -94,6 +96,35 @@ def plot_stability_plasticity(rows: pd.DataFrame, tasks: list[TaskSpec], referen
     ax.set_title("Stability vs plasticity, mean ± std over seeds (better: right, down)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return save(fig, path)
+
+
+def plot_curves(curve: pd.DataFrame, tasks: list[TaskSpec], path: Path) -> Path:
+    """Each task's metric over the run's optimizer steps (the probe, --eval-every), one line per strategy (mean over
+    seeds, band = std), the stage boundaries marked."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(9, 2.4 * len(tasks)), squeeze=False, sharex=True)
+    ends = curve.groupby("stage")["global_step"].max().sort_index()
+    for ax, task in zip(axes[:, 0], tasks):
+        points = curve[curve.eval_task == task.name]
+        for i, (strategy, group) in enumerate(points.groupby("strategy", sort=False)):
+            stats = group.groupby("global_step")["value"].agg(["mean", "std"]).fillna(0.0)
+            ax.plot(stats.index, stats["mean"], color=f"C{i % 10}", label=strategy, linewidth=1.2)
+            ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
+                            color=f"C{i % 10}", alpha=0.2, linewidth=0)
+        for stage, end in ends.items():
+            if stage > 0:
+                ax.axvline(end, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_ylabel(f"{task.label}\n{task.metric_label}", fontsize=8)
+        ax.grid(alpha=0.3)
+    for stage, end in ends.items():
+        if stage > 0:
+            axes[0, 0].annotate(f"end of stage {stage}", (end, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                                ha="right", va="bottom")
+    axes[-1, 0].set_xlabel("optimizer step over the run (stage boundaries dotted)")
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(f"Every task inside the stages: probe of {int(curve.probe.iloc[0])} test images, mean ± std over seeds",
+                 fontsize=10)
     return save(fig, path)
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from clbench import ClbenchError
 from clbench.drop import DEFINITIONS
-from clbench.recorder import Resources, read_bn_drift, read_chance, read_resources, read_rows, read_tasks
+from clbench.recorder import Resources, read_bn_drift, read_chance, read_curve, read_resources, read_rows, read_tasks
 from clbench.tasks import TaskSpec
 
 
@@ -32,6 +32,7 @@ class RunData:
     env: dict[str, Any]
     resources: Resources | None
     bn_drift: pd.DataFrame
+    curve: pd.DataFrame                 # curve.csv (empty without --eval-every)
 
     @classmethod
     def load(cls, path: Path) -> "RunData":
@@ -39,7 +40,7 @@ class RunData:
         rows = read_rows(path)
         return cls(path, rows, read_tasks(path, rows), read_chance(path), _yaml(path / "config.yaml", {}),
                    _json(path / "env.json", {}), read_resources(path) if (path / "resources.json").exists() else None,
-                   read_bn_drift(path))
+                   read_bn_drift(path), read_curve(path))
 
 
 def finished_runs(folder: Path, sub: str = "runs") -> list[Path]:
@@ -97,6 +98,12 @@ class ComparisonData:
     @cached_property
     def bn_drift(self) -> pd.DataFrame:
         return pd.concat([r.bn_drift for r in self.runs], ignore_index=True)
+
+    @cached_property
+    def curve(self) -> pd.DataFrame:
+        """Every finished cell's curve.csv together (empty when none ran with --eval-every)."""
+        frames = [r.curve for r in self.runs if not r.curve.empty]
+        return pd.concat(frames, ignore_index=True) if frames else self.runs[0].curve
 
     def joint_finals(self) -> dict[int, dict[str, float]]:
         """seed -> task -> the joint bound's final primary metric."""

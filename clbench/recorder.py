@@ -255,6 +255,14 @@ def read_bn_drift(run_dir: Path) -> pd.DataFrame:
     return read_table(path, BN_COLUMNS, ("stage", "reference_stage", "distance"), "BN-drift table")
 
 
+def read_curve(run_dir: Path) -> pd.DataFrame:
+    """curve.csv of a run (empty when it ran without --eval-every), checked like metrics.csv."""
+    path = Path(run_dir) / "curve.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=list(CURVE_COLUMNS))
+    return read_table(path, CURVE_COLUMNS, ("stage", "step", "global_step", "value", "probe", "seed"), "curve table")
+
+
 def read_tasks(run_dir: Path, rows: pd.DataFrame | None = None) -> list[TaskSpec]:
     """The run's tasks in stream order (tasks.json); for folders written before it existed, from the rows
     (then each task's name is its kind)."""

@@ -8,7 +8,19 @@ from typing import Sequence
 
 import pandas as pd
 
-from clbench.drop import DEFAULT_THRESHOLD, DEFINITIONS, Definition, metric_matrix, near_chance, own_stage_values, trained_at
+from clbench.drop import (
+    DEFAULT_THRESHOLD,
+    DEFINITIONS,
+    GAP_TOLERANCE,
+    Definition,
+    metric_matrix,
+    min_acc,
+    near_chance,
+    own_stage_values,
+    stability_gaps,
+    trained_at,
+    wc_acc,
+)
 from clbench.recorder import Resources
 from clbench.tasks import TaskSpec
 
@@ -298,6 +310,64 @@ def definitions_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], strategies:
                 row[d.column] = "—" if math.isnan(value) else d.format(value)
             out.append(row)
     return pd.DataFrame(out)
+
+
+CURVE_NOTE = ("Inside the stages (--eval-every, on the probe images; values normalised as ACC, x100): min-ACC = mean "
+              "over the tasks but the last of the lowest value after their own stage; WC-ACC = (1/k) final value of "
+              "the last task + (1 - 1/k) min-ACC (De Lange et al., ICLR 2023); stability gap = a task's largest fall "
+              "inside a later stage, from its value when that stage began to its lowest point (pp, > 0 = fell), and "
+              f"the step at which it was back within {GAP_TOLERANCE:.0%} of that value.")
+
+
+def curve_measures(rows: pd.DataFrame, curve: pd.DataFrame, tasks: Sequence[TaskSpec],
+                   references: dict[int, dict[str, float]] | None = None) -> pd.DataFrame:
+    """Per run (strategy, seed) with a curve: min-ACC, WC-ACC and each earlier task's stability gap."""
+    out = []
+    for (strategy, seed, run_id), run in rows.groupby(["strategy", "seed", "run_id"], sort=False):
+        points = curve[curve.run_id == run_id]
+        if points.empty:
+            continue
+        reference = (references or {}).get(int(seed), {})
+        trained, R = trained_at(run), metric_matrix(run, primary_metrics(tasks))
+        lowest = [v for v in min_acc(points, trained, reference).values() if not math.isnan(v)]
+        out.append({"strategy": strategy, "seed": int(seed), "min_acc": sum(lowest) / len(lowest) if lowest else math.nan,
+                    "wc_acc": wc_acc(points, R, trained, reference), "gaps": stability_gaps(points, trained, reference)})
+    return pd.DataFrame(out, columns=["strategy", "seed", "min_acc", "wc_acc", "gaps"])
+
+
+def curve_table(measures: pd.DataFrame, tasks: Sequence[TaskSpec], strategies: Sequence[str] = ()) -> pd.DataFrame:
+    """Per strategy (mean over seeds; in ``strategies``' order where given): min-ACC, WC-ACC and, per earlier
+    task, its stability gap and recovery."""
+    table = []
+    order = [s for s in strategies if s in set(measures.strategy)] or list(dict.fromkeys(measures.strategy))
+    for strategy in order:
+        runs = measures[measures.strategy == strategy]
+        row = {"Strategy": strategy, "min-ACC (x100)": f"{runs.min_acc.mean():.2f}",
+               "WC-ACC (x100)": f"{runs.wc_acc.mean():.2f}"}
+        for task in tasks[:-1]:
+            gaps = [g[task.name] for g in runs.gaps if task.name in g]
+            row[f"{task.label} stability gap"] = _gap_cell(gaps) if gaps else "—"
+        table.append({**row, "seeds": len(runs)})
+    return pd.DataFrame(table)
+
+
+def curve_text(rows: pd.DataFrame, curve: pd.DataFrame, tasks: Sequence[TaskSpec],
+               references: dict[int, dict[str, float]] | None = None, strategies: Sequence[str] = ()) -> str:
+    """The curve table in Markdown and its note; "" when no run has a curve."""
+    if curve.empty:
+        return ""
+    measures = curve_measures(rows, curve, tasks, references)
+    return "" if measures.empty else to_markdown(curve_table(measures, tasks, strategies)) + "\n\n" + CURVE_NOTE
+
+
+def _gap_cell(gaps: list) -> str:
+    recovered = sorted(g.recovered_at for g in gaps if g.recovered_at is not None)
+    stages = sorted({g.stage for g in gaps})
+    cell = f"{sum(g.size for g in gaps) / len(gaps):+.2f} pp (stage {'/'.join(map(str, stages))}), lowest at step " \
+        f"{sorted(g.lowest_at for g in gaps)[len(gaps) // 2]}"
+    if not recovered:
+        return cell + ", never recovered"
+    return cell + f", recovered {len(recovered)}/{len(gaps)} (step {recovered[len(recovered) // 2]})"
 
 
 def chance_flag(measures: pd.DataFrame, strategy: str, task: str, d: Definition, chance: dict[str, float] | None) -> str:

@@ -12,7 +12,7 @@ import pandas as pd
 from clbench import ClbenchError
 from clbench.drop import DEFINITIONS
 from clbench.reader import ComparisonData
-from clbench.report import SUMMARY, aggregate, comparison_table, render, run_measures
+from clbench.report import SUMMARY, aggregate, comparison_table, curve_text, render, run_measures
 from clbench.results import atomic_write, to_json
 
 
@@ -100,6 +100,8 @@ def write_summary(data: ComparisonData, definition: str = "drop", threshold: flo
         atomic_write(data.path / "picked.json", to_json({"criterion": pick or "acc", "picked": picked,
                                                          "sentence": sentence}))
     text = render(table, "md") + "\n\n" + note + "\n"
+    curve = curve_text(data.rows, data.curve, data.tasks, data.references, data.order)
+    text += "\n" + curve + "\n" if curve else ""
     atomic_write(data.path / "summary.md", text)
     atomic_write(data.path / "summary.csv", render(table, "csv"))
     return text
