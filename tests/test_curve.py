@@ -99,3 +99,42 @@ def test_a_cache_made_without_the_curve_is_made_again_with_it(tiny_args, tmp_pat
     assert main([*args, *flags(tiny_args, eval_every="2")]) == 0   # the same comparison (folder), now with curves
     curve = pd.read_csv(tmp_path / "results" / "c" / "runs" / "ewc-seed0" / "curve.csv")
     assert set(curve.stage) == {0, 1, 2, 3}
+
+
+def hand_curve() -> pd.DataFrame:
+    """seg trained in stage 1, det in 2, cls in 3; values chosen so every measure is known by hand."""
+    points = [(0, 0, "seg", 0.1), (1, 1, "seg", 0.5), (1, 2, "seg", 0.8),
+              (2, 1, "seg", 0.2), (2, 2, "seg", 0.3), (2, 3, "seg", 0.6), (2, 4, "seg", 0.78),
+              (3, 1, "seg", 0.7), (3, 2, "seg", 0.75),
+              (2, 1, "det", 0.1), (2, 2, "det", 0.2), (2, 3, "det", 0.3), (2, 4, "det", 0.4),
+              (3, 1, "det", 0.1), (3, 2, "det", 0.35)]
+    steps = {0: 0, 1: 0, 2: 2, 3: 6}
+    return pd.DataFrame([{"stage": s, "step": k, "global_step": steps[s] + k, "eval_task": t, "value": v}
+                         for s, k, t, v in points])
+
+
+def test_the_curve_measures_against_a_hand_computation():
+    from clbench.drop import min_acc, stability_gaps, wc_acc
+    trained = {"seg": 1, "det": 2, "cls": 3}
+    curve = hand_curve()
+    assert min_acc(curve, trained, {}) == pytest.approx({"seg": 20.0, "det": 10.0})
+    R = pd.DataFrame({"cls": [0.9]}, index=[3])
+    assert wc_acc(curve, R, trained, {}) == pytest.approx(90 / 3 + 2 / 3 * 15)
+    gaps = stability_gaps(curve, trained, {})
+    seg, det = gaps["seg"], gaps["det"]
+    assert (seg.stage, seg.size, seg.lowest_at, seg.recovered_at) == (2, pytest.approx(60.0), 1, 4)   # back >= 0.76
+    assert (det.stage, det.size, det.lowest_at, det.recovered_at) == (3, pytest.approx(30.0), 1, None)  # never >= 0.38
+    assert min_acc(curve, trained, {"seg": 0.5})["seg"] == pytest.approx(40.0)        # normalised as ACC
+
+
+def test_the_curve_reaches_the_summary_the_table_and_the_plot(tiny_args, capsys):
+    from clbench.cli import main
+    assert main(["compare", "--strategies", "naive,lwf", "--name", "k", *flags(tiny_args, bounds="none",
+                                                                                eval_every="2", probe="4")]) == 0
+    out = capsys.readouterr().out
+    assert "| min-ACC (x100) | WC-ACC (x100) | Segmentation stability gap" in out and "De Lange" in out
+    folder = tiny_args["out"] + "/k"
+    assert main(["table", folder]) == 0 and "WC-ACC (x100)" in capsys.readouterr().out
+    assert main(["plot", folder]) == 0 and "curve.png" in capsys.readouterr().out
+    page = open(folder + "/report.html").read()
+    assert "Forgetting inside the stages" in page and 'alt="curve"' in page
