@@ -47,6 +47,9 @@ def _view_parsers(sub: argparse._SubParsersAction) -> None:
                        "forgetting:plasticity>=P); default acc")
     table.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
                        help=f"allowed drop for pass/fail (default {DEFAULT_THRESHOLD:g})")
+    table.add_argument("--costs", action="store_true",
+                       help="the cost block instead: training time vs naive, the strategy's state, extra passes per "
+                       "step, peak memory")
     sub.add_parser("plot", allow_abbrev=False, help="PNG plots of a run or comparison folder").add_argument(
         "folder", type=Path)
     sub.add_parser("report", allow_abbrev=False, help="write report.html: one self-contained page for a run or "
@@ -307,6 +310,10 @@ def _table(args: argparse.Namespace) -> int:
     from clbench.reader import ComparisonData, load
     from clbench.report import curve_text, render, run_table
     data = load(args.folder)
+    if args.costs:
+        from clbench.summary import cost_text
+        print(cost_text(data) or f"{args.folder}: no resources.json (no finished run)")
+        return 0
     if isinstance(data, ComparisonData):
         from clbench.summary import comparison_summary, parse_pick
         if args.pick is not None:

@@ -22,13 +22,16 @@ from clbench.plots import plot_folder
 from clbench.reader import ComparisonData, Folder, RunData, load
 from clbench.report import (
     BN_NOTE,
+    COST_NOTE,
     CURVE_NOTE,
     bn_attribution,
+    cost_table,
     curve_measures,
     curve_table,
     definitions_table,
     primary_metrics,
     resource_line,
+    run_costs,
     run_measures,
     run_table,
 )
@@ -95,10 +98,9 @@ def comparison_page(data: ComparisonData) -> tuple[str, str]:
     parts.append(_folded("Each definition's table: mean ± std over seeds, Δ naive, pass/fail, notes",
                          _definition_tables(data)))
     parts.append(_curve_section(data))
-    parts.append("<h2>Cost</h2>" + _table(costs.reindex(order).reset_index()) +
-                 "<p class=\"note\">Mean over seeds. Training time counts a stage restored from the shared stage-1 "
-                 "cache at what it took to train; peak memory is the cell's own peak RSS (reset when the cell started; CUDA: max "
-                 "allocated since then).</p>")
+    cost = pd.DataFrame([run_costs(r.rows, r.resources) for r in data.runs if r.resources is not None])
+    if not cost.empty:
+        parts.append("<h2>Cost</h2>" + _table(cost_table(cost, order)) + f"<p class=\"note\">{_e(COST_NOTE)}</p>")
     parts.append("<h2>More plots</h2>" + "".join(_image(p) for p in plots))
     parts.append(_folded("Primary metric after every stage, per strategy (mean over seeds)", "".join(
         f"<h3>{_e(strategy)}</h3>" + _table(stage_matrix(rows[rows.strategy == strategy], tasks)) for strategy in order)))

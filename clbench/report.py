@@ -351,6 +351,53 @@ def curve_table(measures: pd.DataFrame, tasks: Sequence[TaskSpec], strategies: S
     return pd.DataFrame(table)
 
 
+COST_NOTE = ("Cost, mean ± std over seeds: training time against naive's of the same seed (paired; a stage taken from "
+             "the stage-1 cache counts at what it took to train); the most the strategy held at any point of a stage "
+             "(teacher copies, Fisher and importance tensors, buffers, stored outputs: tensors it refers to, measured, "
+             "not declared); forward and backward passes of any copy of the network per optimizer step beyond the "
+             "task's own one (counted at the module); the cell's own peak memory (RSS, or CUDA max allocated).")
+
+
+def run_costs(rows: pd.DataFrame, resources: Resources) -> dict[str, float]:
+    """One run's cost figures from its resources.json (the stages it trained itself)."""
+    stages = list(resources.stages.values())
+    trained = [s for s in stages if s.steps]
+    steps = sum(s.steps for s in trained)
+    memory = resources.memory
+    return {"strategy": str(rows["strategy"].iloc[0]), "seed": int(rows["seed"].iloc[0]),
+            "train_seconds": sum(s.trained_seconds for s in stages),
+            "state_mb": max((s.strategy_bytes for s in stages), default=0) / 2**20,
+            "extra_forward": sum(s.forwards for s in trained) / steps - 1 if steps else math.nan,
+            "extra_backward": sum(s.backwards for s in trained) / steps - 1 if steps else math.nan,
+            "peak_mb": memory.get("cuda_max_allocated_mb", memory.get("process_peak_rss_mb", math.nan))}
+
+
+def cost_table(costs: pd.DataFrame, strategies: Sequence[str] = ()) -> pd.DataFrame:
+    """The cost block: per strategy, mean ± std over seeds of ``run_costs``' figures, time paired against naive."""
+    naive = costs[costs.strategy == "naive"].set_index("seed")["train_seconds"]
+    costs = costs.assign(vs_naive=[row.train_seconds / naive[row.seed] if row.seed in naive.index and naive[row.seed]
+                                   else math.nan for row in costs.itertuples()])
+    order = [s for s in strategies if s in set(costs.strategy)] or list(dict.fromkeys(costs.strategy))
+    table = []
+    for strategy in order:
+        runs = costs[costs.strategy == strategy]
+        cell = lambda column, fmt: _mean_std(runs[column], fmt)  # noqa: E731
+        table.append({"Strategy": strategy, "training time vs naive": cell("vs_naive", "{:.2f}x"),
+                      "training (s)": cell("train_seconds", "{:.1f}"), "strategy state (MB)": cell("state_mb", "{:.2f}"),
+                      "extra forward / step": cell("extra_forward", "{:.2f}"),
+                      "extra backward / step": cell("extra_backward", "{:.2f}"),
+                      "peak memory (MB)": cell("peak_mb", "{:.0f}"), "seeds": len(runs)})
+    return pd.DataFrame(table)
+
+
+def _mean_std(values: pd.Series, fmt: str) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "—"
+    text = fmt.format(values.mean())
+    return text + (f" ± {fmt.format(values.std()).rstrip('x')}" if len(values) > 1 else "")
+
+
 def curve_text(rows: pd.DataFrame, curve: pd.DataFrame, tasks: Sequence[TaskSpec],
                references: dict[int, dict[str, float]] | None = None, strategies: Sequence[str] = ()) -> str:
     """The curve table in Markdown and its note; "" when no run has a curve."""

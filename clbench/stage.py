@@ -16,6 +16,7 @@ from clbench.accel import Precision
 from clbench.bn_audit import BatchNormAudit
 from clbench.build import Probe, Setup, model_config, open_run, reopen_run, synthetic_settings
 from clbench.config import RunConfig
+from clbench.costs import StageCost
 from clbench.curve import due, untouched
 from clbench.evaluate import TaskEval, evaluate_task
 from clbench.freezing import batchnorm_state
@@ -107,10 +108,7 @@ class InStage:
     def __init__(self, setup: Setup, recorder: Recorder, trackers: Trackers, stage: int, offset: int) -> None:
         self.setup, self.recorder, self.trackers, self.stage, self.offset = setup, recorder, trackers, stage, offset
         self.seconds = 0.0
-
-    @property
-    def active(self) -> bool:
-        return self.trackers.active or bool(self.setup.probes)
+        self.cost = StageCost()   # steps, passes and the strategy's bytes, sampled after every step
 
     @property
     def curve_settings(self) -> list[int]:
@@ -119,10 +117,13 @@ class InStage:
 
     def __call__(self, step: int, values: dict[str, float]) -> None:
         global_step = self.offset + step
+        self.cost.steps = step
+        self.cost.sample(self.setup.strategy, self.setup.model)
         self.trackers.scalars(values, global_step)
         if self.setup.probes and due(step, self.setup.config.eval_every):
             start = time.perf_counter()
-            points = evaluate_curve(self.recorder, self.setup, self.stage, step, global_step)
+            with self.cost.paused():
+                points = evaluate_curve(self.recorder, self.setup, self.stage, step, global_step)
             self.trackers.scalars({f"curve/{task}": value for task, value in points.items()}, global_step)
             self.seconds += time.perf_counter() - start
 
@@ -142,19 +143,22 @@ def run_stage(recorder: Recorder, ctx: StageContext, strategy: Strategy, setting
               cache: Path | None, in_stage: InStage | None = None) -> None:
     """Train (or restore from the stage-1 cache, with its curve), then the strategy's after_stage; records the
     training time (in-stage evaluation apart) and the parameters."""
-    curve = 0.0
+    curve, cost = 0.0, in_stage.cost if in_stage else StageCost()
     if cache is not None and cache.exists():
         seconds, saved = 0.0, restore_stage1(cache, ctx, recorder)
     else:
         start = time.perf_counter()
-        train_stage(ctx, strategy, settings, progress=progress, on_step=in_stage if in_stage and in_stage.active else None)
+        with cost.counted():
+            train_stage(ctx, strategy, settings, progress=progress, on_step=in_stage)
         curve = in_stage.seconds if in_stage else 0.0
         seconds, saved = time.perf_counter() - start - curve, 0.0
         if cache is not None:
             save_stage1(cache, ctx, seconds, recorder.pending_curve(), in_stage.curve_settings if in_stage else [])
     strategy.after_stage(ctx)
-    recorder.resources.stages[ctx.stage] = StageResources(ctx.task.name, seconds, saved, curve_seconds=curve,
-                                                          parameters=ctx.model.parameter_counts())
+    cost.sample(strategy, ctx.model)   # what after_stage computed (a Fisher, a buffer) counts too
+    recorder.resources.stages[ctx.stage] = StageResources(
+        ctx.task.name, seconds, saved, curve_seconds=curve, parameters=ctx.model.parameter_counts(),
+        steps=cost.steps, forwards=cost.forwards, backwards=cost.backwards, strategy_bytes=cost.peak_state_bytes)
 
 
 def stage1_cache_fits(cache: Path, config: RunConfig) -> bool:

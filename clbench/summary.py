@@ -11,8 +11,18 @@ import pandas as pd
 
 from clbench import ClbenchError
 from clbench.drop import DEFINITIONS
-from clbench.reader import ComparisonData
-from clbench.report import SUMMARY, aggregate, comparison_table, curve_text, render, run_measures
+from clbench.reader import ComparisonData, Folder
+from clbench.report import (
+    COST_NOTE,
+    SUMMARY,
+    aggregate,
+    comparison_table,
+    cost_table,
+    curve_text,
+    render,
+    run_costs,
+    run_measures,
+)
 from clbench.results import atomic_write, to_json
 
 
@@ -100,11 +110,20 @@ def write_summary(data: ComparisonData, definition: str = "drop", threshold: flo
         atomic_write(data.path / "picked.json", to_json({"criterion": pick or "acc", "picked": picked,
                                                          "sentence": sentence}))
     text = render(table, "md") + "\n\n" + note + "\n"
-    curve = curve_text(data.rows, data.curve, data.tasks, data.references, data.order)
-    text += "\n" + curve + "\n" if curve else ""
+    for block in (cost_text(data), curve_text(data.rows, data.curve, data.tasks, data.references, data.order)):
+        text += "\n" + block + "\n" if block else ""
     atomic_write(data.path / "summary.md", text)
     atomic_write(data.path / "summary.csv", render(table, "csv"))
     return text
+
+
+def cost_text(data: Folder) -> str:
+    """The cost block in Markdown and its note ("" when no run wrote resources.json)."""
+    runs = data.runs if isinstance(data, ComparisonData) else [data]
+    costs = pd.DataFrame([run_costs(r.rows, r.resources) for r in runs if r.resources is not None])
+    if costs.empty:
+        return ""
+    return render(cost_table(costs, getattr(data, "order", ())), "md") + "\n\n" + COST_NOTE
 
 
 def eval_share_line(data: ComparisonData) -> str:
