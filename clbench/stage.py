@@ -76,7 +76,8 @@ def log_resources(trackers: Trackers, resources: Any) -> None:
     last = max(resources.stages, default=0)
     latency = {f"resources/latency_ms_{task}_{size}": ms for task, sizes in resources.latency_ms.items()
                for size, ms in sizes.items() if ms is not None}
-    trackers.scalars({**{f"resources/{k}": v for k, v in resources.memory.items()}, **latency}, last)
+    memory = {f"resources/{k}": v for k, v in resources.memory.items() if isinstance(v, (int, float))}
+    trackers.scalars({**memory, **latency}, last)
 
 
 def stage_context(setup: Setup, stage: int, experience: Any) -> StageContext:

@@ -9,13 +9,13 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import flags
 
 from clbench.config import resolve
 from clbench.costs import StageCost, held_bytes
 from clbench.model import UniHeadNet
 from clbench.report import cost_table
 from clbench.run import run
-from conftest import flags
 
 
 def test_held_bytes_counts_what_the_strategy_holds_not_the_live_model(specs):

@@ -105,3 +105,16 @@ def test_a_missing_tracker_package_is_a_one_line_error_naming_the_extra(tiny_arg
 def test_an_unknown_tracker_is_refused():
     with pytest.raises(ClbenchError, match="log"):
         resolve(None, {"log": "wandb"})
+
+
+def test_the_curve_points_reach_tensorboard_at_their_global_steps(tiny_args):
+    pytest.importorskip("tensorboard", reason="the test extra installs tensorboard")
+    import pandas as pd
+    run_dir = run(resolve(None, {**tiny_args, "run_id": "curve", "log": "tensorboard", "eval_every": "2",
+                                 "probe": "4"}))
+    _, scalars = tensorboard_scalars(run_dir)
+    curve = pd.read_csv(run_dir / "curve.csv")
+    for task, points in curve.groupby("eval_task"):
+        logged = dict(scalars[f"curve/{task}/{points.metric.iloc[0]}"])
+        assert sorted(logged) == sorted(points.global_step)
+        assert all(same(logged[step], value, rel=1e-6) for step, value in zip(points.global_step, points.value))
