@@ -103,18 +103,22 @@ def pick_settings(data: ComparisonData, pick: str = "acc") -> tuple[dict[str, st
 
 def write_summary(data: ComparisonData, definition: str = "drop", threshold: float | None = None,
                   pick: str | None = None) -> str:
-    """summary.md, summary.csv and (with a grid) picked.json in the comparison folder; returns summary.md's text."""
+    """summary.md, summary.csv, costs.md and (with a grid) picked.json in the comparison folder; returns what
+    `clbench compare` prints: summary.md's text and the cost block."""
     table, note = comparison_summary(data, definition, threshold, pick)
     picked, sentence = pick_settings(data, pick or "acc")
     if sentence:
         atomic_write(data.path / "picked.json", to_json({"criterion": pick or "acc", "picked": picked,
                                                          "sentence": sentence}))
     text = render(table, "md") + "\n\n" + note + "\n"
-    for block in (cost_text(data), curve_text(data.rows, data.curve, data.tasks, data.references, data.order)):
-        text += "\n" + block + "\n" if block else ""
-    atomic_write(data.path / "summary.md", text)
+    curve = curve_text(data.rows, data.curve, data.tasks, data.references, data.order)
+    text += "\n" + curve + "\n" if curve else ""
+    atomic_write(data.path / "summary.md", text)   # a pure function of the results: the same on every rerun
     atomic_write(data.path / "summary.csv", render(table, "csv"))
-    return text
+    cost = cost_text(data)   # times and memory differ from run to run: their own file, printed with the summary
+    if cost:
+        atomic_write(data.path / "costs.md", cost + "\n")
+    return text + ("\n" + cost + "\n" if cost else "")
 
 
 def cost_text(data: Folder) -> str:
