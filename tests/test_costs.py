@@ -53,6 +53,7 @@ def test_passes_are_counted_at_the_module_once_per_forward(specs):
     ("lwf", [0, 1, 1], [0, 0, 0]),                 # one teacher forward per step from stage 2
     ("agem", [0, 1, 2], [0, 1, 2]),                # a reference pass per earlier task
 ])
+@pytest.mark.slow
 def test_every_stage_records_its_passes_and_state(tiny_args, strategy, extra_forward, extra_backward):
     run_dir = run(resolve(None, {**tiny_args, "strategy": strategy, "run_id": strategy}))
     stages = json.loads((run_dir / "resources.json").read_text())["stages"]
@@ -78,6 +79,7 @@ def test_the_cost_block_pairs_time_with_naive_of_the_same_seed():
     assert table.at["lwf", "strategy state (MB)"] == "2.00 ± 0.71" and table.at["lwf", "peak memory (MB)"] == "1000 ± 71"
 
 
+@pytest.mark.slow
 def test_the_cost_block_reaches_the_summary_and_clbench_table(tiny_args, capsys):
     from clbench.cli import main
     assert main(["compare", "--strategies", "naive,lwf", "--name", "cost", *flags(tiny_args, bounds="none")]) == 0

@@ -36,6 +36,7 @@ def without_run_id(path):
     return pd.read_csv(path).drop(columns="run_id")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["bn_frozen+lwf+replay", "bn_per_task+freeze_restore"])
 def test_in_stage_evaluation_leaves_training_bit_identical(tiny_args, strategy):
     plain = run(resolve(None, {**tiny_args, "strategy": strategy, "run_id": "plain"}))
@@ -91,6 +92,7 @@ def test_the_stage1_cache_carries_its_curve_and_the_options_stay_out_of_the_sett
     assert set(ewc.stage) == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_a_cache_made_without_the_curve_is_made_again_with_it(tiny_args, tmp_path):
     from clbench.cli import main
     args = ["compare", "--strategies", "naive,ewc", "--name", "c", "--bounds", "none"]
