@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,7 @@ from clbench import ClbenchError
 from clbench.drop import DEFINITIONS, near_chance
 from clbench.figures import pyplot, save
 from clbench.reader import ComparisonData, Folder
-from clbench.report import JOINT_LABEL, SUMMARY, joint_measures, primary_metrics, run_measures
+from clbench.report import JOINT_LABEL, SUMMARY, joint_measures, primary_metrics, run_costs, run_measures, time_vs_naive
 from clbench.tasks import TaskSpec
 
 
@@ -34,7 +35,8 @@ def plot_folder(data: Folder) -> list[Path]:
         else:
             paths.append(plot_stability_plasticity(metrics, data.tasks, references, data.joint,
                                                    out / "stability_plasticity.png",
-                                                   joint_is_reference=references == data.joint_finals()))
+                                                   joint_is_reference=references == data.joint_finals(),
+                                                   cost=strategy_time_vs_naive(data)))
     return paths
 
 
@@ -69,17 +71,21 @@ MARKERS = ("o", "s", "^", "D", "v")
 
 
 def plot_stability_plasticity(rows: pd.DataFrame, tasks: list[TaskSpec], references: dict[int, dict[str, float]],
-                              joint: pd.DataFrame | None, path: Path, *, joint_is_reference: bool = False) -> Path:
+                              joint: pd.DataFrame | None, path: Path, *, joint_is_reference: bool = False,
+                              cost: dict[str, float] | None = None) -> Path:
     """x = plasticity, y = forgetting F, one point per strategy (and grid setting), labelled, error bars = std
     over seeds; the Pareto front joined and ringed; the joint bound drawn as a reference line.
-    ``joint_is_reference``: plasticity is measured against the joint bound (no single-task references)."""
+    ``joint_is_reference``: plasticity is measured against the joint bound (no single-task references).
+    ``cost``: strategy -> training time against naive's; each point's area grows with it."""
     plt = pyplot()
     points = stability_points(rows, tasks, references)
     fig, ax = plt.subplots(figsize=(9.0, 4.8))
     for i, (name, p) in enumerate(points.iterrows()):  # ten colours, then the next marker: every point distinct
+        size = 6 * math.sqrt(cost[name]) if cost and not math.isnan(cost.get(name, math.nan)) else 6
         ax.errorbar(p["plasticity"], p["forgetting"], xerr=p["plasticity_std"] if p["seeds"] > 1 else None,
                     yerr=p["forgetting_std"] if p["seeds"] > 1 else None, fmt=MARKERS[(i // 10) % len(MARKERS)],
-                    color=f"C{i % 10}", capsize=3, label=name, alpha=0.9)
+                    color=f"C{i % 10}", capsize=3, markersize=size, alpha=0.9,
+                    label=f"{name} ({cost[name]:.2f}x naive's time)" if cost and name in cost else name)
         ax.annotate(name, (p["plasticity"], p["forgetting"]), xytext=(4, 4), textcoords="offset points", fontsize=7)
     front = points[points["pareto"]].sort_values("plasticity")
     ax.plot(front["plasticity"], front["forgetting"], color="black", linewidth=1, linestyle="--", zorder=0,
@@ -93,10 +99,19 @@ def plot_stability_plasticity(rows: pd.DataFrame, tasks: list[TaskSpec], referen
     reference = "joint" if joint_is_reference and references else "single-task"
     ax.set_xlabel(f"plasticity (%): own-stage metric / {reference}, mean over tasks")
     ax.set_ylabel("forgetting F (pp), lower = better")
-    ax.set_title("Stability vs plasticity, mean ± std over seeds (better: right, down)", fontsize=10)
+    ax.set_title("Stability vs plasticity, mean ± std over seeds (better: right, down)"
+                 + ("\nmarker area ∝ training time against naive's" if cost else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return save(fig, path)
+
+
+def strategy_time_vs_naive(data: ComparisonData) -> dict[str, float]:
+    """Per strategy: its training time against naive's of the same seed, mean over seeds ({} without naive)."""
+    costs = pd.DataFrame([run_costs(r.rows, r.resources) for r in data.runs if r.resources is not None])
+    if costs.empty:
+        return {}
+    return costs.assign(ratio=time_vs_naive(costs)).groupby("strategy")["ratio"].mean().dropna().to_dict()
 
 
 def plot_curves(curve: pd.DataFrame, tasks: list[TaskSpec], path: Path) -> Path:

@@ -374,9 +374,7 @@ def run_costs(rows: pd.DataFrame, resources: Resources) -> dict[str, float]:
 
 def cost_table(costs: pd.DataFrame, strategies: Sequence[str] = ()) -> pd.DataFrame:
     """The cost block: per strategy, mean ± std over seeds of ``run_costs``' figures, time paired against naive."""
-    naive = costs[costs.strategy == "naive"].set_index("seed")["train_seconds"]
-    costs = costs.assign(vs_naive=[row.train_seconds / naive[row.seed] if row.seed in naive.index and naive[row.seed]
-                                   else math.nan for row in costs.itertuples()])
+    costs = costs.assign(vs_naive=time_vs_naive(costs))
     order = [s for s in strategies if s in set(costs.strategy)] or list(dict.fromkeys(costs.strategy))
     table = []
     for strategy in order:
@@ -388,6 +386,13 @@ def cost_table(costs: pd.DataFrame, strategies: Sequence[str] = ()) -> pd.DataFr
                       "extra backward / step": cell("extra_backward", "{:.2f}"),
                       "peak memory (MB)": cell("peak_mb", "{:.0f}"), "seeds": len(runs)})
     return pd.DataFrame(table)
+
+
+def time_vs_naive(costs: pd.DataFrame) -> list[float]:
+    """Each run's training time against naive's of the same seed (NaN where there is no such naive run)."""
+    naive = costs[costs.strategy == "naive"].set_index("seed")["train_seconds"]
+    return [row.train_seconds / naive[row.seed] if row.seed in naive.index and naive[row.seed] else math.nan
+            for row in costs.itertuples()]
 
 
 def _mean_std(values: pd.Series, fmt: str) -> str:
