@@ -46,16 +46,24 @@ def held_bytes(strategy: Any, model: nn.Module) -> int:
     return total
 
 
+SAMPLE_EVERY = 50   # the strategy's bytes: at the stage's first forward pass, every 50th, and after its after_stage
+
+
 @dataclass
 class StageCost:
     """One stage's counts: optimizer steps, forward and backward passes of any UniHeadNet during training, and the
-    most bytes the strategy held at any sampled point (after each step, and after its after_stage)."""
+    most bytes the strategy held at any sampled point: the live model's first forward pass, every ``SAMPLE_EVERY``-th
+    and after the stage's after_stage (state is built in before_stage, before_epoch and after_stage; walking it at
+    every step would cost a fast GPU step a noticeable share). Nothing here touches the loop."""
 
+    strategy: Any = field(default=None, repr=False)
+    model: nn.Module | None = field(default=None, repr=False)
     steps: int = 0
     forwards: int = 0
     backwards: int = 0
     peak_state_bytes: int = 0
     counting: bool = field(default=True, repr=False)
+    _live_forwards: int = field(default=0, repr=False)
 
     def sample(self, strategy: Any, model: nn.Module) -> None:
         self.peak_state_bytes = max(self.peak_state_bytes, held_bytes(strategy, model))
@@ -81,6 +89,10 @@ class StageCost:
             if not (self.counting and isinstance(module, UniHeadNet)):
                 return
             self.forwards += 1
+            if module is self.model:
+                self._live_forwards += 1
+                if self._live_forwards % SAMPLE_EVERY == 1:
+                    self.sample(self.strategy, self.model)
             outputs = [t for t in output.values() if t.requires_grad]
             reached = [False]
 

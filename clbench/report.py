@@ -354,7 +354,8 @@ def curve_table(measures: pd.DataFrame, tasks: Sequence[TaskSpec], strategies: S
 COST_NOTE = ("Cost, mean ± std over seeds: training time against naive's of the same seed (paired; a stage taken from "
              "the stage-1 cache counts at what it took to train); the most the strategy held at any point of a stage "
              "(teacher copies, Fisher and importance tensors, buffers, stored outputs: tensors it refers to, measured, "
-             "not declared); forward and backward passes of any copy of the network per optimizer step beyond the "
+             "not declared; sampled at a stage's first forward pass, every 50th and after after_stage); forward and "
+             "backward passes of any copy of the network per optimizer step beyond the "
              "task's own one (counted at the module); the cell's own peak memory (RSS, or CUDA max allocated).")
 
 

@@ -109,17 +109,20 @@ class InStage:
     def __init__(self, setup: Setup, recorder: Recorder, trackers: Trackers, stage: int, offset: int) -> None:
         self.setup, self.recorder, self.trackers, self.stage, self.offset = setup, recorder, trackers, stage, offset
         self.seconds = 0.0
-        self.cost = StageCost()   # steps, passes and the strategy's bytes, sampled after every step
+        self.cost = StageCost()   # run_stage gives it the stage's own, so in-stage evaluation is not counted
 
     @property
     def curve_settings(self) -> list[int]:
         """What a stage-1 cache's curve was made with ([] without a curve)."""
         return [self.setup.config.eval_every, self.setup.config.probe] if self.setup.probes else []
 
+    @property
+    def active(self) -> bool:
+        """Whether the loop needs to call it at all (the loop computes the step's values only for a callback)."""
+        return self.trackers.active or bool(self.setup.probes)
+
     def __call__(self, step: int, values: dict[str, float]) -> None:
         global_step = self.offset + step
-        self.cost.steps = step
-        self.cost.sample(self.setup.strategy, self.setup.model)
         self.trackers.scalars(values, global_step)
         if self.setup.probes and due(step, self.setup.config.eval_every):
             start = time.perf_counter()
@@ -144,13 +147,17 @@ def run_stage(recorder: Recorder, ctx: StageContext, strategy: Strategy, setting
               cache: Path | None, in_stage: InStage | None = None) -> None:
     """Train (or restore from the stage-1 cache, with its curve), then the strategy's after_stage; records the
     training time (in-stage evaluation apart) and the parameters."""
-    curve, cost = 0.0, in_stage.cost if in_stage else StageCost()
+    curve, cost = 0.0, StageCost(strategy, ctx.model)
+    if in_stage:
+        in_stage.cost = cost
     if cache is not None and cache.exists():
         seconds, saved = 0.0, restore_stage1(cache, ctx, recorder)
     else:
         start = time.perf_counter()
         with cost.counted():
-            train_stage(ctx, strategy, settings, progress=progress, on_step=in_stage)
+            train_stage(ctx, strategy, settings, progress=progress,
+                        on_step=in_stage if in_stage and in_stage.active else None)
+        cost.steps = settings.epochs * len(ctx.train_loader)
         curve = in_stage.seconds if in_stage else 0.0
         seconds, saved = time.perf_counter() - start - curve, 0.0
         if cache is not None:
