@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clbench import ClbenchError
 
-from .coco import coco_problems, read_json
+from .coco import COCO_CATEGORIES, coco_problems, read_json
 from .layouts import SPLITS, TASK_DIRS, ClsSplit, DetSplit, Found, SegSplit, find_tasks
 from .prepare import DEFAULT_COCO_CLASSES, Writer, sha256_bytes
 from .sources import file_digest
@@ -112,9 +112,8 @@ def read_det(found: Found, problems: Problems) -> tuple[dict[str, list[Item]], d
 
 
 def coco_name_table() -> dict[str, int]:
-    """COCO's 80 category names → their original ids (torchvision ships the table)."""
-    from torchvision.models._meta import _COCO_CATEGORIES
-    return {name: i for i, name in enumerate(_COCO_CATEGORIES) if name not in ("__background__", "N/A")}
+    """COCO's 80 category names → their original ids."""
+    return {name: i for i, name in COCO_CATEGORIES.items()}
 
 
 def reconcile(names: dict[str, dict[int, str]]) -> tuple[dict[str, int], str]:
