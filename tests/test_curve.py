@@ -66,6 +66,7 @@ def test_the_last_point_of_a_stage_is_its_stage_end_row(tiny_args):
             assert point.value == row.value.item(), (stage, task)
 
 
+@pytest.mark.slow
 def test_a_resumed_runs_curve_equals_an_uninterrupted_ones(tiny_args, tmp_path):
     from clbench.cli import main
     run_dir = run(resolve(None, {**tiny_args, "strategy": "lwf", "run_id": "r", "eval_every": "2", "probe": "4"}))
@@ -129,6 +130,7 @@ def test_the_curve_measures_against_a_hand_computation():
     assert min_acc(curve, trained, {"seg": 0.5})["seg"] == pytest.approx(40.0)        # normalised as ACC
 
 
+@pytest.mark.slow
 def test_the_curve_reaches_the_summary_the_table_and_the_plot(tiny_args, capsys):
     from clbench.cli import main
     assert main(["compare", "--strategies", "naive,lwf", "--name", "k", *flags(tiny_args, bounds="none",
