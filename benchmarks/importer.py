@@ -25,7 +25,6 @@ from clbench import ClbenchError
 from .coco import COCO_CATEGORIES, coco_problems, read_json
 from .layouts import SPLITS, TASK_DIRS, ClsSplit, DetSplit, Found, SegSplit, find_tasks
 from .prepare import DEFAULT_COCO_CLASSES, Writer, sha256_bytes
-from .sources import file_digest
 from .verify import find_leaks
 from .voc import VOC_CLASSES, colours_to_indices, voc_palette
 
@@ -68,10 +67,10 @@ class Problems:
 def decode(path: Path, problems: Problems) -> tuple[str, tuple[int, int]] | None:
     """(sha256 of the file, (width, height)) of a readable image; None (and a problem) otherwise."""
     try:
-        digest = file_digest(path)
-        with Image.open(path) as img:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return digest, img.size
+            return sha256_bytes(data), img.size
     except FileNotFoundError:
         problems.add(f"{path}: image file not found")
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:

@@ -65,12 +65,9 @@ class StageCost:
     counting: bool = field(default=True, repr=False)
     _live_forwards: int = field(default=0, repr=False)
 
-    def sample(self, strategy: Any, model: nn.Module) -> None:
-        self.peak_state_bytes = max(self.peak_state_bytes, held_bytes(strategy, model))
-
-    def per_step(self) -> dict[str, float]:
-        steps = max(self.steps, 1)
-        return {"extra_forward_per_step": self.forwards / steps - 1, "extra_backward_per_step": self.backwards / steps - 1}
+    def sample(self) -> None:
+        """The strategy's bytes now, kept if they are the most so far."""
+        self.peak_state_bytes = max(self.peak_state_bytes, held_bytes(self.strategy, self.model))
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -92,7 +89,7 @@ class StageCost:
             if module is self.model:
                 self._live_forwards += 1
                 if self._live_forwards % SAMPLE_EVERY == 1:
-                    self.sample(self.strategy, self.model)
+                    self.sample()
             outputs = [t for t in output.values() if t.requires_grad]
             reached = [False]
 

@@ -1,6 +1,6 @@
-"""Evaluation inside a stage (``--eval-every K``, ``--probe N``): when it is due, which test images it uses, and the
-guarantee that it leaves training untouched. The evaluation itself is ``clbench.evaluate.evaluate_task``, the
-same code the stage-end rows come from (``clbench.stage`` calls it).
+"""Evaluation inside a stage (``--eval-every K``, ``--probe N``): when it is due and which test images it uses (the
+guarantee that it leaves training untouched is ``clbench.runtime.untouched``). The evaluation itself is
+``clbench.evaluate.evaluate_task``, the same code the stage-end rows come from (``clbench.stage`` calls it).
 
 Schedule: every step for the first K optimizer steps of a stage, then every K-th step. The first steps of a stage are
 where forgetting collapses and often recovers (the stability gap, De Lange et al., ICLR 2023); a uniform K would see
@@ -9,13 +9,9 @@ at most one point there, and evaluating every step throughout would cost more th
 
 from __future__ import annotations
 
-import contextlib
-import random
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
 PROBE_SEED = 0   # one probe for every strategy, seed and point: the same images everywhere
 
@@ -36,22 +32,3 @@ def probe_ground_truth(coco: dict[str, Any], image_ids: set[int]) -> dict[str, A
     """A COCO ground truth cut to the probe's images (their annotations, every category)."""
     return {**coco, "images": [img for img in coco["images"] if img["id"] in image_ids],
             "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids]}
-
-
-@contextlib.contextmanager
-def untouched(model: nn.Module) -> Iterator[None]:
-    """Whatever runs inside leaves training as it was: every module's train/eval mode (a strategy's eval-mode
-    BatchNorm included) and the Python, NumPy, torch and CUDA random states."""
-    modes = [(module, module.training) for module in model.modules()]
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-              torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if states[3] is not None:
-            torch.cuda.set_rng_state_all(states[3])

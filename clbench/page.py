@@ -25,13 +25,13 @@ from clbench.report import (
     COST_NOTE,
     CURVE_NOTE,
     bn_attribution,
+    cost_frame,
     cost_table,
     curve_measures,
     curve_table,
     definitions_table,
     primary_metrics,
     resource_line,
-    run_costs,
     run_measures,
     run_table,
 )
@@ -98,7 +98,7 @@ def comparison_page(data: ComparisonData) -> tuple[str, str]:
     parts.append(_folded("Each definition's table: mean ± std over seeds, Δ naive, pass/fail, notes",
                          _definition_tables(data)))
     parts.append(_curve_section(data))
-    cost = pd.DataFrame([run_costs(r.rows, r.resources) for r in data.runs if r.resources is not None])
+    cost = cost_frame(data.runs)
     if not cost.empty:
         parts.append("<h2>Cost</h2>" + _table(cost_table(cost, order)) + f"<p class=\"note\">{_e(COST_NOTE)}</p>")
     parts.append("<h2>More plots</h2>" + "".join(_image(p) for p in plots))

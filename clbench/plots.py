@@ -11,7 +11,7 @@ from clbench import ClbenchError
 from clbench.drop import DEFINITIONS, near_chance
 from clbench.figures import pyplot, save
 from clbench.reader import ComparisonData, Folder
-from clbench.report import JOINT_LABEL, SUMMARY, joint_measures, primary_metrics, run_costs, run_measures, time_vs_naive
+from clbench.report import JOINT_LABEL, SUMMARY, cost_frame, joint_measures, primary_metrics, run_measures, time_vs_naive
 from clbench.tasks import TaskSpec
 
 
@@ -108,7 +108,7 @@ def plot_stability_plasticity(rows: pd.DataFrame, tasks: list[TaskSpec], referen
 
 def strategy_time_vs_naive(data: ComparisonData) -> dict[str, float]:
     """Per strategy: its training time against naive's of the same seed, mean over seeds ({} without naive)."""
-    costs = pd.DataFrame([run_costs(r.rows, r.resources) for r in data.runs if r.resources is not None])
+    costs = cost_frame(data.runs)
     if costs.empty:
         return {}
     return costs.assign(ratio=time_vs_naive(costs)).groupby("strategy")["ratio"].mean().dropna().to_dict()

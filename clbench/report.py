@@ -4,7 +4,7 @@ strategies × tasks summary. Every column's meaning comes from ``clbench.drop.DE
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -371,6 +371,11 @@ def run_costs(rows: pd.DataFrame, resources: Resources) -> dict[str, float]:
             "extra_forward": sum(s.forwards for s in trained) / steps - 1 if steps else math.nan,
             "extra_backward": sum(s.backwards for s in trained) / steps - 1 if steps else math.nan,
             "peak_mb": memory.get("cuda_max_allocated_mb", memory.get("process_peak_rss_mb", math.nan))}
+
+
+def cost_frame(runs: Sequence[Any]) -> pd.DataFrame:
+    """``run_costs`` of every run (a ``clbench.reader.RunData``) that wrote resources.json."""
+    return pd.DataFrame([run_costs(r.rows, r.resources) for r in runs if r.resources is not None])
 
 
 def cost_table(costs: pd.DataFrame, strategies: Sequence[str] = ()) -> pd.DataFrame:

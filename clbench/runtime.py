@@ -3,6 +3,7 @@ loaders, the network, and a Session that carries what is worth computing once pe
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -11,10 +12,11 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from clbench import ClbenchError
@@ -83,6 +85,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Whatever runs inside (in-stage evaluation) leaves training as it was: every module's train/eval mode (a
+    strategy's eval-mode BatchNorm included) and the random states ``rng_state`` covers."""
+    modes, state = [(module, module.training) for module in model.modules()], rng_state()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        set_rng_state(state)
 
 
 def _seed_worker(worker_id: int) -> None:

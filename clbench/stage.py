@@ -17,7 +17,7 @@ from clbench.bn_audit import BatchNormAudit
 from clbench.build import Probe, Setup, model_config, open_run, reopen_run, synthetic_settings
 from clbench.config import RunConfig
 from clbench.costs import StageCost
-from clbench.curve import due, untouched
+from clbench.curve import due
 from clbench.evaluate import TaskEval, evaluate_task
 from clbench.freezing import batchnorm_state
 from clbench.loop import StageSettings, task_loss, train_stage
@@ -29,6 +29,7 @@ from clbench.runtime import (
     loader,
     rng_state,
     set_rng_state,
+    untouched,
 )
 from clbench.strategy import StageContext, Strategy
 from clbench.trackers import TrackedRun, Trackers
@@ -163,7 +164,7 @@ def run_stage(recorder: Recorder, ctx: StageContext, strategy: Strategy, setting
         if cache is not None:
             save_stage1(cache, ctx, seconds, recorder.pending_curve(), in_stage.curve_settings if in_stage else [])
     strategy.after_stage(ctx)
-    cost.sample(strategy, ctx.model)   # what after_stage computed (a Fisher, a buffer) counts too
+    cost.sample()   # what after_stage computed (a Fisher, a buffer) counts too
     recorder.resources.stages[ctx.stage] = StageResources(
         ctx.task.name, seconds, saved, curve_seconds=curve, parameters=ctx.model.parameter_counts(),
         steps=cost.steps, forwards=cost.forwards, backwards=cost.backwards, strategy_bytes=cost.peak_state_bytes)

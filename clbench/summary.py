@@ -17,10 +17,10 @@ from clbench.report import (
     SUMMARY,
     aggregate,
     comparison_table,
+    cost_frame,
     cost_table,
     curve_text,
     render,
-    run_costs,
     run_measures,
 )
 from clbench.results import atomic_write, to_json
@@ -124,7 +124,7 @@ def write_summary(data: ComparisonData, definition: str = "drop", threshold: flo
 def cost_text(data: Folder) -> str:
     """The cost block in Markdown and its note ("" when no run wrote resources.json)."""
     runs = data.runs if isinstance(data, ComparisonData) else [data]
-    costs = pd.DataFrame([run_costs(r.rows, r.resources) for r in runs if r.resources is not None])
+    costs = cost_frame(runs)
     if costs.empty:
         return ""
     return render(cost_table(costs, getattr(data, "order", ())), "md") + "\n\n" + COST_NOTE
