@@ -180,6 +180,13 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def box_sizes(self) -> torch.Tensor:
+        """(N, 2) every training box's (w, h) as fractions of its image's width and height: the shape it has in the
+        square network input (``clbench.anchors``), read from the annotations without decoding an image."""
+        sizes = [(a["bbox"][2] / img["width"], a["bbox"][3] / img["height"])
+                 for img in self.images for a in self._anns[img["id"]]]
+        return torch.tensor(sizes, dtype=torch.float64).reshape(-1, 2)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         info = self.images[index]
         image = read_image(self.images_dir / info["file_name"])

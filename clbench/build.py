@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from clbench import ClbenchError
 from clbench.accel import Precision, compile_model, precision, set_determinism
+from clbench.anchors import KMEANS, fit_anchors, format_anchors, given_anchors
 from clbench.benchmarks import TaskData, load_tasks, task_folder
 from clbench.benchmarks.stream import build_stream
 from clbench.bn_audit import BatchNormAudit
@@ -107,9 +108,10 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     tasks = load_tasks(root, config.stream(), image_size=config.image_size, augment=config.augment,
                        normalization=norm.normalization)
     strategy, options = create(config.strategy, config.set)
-    # config.yaml records every resolved hyperparameter, and the weights' mean/std as values (timm may change them)
+    # config.yaml records every resolved hyperparameter, the weights' mean/std as values (timm may change them) and
+    # fitted anchors as values
     config = dataclasses.replace(config, set=options, normalize=norm.as_setting() if config.pretrained or
-                                 config.pretrained_file else config.normalize)
+                                 config.pretrained_file else config.normalize, anchors=resolved_anchors(config, tasks))
     model = build_model(model_config(config), [t.spec for t in tasks], device, pretrained=config.pretrained,
                         pretrained_file=config.pretrained_file, channels_last=config.channels_last)
     if config.compile:
@@ -151,7 +153,16 @@ def probe(task: TaskData, test: Any, size: int, device: torch.device) -> Probe:
 def model_config(config: RunConfig) -> ModelConfig:
     return ModelConfig(backbone=config.backbone, head_channels=config.head_channels, head_stride=config.head_stride,
                        image_size=config.image_size, order=config.order,
-                       normalization=input_normalization(config).normalization)
+                       normalization=input_normalization(config).normalization, anchors=given_anchors(config.anchors))
+
+
+def resolved_anchors(config: RunConfig, tasks: list[TaskData]) -> str:
+    """``config.anchors``, with ``kmeans`` fitted to every detection task's training boxes (the default anchors
+    when the run has no detection task)."""
+    if config.anchors != KMEANS:
+        return config.anchors
+    sizes = [t.train.box_sizes() for t in tasks if t.spec.kind == "det"]
+    return format_anchors(fit_anchors(torch.cat(sizes))) if sizes else "default"
 
 
 def input_normalization(config: RunConfig) -> ResolvedNormalization:

@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from clbench import ClbenchError, did_you_mean
+from clbench.anchors import parse_anchors
+from clbench.losses import ASSIGNMENTS
 from clbench.pretrained import PACKAGED, parse_normalize
 
 KINDS = ("seg", "det", "cls")
@@ -134,6 +136,14 @@ def at_least(cast: Callable[[Any], Any], low: float, *, strict: bool = False) ->
                              f"expected a number {'>' if strict else '>='} {low:g}")
         return out
     return parse
+
+
+def _fraction(value: Any) -> float:
+    """A fraction in [0, 1)."""
+    out = finite_float(value)
+    if not 0 <= out < 1:
+        raise ValueError("expected a fraction in [0, 1)")
+    return out
 
 
 def _positive(cast: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -254,6 +264,11 @@ class RunConfig:
     augment: dict[str, bool] = field(default_factory=dict,
                                      metadata={"parse": _per_task(parse_bool), "help": "training augmentation per task: "
                                                "random resized crop, flip, colour jitter (true|false|seg=true,...)"})
+    schedule: str = field(default="constant", metadata={"parse": _choice("constant", "cosine"), "help": (
+        "the learning rate over each stage's optimizer steps (after the warm-up): constant, or cosine = half a cosine "
+        "down towards 0; the joint bound follows it over its own steps")})
+    warmup: float = field(default=0.0, metadata={"parse": _fraction, "help": (
+        "linear learning-rate warm-up over this fraction of each stage's optimizer steps, e.g. 0.05 (0: none)")})
     weight_decay: float = field(default=1e-4, metadata={"parse": at_least(finite_float, 0), "help": "AdamW weight decay"})
     grad_clip: float = field(default=10.0, metadata={"parse": _positive(finite_float), "help": "max gradient norm"})
     image_size: int = field(default=128, metadata={"parse": at_least(whole_number, 32),
@@ -268,6 +283,12 @@ class RunConfig:
     normalize: str = field(default="auto", metadata={"parse": parse_normalize, "help": (
         "input mean/std: auto (the pretrained weights' own, from timm's pretrained_cfg; ImageNet's without "
         "weights), imagenet, inception (0.5/0.5) or M,M,M/S,S,S; config.yaml records the values used")})
+    anchors: str = field(default="default", metadata={"parse": parse_anchors, "help": (
+        "detection anchors as (w, h) fractions of the input side: default, kmeans (fitted to the detection tasks' "
+        "training boxes, YOLOv2's IoU k-means; config.yaml and the checkpoint keep the fitted values) or W,H;W,H;W,H")})
+    assign: str = field(default="centre", metadata={"parse": _choice(*ASSIGNMENTS), "help": (
+        "detection's target assignment: centre = one prediction per box (its centre's cell, best-matching anchor); "
+        "yolov5 = every anchor within 4x of the box's sides, in the centre's cell and its two nearest neighbours")})
     head_channels: int = field(default=96, metadata={"parse": _positive(whole_number), "help": "width of the neck and head"})
     head_stride: int = field(default=8, metadata={"parse": lambda v: int(_choice("8", "16")(str(whole_number(v)))),
                                                   "help": "output stride of the head: 8 or 16"})

@@ -25,7 +25,7 @@ import torch
 
 from clbench.build import Setup, model_config, prepare, synthetic_settings
 from clbench.config import RunConfig
-from clbench.loop import OnStep, optimizer_step, task_loss
+from clbench.loop import OnStep, optimizer_step, scheduler, task_loss
 from clbench.recorder import Recorder, StageResources
 from clbench.results import atomic_write, to_json
 from clbench.runtime import Session
@@ -119,6 +119,7 @@ def train_joint(setup: Setup, datasets: list[Any], images: list[int], steps: int
     config, model, specs = setup.config, setup.model, setup.specs
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=config.weight_decay)
+    schedule = scheduler(optimizer, steps, config.schedule, config.warmup)
     scaler = setup.precision.scaler()
     orders = [shuffled(len(d), config.seed + 1000 * stage) for stage, d in enumerate(datasets, start=1)]
     size, losses = (config.image_size,) * 2, []
@@ -134,10 +135,12 @@ def train_joint(setup: Setup, datasets: list[Any], images: list[int], steps: int
             outputs, start, own = model(batch_images), 0, {}
             for task, task_images, targets in parts:
                 end = start + len(task_images)
-                own[task.name] = task_loss(model, task, {k: v[start:end] for k, v in outputs.items()}, targets, size)
+                own[task.name] = task_loss(model, task, {k: v[start:end] for k, v in outputs.items()}, targets, size,
+                                           config.assign)
                 start = end
             loss = sum(own.values())
         losses.append(optimizer_step(loss, params, optimizer, scaler, config.grad_clip, f"joint, step {step + 1}")[0])
+        schedule.step()
         if on_step:
             on_step(step + 1, {"train/loss": losses[-1], **{f"train/loss_{t}": v.item() for t, v in own.items()}})
     return losses

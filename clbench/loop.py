@@ -24,6 +24,28 @@ class StageSettings:
     weight_decay: float
     grad_clip: float
     precision: Precision            # --amp on the stage's device (``clbench.accel.precision``)
+    schedule: str = "constant"      # the learning rate over the stage's steps: constant or cosine (to 0)
+    warmup: float = 0.0             # linear warm-up over this fraction of the stage's steps
+    assign: str = "centre"          # detection's target assignment (``clbench.losses.assign_targets``)
+
+
+def lr_factor(step: int, steps: int, schedule: str, warmup: float) -> float:
+    """The learning rate's factor at optimizer step ``step`` (0-based) of ``steps``: a linear warm-up over the first
+    ``ceil(warmup * steps)`` steps ((step + 1) / W, so step 0 already moves), then 1 (constant) or half a cosine from 1
+    to 0 over the remaining steps (cosine: the last step's factor is 0.5 · (1 + cos(π (R−1)/R)), never exactly 0)."""
+    warm = math.ceil(warmup * steps)
+    if step < warm:
+        return (step + 1) / warm
+    if schedule == "constant":
+        return 1.0
+    rest = max(steps - warm, 1)
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / rest))
+
+
+def scheduler(optimizer: torch.optim.Optimizer, steps: int, schedule: str,
+              warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr_factor`` as a LambdaLR, stepped once after every optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, schedule, warmup))
 
 
 class NonFiniteLoss(ClbenchError):
@@ -31,12 +53,12 @@ class NonFiniteLoss(ClbenchError):
 
 
 def task_loss(model: torch.nn.Module, task: TaskSpec, outputs: dict[str, torch.Tensor], targets: Any,
-              input_hw: tuple[int, int]) -> torch.Tensor:
-    """The task's own loss on the model's outputs for it."""
+              input_hw: tuple[int, int], assign: str = "centre") -> torch.Tensor:
+    """The task's own loss on the model's outputs for it (``assign``: detection's target assignment)."""
     out = outputs[task.name]
     if task.kind == "det":
         anchors_px = model.anchors * out.new_tensor([input_hw[1], input_hw[0]])
-        return det_loss(out.float(), targets, anchors_px, model.head_stride)
+        return det_loss(out.float(), targets, anchors_px, model.head_stride, assign)
     if task.kind == "seg":
         return seg_loss(out.float(), targets)
     return cls_loss(out.float(), targets)
@@ -55,6 +77,7 @@ def train_stage(ctx: StageContext, strategy: Strategy, settings: StageSettings, 
     if not params:
         raise ClbenchError(f"stage {ctx.stage} ({ctx.task.name}): strategy {strategy.name!r} left no trainable parameter")
     optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = scheduler(optimizer, settings.epochs * len(ctx.train_loader), settings.schedule, settings.warmup)
     scaler = settings.precision.scaler()
     losses = []
     for epoch in range(settings.epochs):
@@ -64,14 +87,17 @@ def train_stage(ctx: StageContext, strategy: Strategy, settings: StageSettings, 
                        leave=False, disable=not progress, dynamic_ncols=True)
         offset = epoch * len(ctx.train_loader)
         epoch_step = (lambda i, values, o=offset: on_step(o + i, values)) if on_step else None
-        losses.append(train_epoch(ctx, strategy, batches, params, optimizer, scaler, settings, epoch, epoch_step))
+        losses.append(train_epoch(ctx, strategy, batches, params, optimizer, scaler, settings, epoch, epoch_step,
+                                  schedule))
     return losses
 
 
 def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, params: dict[str, torch.nn.Parameter],
                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, settings: StageSettings,
-                epoch: int, on_step: OnStep | None = None) -> float:
-    """One pass over ``batches`` of (images, targets, task labels); returns the mean loss."""
+                epoch: int, on_step: OnStep | None = None,
+                schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+    """One pass over ``batches`` of (images, targets, task labels); returns the mean loss. ``schedule`` steps after
+    every optimizer step (also one the fp16 GradScaler skipped: the schedule follows the step count)."""
     total, steps = 0.0, 0
     for step, (images, targets, _) in enumerate(batches):
         images, targets = to_device(images, ctx.device), to_device(targets, ctx.device)
@@ -86,6 +112,8 @@ def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, params
                                         lambda grads: strategy.after_backward(ctx, grads))
         if stepped:  # a step the GradScaler skipped (fp16 gradients overflowed) is not a step
             strategy.after_step(ctx)
+        if schedule is not None:
+            schedule.step()
         total, steps = total + value, steps + 1
         if on_step:
             on_step(step + 1, {"train/loss": value, f"train/loss_{ctx.task.name}": own.item(),

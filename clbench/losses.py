@@ -11,11 +11,18 @@ from clbench.decode import decode_boxes
 DET_WEIGHTS = {"box": 2.0, "obj": 1.0, "cls": 1.0}
 
 
-def assign_targets(targets: list[dict[str, torch.Tensor]], anchors_px: torch.Tensor, stride: int,
-                   grid: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    """Each box goes to the cell holding its centre and the anchor whose shape best matches it (wh-IoU).
+ASSIGNMENTS = ("centre", "yolov5")
+ANCHOR_RATIO = 4.0   # yolov5: an anchor takes a box whose sides are within this factor of its own (YOLOv5's anchor_t)
 
-    Returns (image index, anchor index, gy, gx, box xyxy, label) for every assigned box.
+
+def assign_targets(targets: list[dict[str, torch.Tensor]], anchors_px: torch.Tensor, stride: int,
+                   grid: tuple[int, int], assign: str = "centre") -> tuple[torch.Tensor, ...]:
+    """Which predictions learn which box. ``centre``: the cell holding the box's centre, with the anchor whose shape
+    best matches it (wh-IoU): one prediction per box. ``yolov5`` (YOLOv5's build_targets): every anchor whose sides
+    are within ``ANCHOR_RATIO`` of the box's (the best one when none is), in the centre's cell and in the two
+    neighbouring cells nearest the centre (the decode reaches 0.5 cell beyond its own): up to 3 × A per box.
+
+    Returns (image index, anchor index, gy, gx, box xyxy, label) for every assigned (box, prediction) pair.
     """
     rows = []
     for i, target in enumerate(targets):
@@ -25,10 +32,27 @@ def assign_targets(targets: list[dict[str, torch.Tensor]], anchors_px: torch.Ten
         cxcywh = box_convert(boxes, "xyxy", "cxcywh")
         wh = cxcywh[:, None, 2:]
         inter = torch.minimum(wh, anchors_px[None]).prod(-1)
-        anchor = (inter / (wh.prod(-1) + anchors_px.prod(-1)[None] - inter)).argmax(1)
-        gx = (cxcywh[:, 0] / stride).long().clamp(0, grid[1] - 1)
-        gy = (cxcywh[:, 1] / stride).long().clamp(0, grid[0] - 1)
-        rows.append((torch.full_like(anchor, i), anchor, gy, gx, boxes, target["labels"]))
+        best = (inter / (wh.prod(-1) + anchors_px.prod(-1)[None] - inter)).argmax(1)
+        centre = cxcywh[:, :2] / stride
+        box_index, anchor = torch.arange(len(boxes), device=boxes.device), best
+        if assign == "yolov5":
+            ratio = torch.maximum(wh / anchors_px[None], anchors_px[None] / wh).amax(-1)   # (boxes, anchors)
+            fits = (ratio < ANCHOR_RATIO) | F.one_hot(best, len(anchors_px)).bool()
+            box_index, anchor = fits.nonzero(as_tuple=True)
+        cells = [centre[box_index].floor()]
+        if assign == "yolov5":
+            frac = centre[box_index] - centre[box_index].floor()
+            for axis in (0, 1):
+                step = torch.where(frac[:, axis] < 0.5, -1.0, 1.0)
+                cell = cells[0].clone()
+                cell[:, axis] += step
+                cells.append(cell)
+        limits = centre.new_tensor([grid[1] - 1, grid[0] - 1])
+        for cell in cells:
+            inside = ((cell >= 0) & (cell <= limits)).all(1) if len(cells) > 1 else torch.ones_like(box_index, dtype=torch.bool)
+            cell = torch.minimum(cell.clamp(min=0), limits).long()
+            b, a, c = box_index[inside], anchor[inside], cell[inside]
+            rows.append((torch.full_like(a, i), a, c[:, 1], c[:, 0], boxes[b], target["labels"][b]))
     if not rows:
         empty = torch.zeros(0, dtype=torch.long, device=anchors_px.device)
         return empty, empty, empty, empty, torch.zeros(0, 4, device=anchors_px.device), empty
@@ -36,10 +60,10 @@ def assign_targets(targets: list[dict[str, torch.Tensor]], anchors_px: torch.Ten
 
 
 def det_loss(raw: torch.Tensor, targets: list[dict[str, torch.Tensor]], anchors_px: torch.Tensor,
-             stride: int) -> torch.Tensor:
+             stride: int, assign: str = "centre") -> torch.Tensor:
     """raw (B, A, H, W, 5+C); targets: boxes xyxy in input pixels, labels 0..C-1."""
     b, a, h, w, _ = raw.shape
-    img, anc, gy, gx, boxes, labels = assign_targets(targets, anchors_px, stride, (h, w))
+    img, anc, gy, gx, boxes, labels = assign_targets(targets, anchors_px, stride, (h, w), assign)
     obj_target = torch.zeros(raw.shape[:4], device=raw.device, dtype=raw.dtype)
     obj_target[img, anc, gy, gx] = 1.0
     obj_bce = F.binary_cross_entropy_with_logits(raw[..., 4], obj_target, reduction="none")

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench import ClbenchError
+from clbench.anchors import DEFAULT_ANCHORS
 from clbench.tasks import TaskSpec
 from clbench.weights import is_efficientnet_pytorch, map_by_structure, packaged_file
 
 # Fixed default anchors as (w, h) fractions of the input side, so they scale with --image-size.
 # The box decode allows 0..4x an anchor, so three anchors cover boxes from ~2% to the full image.
-DEFAULT_ANCHORS: tuple[tuple[float, float], ...] = ((0.08, 0.10), (0.22, 0.28), (0.50, 0.50))
 
 
 def conv_bn_act(cin: int, cout: int, k: int = 3) -> nn.Sequential:

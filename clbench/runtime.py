@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from clbench import ClbenchError
+from clbench.anchors import DEFAULT_ANCHORS
 from clbench.benchmarks import synthetic
 from clbench.benchmarks.layouts import TASK_DIRS
 from clbench.benchmarks.verify import verify
@@ -185,22 +186,26 @@ class ModelConfig:
     image_size: int
     order: tuple[str, ...]
     normalization: Normalization = IMAGENET   # the input's mean/std: `clbench eval` normalises the same way
+    anchors: tuple[tuple[float, float], ...] = DEFAULT_ANCHORS   # detection's, as fractions (fitted ones too)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backbone": self.backbone, "head_channels": self.head_channels, "head_stride": self.head_stride,
-                "image_size": self.image_size, "order": list(self.order), **self.normalization.to_dict()}
+                "image_size": self.image_size, "order": list(self.order), **self.normalization.to_dict(),
+                "anchors": [list(a) for a in self.anchors]}
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        """A checkpoint's model_config (without mean/std: written before 0.2, ImageNet's)."""
+        """A checkpoint's model_config (without mean/std: written before 0.2, ImageNet's; without anchors: the
+        defaults)."""
         normalization = Normalization(tuple(cfg["mean"]), tuple(cfg["std"])) if "mean" in cfg else IMAGENET
+        anchors = tuple((float(w), float(h)) for w, h in cfg["anchors"]) if "anchors" in cfg else DEFAULT_ANCHORS
         return cls(cfg["backbone"], int(cfg["head_channels"]), int(cfg["head_stride"]), int(cfg["image_size"]),
-                   tuple(cfg["order"]), normalization)
+                   tuple(cfg["order"]), normalization, anchors)
 
 
 def build_model(model_config: ModelConfig, specs: list[TaskSpec], device: torch.device, *,
                 pretrained: bool | str = False, pretrained_file: str | None = None, channels_last: bool = True) -> UniHeadNet:
     model = UniHeadNet(tasks=specs, backbone=model_config.backbone, pretrained=pretrained,
                        pretrained_file=pretrained_file, head_channels=model_config.head_channels,
-                       head_stride=model_config.head_stride).to(device)
+                       head_stride=model_config.head_stride, anchors=model_config.anchors).to(device)
     return model.to_channels_last() if channels_last else model

@@ -94,13 +94,15 @@ def stage_context(setup: Setup, stage: int, experience: Any) -> StageContext:
                               workers=config.workers, device=device)
     size = (config.image_size,) * 2
     return StageContext(model=model, stage=stage, task=task, tasks=specs, seed=config.seed, device=device,
-                        train_loader=train_loader, task_loss=lambda t, out, y: task_loss(model, t, out, y, size))
+                        train_loader=train_loader,
+                        task_loss=lambda t, out, y: task_loss(model, t, out, y, size, config.assign))
 
 
 def stage_settings(config: RunConfig, task: str, amp: Precision) -> StageSettings:
     """What the loop needs of the configuration to train ``task``'s stage."""
     return StageSettings(epochs=config.epochs[task], lr=config.lr[task], weight_decay=config.weight_decay,
-                         grad_clip=config.grad_clip, precision=amp)
+                         grad_clip=config.grad_clip, precision=amp, schedule=config.schedule, warmup=config.warmup,
+                         assign=config.assign)
 
 
 class InStage:
