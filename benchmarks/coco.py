@@ -14,7 +14,7 @@ from torchvision import tv_tensors
 
 from clbench import ClbenchError
 
-from .images import IMAGENET, Normalization, read_image, resize_transform, train_transform
+from .images import IMAGENET, Normalization, Restrictable, read_image, resize_transform, train_transform
 from .layouts import coco_split_files
 
 # COCO 2017's 80 detection categories by their original ids (the annotation files' own table).
@@ -153,11 +153,25 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-class CocoDetection(Dataset):
+def images_only(coco: dict[str, Any], image_ids: set[int]) -> dict[str, Any]:
+    """A COCO ground truth cut to some images (their annotations; every category kept)."""
+    return {**coco, "images": [img for img in coco["images"] if img["id"] in image_ids],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids]}
+
+
+class CocoDetection(Restrictable, Dataset):
     """Items: (image, {boxes xyxy in input pixels, labels 0..C-1, image_id, orig_size (h, w)}).
 
     Crowd boxes are not training targets (COCO's evaluation ignores detections matched to them).
     """
+
+    ITEM_LISTS = ("images",)
+
+    def restrict(self, indices: list[int]) -> "CocoDetection":
+        """The items ``indices``, with ``coco`` (the evaluation's ground truth) cut to their images."""
+        out = super().restrict(indices)
+        out.coco = images_only(self.coco, {img["id"] for img in out.images})
+        return out
 
     def __init__(self, task_root: Path, split: str, *, image_size: int, augment: bool = False,
                  normalization: Normalization = IMAGENET) -> None:

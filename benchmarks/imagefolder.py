@@ -13,6 +13,7 @@ from .images import (
     IMAGE_SUFFIXES,
     IMAGENET,
     Normalization,
+    Restrictable,
     check_utf8_name,
     list_images,
     read_image,
@@ -40,8 +41,10 @@ def class_folders(split_dir: Path) -> tuple[str, ...]:
     return tuple(classes)
 
 
-class ImageFolderClassification(Dataset):
+class ImageFolderClassification(Restrictable, Dataset):
     """Items: (image, class index)."""
+
+    ITEM_LISTS = ("samples",)
 
     def __init__(self, split_dir: Path, *, image_size: int, classes: tuple[str, ...], augment: bool = False,
                  normalization: Normalization = IMAGENET) -> None:

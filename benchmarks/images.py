@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,21 @@ from clbench import ClbenchError
 from clbench.pretrained import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, Normalization  # noqa: F401 (re-exported)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+class Restrictable:
+    """A task dataset whose items are lists (``ITEM_LISTS``, index-aligned) can be cut to some of them: the
+    validation split and the training images left (``clbench.benchmarks.split_validation``)."""
+
+    ITEM_LISTS: tuple[str, ...] = ()
+
+    def restrict(self, indices: list[int]) -> Any:
+        """A shallow copy holding only items ``indices`` (in that order)."""
+        out = copy.copy(self)
+        for name in self.ITEM_LISTS:
+            items = getattr(self, name)
+            setattr(out, name, [items[i] for i in indices])
+        return out
 
 
 def read_image(path: Path) -> Image.Image:

@@ -13,19 +13,24 @@ from torch.utils.data import Dataset
 from .images import collate
 
 
-def build_stream(train: Sequence[Dataset], test: Sequence[Dataset]) -> Any:
-    """A benchmark whose experience k (train and test) is task k with task label k; items are (x, y, t)."""
+def labelled(ds: Dataset, task_label: int) -> Any:
+    """``ds`` as an AvalancheDataset whose items are (x, y, task_label), with its collate function."""
     with warnings.catch_warnings():  # "no QP solver found": only GEM-style strategies would need one
         warnings.simplefilter("ignore", UserWarning)
-        from avalanche.benchmarks.scenarios import benchmark_from_datasets
-        from avalanche.benchmarks.scenarios.task_aware import with_task_labels
         from avalanche.benchmarks.utils import AvalancheDataset
         from avalanche.benchmarks.utils.data_attribute import TaskLabels
         from avalanche.benchmarks.utils.flat_data import ConstantSequence
+    return AvalancheDataset([ds], data_attributes=[TaskLabels(ConstantSequence(task_label, len(ds)))],
+                            collate_fn=collate)
 
-    def wrap(ds: Dataset, task_label: int) -> AvalancheDataset:
-        labels = TaskLabels(ConstantSequence(task_label, len(ds)))
-        return AvalancheDataset([ds], data_attributes=[labels], collate_fn=collate)
+
+def build_stream(train: Sequence[Dataset], test: Sequence[Dataset]) -> Any:
+    """A benchmark whose experience k (train and test) is task k with task label k; items are (x, y, t)."""
+    wrap = labelled
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from avalanche.benchmarks.scenarios import benchmark_from_datasets
+        from avalanche.benchmarks.scenarios.task_aware import with_task_labels
 
     return with_task_labels(benchmark_from_datasets(
         train=[wrap(ds, k) for k, ds in enumerate(train)], test=[wrap(ds, k) for k, ds in enumerate(test)]))

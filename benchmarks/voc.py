@@ -17,7 +17,7 @@ from torchvision import tv_tensors
 
 from clbench import ClbenchError
 
-from .images import IMAGENET, Normalization, list_images, read_image, resize_transform, train_transform
+from .images import IMAGENET, Normalization, Restrictable, list_images, read_image, resize_transform, train_transform
 from .layouts import voc_split_dirs
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -79,9 +79,11 @@ def read_mask(path: Path, num_classes: int, image_size: tuple[int, int]) -> np.n
     return array
 
 
-class VocSegmentation(Dataset):
+class VocSegmentation(Restrictable, Dataset):
     """Items: (image, mask). Training masks are resized (nearest) to the input; evaluation masks stay
     at the original resolution so mIoU is computed there."""
+
+    ITEM_LISTS = ("images", "masks")
 
     def __init__(self, task_root: Path, split: str, *, image_size: int, classes: tuple[str, ...], train: bool,
                  augment: bool = False, normalization: Normalization = IMAGENET) -> None:

@@ -19,10 +19,12 @@ from clbench import ClbenchError
 from clbench.accel import Precision, compile_model, precision, set_determinism
 from clbench.anchors import KMEANS, fit_anchors, format_anchors, given_anchors
 from clbench.benchmarks import TaskData, load_tasks, task_folder
-from clbench.benchmarks.stream import build_stream
+from clbench.benchmarks.coco import images_only
+from clbench.benchmarks.stream import build_stream, labelled
 from clbench.bn_audit import BatchNormAudit
+from clbench.bootstrap import Bootstrap
 from clbench.config import RunConfig, resolve
-from clbench.curve import probe_ground_truth, probe_indices
+from clbench.curve import probe_indices
 from clbench.evaluate import EVAL_BATCH, chance_level
 from clbench.memory import DecodedSet, footprint_bytes, plan
 from clbench.model import UniHeadNet
@@ -68,6 +70,11 @@ class Setup:
     normalization: ResolvedNormalization   # the input's mean/std and why (env.json)
     probes: list["Probe"] = dataclasses.field(default_factory=list)   # per task, with --eval-every
     decoded: dict[str, DecodedSet] = dataclasses.field(default_factory=dict)   # filled when a stage first needs it
+    validation_loaders: list[DataLoader | None] = dataclasses.field(default_factory=list)   # --val-fraction
+
+    @property
+    def bootstrap(self) -> Bootstrap | None:
+        return Bootstrap(self.config.bootstrap) if self.config.bootstrap else None
 
     @property
     def specs(self) -> tuple[TaskSpec, ...]:
@@ -106,7 +113,7 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     session.verify(root, config.stream())
     norm = input_normalization(config)
     tasks = load_tasks(root, config.stream(), image_size=config.image_size, augment=config.augment,
-                       normalization=norm.normalization)
+                       normalization=norm.normalization, val_fraction=config.val_fraction, val_seed=config.val_seed)
     strategy, options = create(config.strategy, config.set)
     # config.yaml records every resolved hyperparameter, the weights' mean/std as values (timm may change them) and
     # fitted anchors as values
@@ -121,13 +128,16 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     test_loaders = [loader(exp.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=config.seed, device=device,
                            workers=0 if isinstance(test, MemoryCache) else config.workers)
                     for exp, test in zip(stream.test_stream, tests)]
+    validation_loaders = [None if t.validation is None else
+                          loader(labelled(cached_in_memory(t.validation, config.image_size), k), batch_size=EVAL_BATCH,
+                                 shuffle=False, seed=config.seed, device=device, workers=0) for k, t in enumerate(tasks)]
     chance = {t.spec.name: chance_level(t.spec, test) for t, test in zip(tasks, tests)}
     probes = [probe(task, exp.dataset, config.probe, device) for task, exp in zip(tasks, stream.test_stream)] \
         if config.eval_every else []
     in_memory = plan([(t.spec.name, t.spec.kind, len(t.train)) for t in tasks], config.image_size,
                      config.train_in_memory_mb)
     return Setup(config, device, root, benchmark, tasks, strategy, model, stream, test_loaders, chance, amp,
-                 {**amp.to_dict(), **accel}, in_memory, norm, probes)
+                 {**amp.to_dict(), **accel}, in_memory, norm, probes, validation_loaders=validation_loaders)
 
 
 @dataclass(frozen=True)
@@ -145,7 +155,7 @@ def probe(task: TaskData, test: Any, size: int, device: torch.device) -> Probe:
     subset = test.subset(indices) if len(indices) < len(test) else test
     coco = task.coco_gt
     if coco is not None and len(indices) < len(test):
-        coco = probe_ground_truth(coco, {task.test.images[i]["id"] for i in indices})
+        coco = images_only(coco, {task.test.images[i]["id"] for i in indices})
     return Probe(loader(subset, batch_size=EVAL_BATCH, shuffle=False, seed=0, workers=0, device=device), coco,
                  len(indices))
 
@@ -185,10 +195,21 @@ def open_run(setup: Setup, session: Session) -> Recorder:
                        "loader_generator": "seed + 1000 * stage", "strategy": "StageContext.generator(seed, stage)"},
            "acceleration": setup.accel, "normalization": setup.normalization.to_dict(),
            **data_source(root),
-           "training_data": {name: "memory" if kept else "per-image" for name, kept in setup.in_memory.items()}}
+           "training_data": {name: "memory" if kept else "per-image" for name, kept in setup.in_memory.items()},
+           "validation": validation_record(setup),
+           "bootstrap": setup.bootstrap.to_dict() if setup.bootstrap else None}
     files = {"config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False), "env.json": to_json(env),
              "tasks.json": to_json([t.to_dict() for t in setup.specs]), "chance.json": to_json(setup.chance)}
     return Recorder.create(Path(config.out), run_id, row_base(setup), files)
+
+
+def validation_record(setup: Setup) -> dict[str, Any]:
+    """env.json's account of the validation split: how it was drawn and each task's images on either side."""
+    config = setup.config
+    return {"fraction": config.val_fraction, "seed": config.val_seed,
+            "stratified": "classification tasks, by class", "images": {
+                t.spec.name: {"train": len(t.train), "validation": 0 if t.validation is None else len(t.validation),
+                              "test": len(t.test)} for t in setup.tasks}}
 
 
 def row_base(setup: Setup) -> dict[str, Any]:

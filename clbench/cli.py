@@ -122,9 +122,11 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
                          help="reference rows trained beside the strategies: some of joint,frozen, or none (default "
                          "joint: every task trained at once, same budget; frozen: only each task's head slice trains "
                          "after stage 1)")
-    compare.add_argument("--grid", action="append", default=[], metavar="STRATEGY.PARAM=V1,V2,...",
-                         help="one cell per value (repeatable; several keys of one strategy: their cross product), "
-                         "rows labelled lwf[lam=0.1]")
+    compare.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                         help="one cell per value (repeatable; several keys: their cross product). KEY: a strategy's "
+                         "STRATEGY.PARAM (rows labelled lwf[lam=0.1]) or a run setting SETTING or SETTING.TASK, e.g. "
+                         "lr, epochs.det, warmup, image_size, schedule (every strategy's cells; rows labelled "
+                         "naive[lr=0.001]; the joint bound and the references keep the base settings)")
     compare.add_argument("--pick", default=None,
                          help="with --grid: pick each strategy's best setting by acc (highest ACC), forgetting "
                          "(lowest F) or forgetting:plasticity>=P (lowest F among settings with plasticity >= P %%); "
@@ -165,8 +167,9 @@ _threshold = _argument(at_least(finite_float, 0))
 
 def _grid(text: str) -> tuple[str, tuple[str, ...]]:
     key, sep, values = text.partition("=")
-    if not sep or "." not in key:
-        raise ClbenchError(f"--grid {text}: expected STRATEGY.PARAM=V1,V2,... e.g. lwf.lam=0.1,1,10")
+    if not sep or not key.strip():
+        raise ClbenchError(f"--grid {text}: expected STRATEGY.PARAM=V1,V2,... (e.g. lwf.lam=0.1,1,10) or a run "
+                           "setting SETTING[.TASK]=V1,V2,... (e.g. lr=1e-3,3e-4 or epochs.det=10,20)")
     return key.strip(), tuple(v.strip() for v in values.split(","))
 
 

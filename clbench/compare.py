@@ -30,7 +30,7 @@ import yaml
 from tqdm import tqdm
 
 from clbench import ClbenchError
-from clbench.config import RunConfig
+from clbench.config import FIELDS, KIND_DEFAULTS, RunConfig
 from clbench.executors import Job, RayOptions, import_ray, run_on_ray, sequential_where
 from clbench.joint import run_joint
 from clbench.plugins import create, options_for
@@ -58,12 +58,28 @@ class CompareSettings:
             raise ClbenchError(f"--bounds {unknown[0]}: expected some of {', '.join(BOUNDS)} (or none)")
         keys = [key for key, _ in self.grid]
         for key, values in self.grid:
-            if "." not in key or not values or any(not v for v in values):
-                raise ClbenchError(f"--grid {key}: expected STRATEGY.PARAM=V1,V2,... e.g. lwf.lam=0.1,1,10")
+            if not values or any(not v for v in values) or ("." not in key and not is_run_key(key)):
+                raise ClbenchError(f"--grid {key}: expected STRATEGY.PARAM=V1,V2,... (e.g. lwf.lam=0.1,1,10) or a run "
+                                   "setting SETTING[.TASK]=V1,V2,... (e.g. lr=1e-3,3e-4)")
             if keys.count(key) > 1 or len(set(values)) != len(values):
                 raise ClbenchError(f"--grid {key}: given twice, or a value repeats")
             if key in self.base.set:
                 raise ClbenchError(f"--grid {key} and --set {key}: give one or the other")
+            if is_run_key(key):
+                for value in values:
+                    with_run_setting(self.base, key, value)   # every value checked before anything trains
+
+    @property
+    def strategy_grid(self) -> dict[str, tuple[str, ...]]:
+        return {key: values for key, values in self.grid if not is_run_key(key)}
+
+    @property
+    def run_grid(self) -> list[tuple[dict[str, str], str]]:
+        """The cross product of the run-setting keys: (setting -> value, label part) per combination."""
+        keys = [key for key, _ in self.grid if is_run_key(key)]
+        values = dict(self.grid)
+        return [(dict(zip(keys, combo)), ",".join(f"{k}={v}" for k, v in zip(keys, combo)))
+                for combo in itertools.product(*(values[k] for k in keys))]
 
     def to_dict(self) -> dict[str, Any]:
         run = {k: v for k, v in self.base.without("output_only", "per_cell").items() if k != "set"}
@@ -73,6 +89,29 @@ class CompareSettings:
 
     def name(self) -> str:
         return "compare-" + hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+GRID_EXCLUDED = ("set", "tasks", "order", "data_root", "device", "strategy", "seed")
+
+
+def is_run_key(key: str) -> bool:
+    """A --grid key that names a run setting (``lr``, ``epochs.det``), not a strategy's parameter."""
+    name, _, task = key.partition(".")
+    return name in FIELDS and name not in GRID_EXCLUDED and not any(
+        FIELDS[name].metadata.get(role) for role in ("output_only", "per_cell", "strategy")) and \
+        (not task or name in KIND_DEFAULTS)
+
+
+def with_run_setting(config: RunConfig, key: str, value: str) -> RunConfig:
+    """``config`` with a run setting of --grid applied: ``lr=V`` for every task, ``lr.det=V`` for one."""
+    name, _, task = key.partition(".")
+    if task and task not in config.tasks:
+        raise ClbenchError(f"--grid {key}: unknown task {task!r}, expected one of {', '.join(config.tasks)}")
+    new = {**getattr(config, name), task: value} if task else value
+    try:
+        return dataclasses.replace(config, **{name: new})
+    except ClbenchError as exc:
+        raise ClbenchError(f"--grid {key}={value}: {str(exc).split(': ', 2)[-1]}") from None
 
 
 def stage1_key(config: RunConfig) -> str:
@@ -199,7 +238,7 @@ def cells(settings: CompareSettings) -> list[Cell]:
     """The grid's cells, seed by seed: every strategy (the frozen bound last) × its --grid settings. Cell
     folders are named after the strategy's registered name, never a path; two cells with one label are an error."""
     specs = settings.strategies + tuple(b for b in settings.bounds if b == "frozen" and b not in settings.strategies)
-    grid = dict(settings.grid)
+    grid = settings.strategy_grid
     used = {key for s in specs for key in options_for(s, {**settings.base.set, **grid})}
     unused = sorted(set(settings.base.set) - used)
     if unused:
@@ -218,8 +257,14 @@ def cells(settings: CompareSettings) -> list[Cell]:
             if named.setdefault(name, spec) != spec:
                 raise ClbenchError(f"--strategies: {named[name]!r} and {spec!r} are both named "
                                    f"{name!r}; a comparison needs distinct names")
-            for options, suffix in grid_settings(spec, name, grid):
-                config = dataclasses.replace(settings.base, strategy=spec, seed=seed,
+            for (options, suffix), (run_settings, run_suffix) in itertools.product(
+                    grid_settings(spec, name, grid), settings.run_grid):
+                suffix = "[" + ",".join(p for p in (suffix.strip("[]"), run_suffix) if p) + "]" \
+                    if suffix or run_suffix else ""
+                base = settings.base
+                for key, value in run_settings.items():
+                    base = with_run_setting(base, key, value)
+                config = dataclasses.replace(base, strategy=spec, seed=seed,
                                              set={**options_for(spec, settings.base.set), **options},
                                              label=name + suffix if suffix else None)
                 strategy = create(spec, config.set)[0]  # every value checked before anything trains

@@ -307,6 +307,15 @@ class RunConfig:
         "augmented a whole batch at a time on the device; a task's set that does not fit what is left of it is "
         "read image by image (0: always image by image)")})
     workers: int = field(default=0, metadata={"parse": at_least(whole_number, 0), "help": "DataLoader worker processes"})
+    bootstrap: int = field(default=1000, metadata={"parse": at_least(whole_number, 0), "help": (
+        "resamples of the test (and validation) images for each primary metric's 95%% interval (metrics.csv ci_low, "
+        "ci_high; bootstrap.csv the resampled values, for paired drop intervals); 0: none")})
+    val_fraction: float = field(default=0.0, metadata={"parse": _fraction, "help": (
+        "hold out this fraction of each task's training images as its validation split (classification stratified "
+        "by class), evaluated after every stage like the test set (metrics.csv's split column); grids pick on it. "
+        "0: none")})
+    val_seed: int = field(default=0, metadata={"parse": at_least(whole_number, 0), "help": (
+        "seeds which images --val-fraction holds out (with the task's name), the same for every strategy and --seed")})
     synth_train: int = field(default=160, metadata={"parse": _positive(whole_number), "help": "synthetic images per task, train"})
     synth_val: int = field(default=40, metadata={"parse": _positive(whole_number), "help": "synthetic images per task, val"})
     synth_domain: str = field(default="distinct", metadata={"parse": _choice("distinct", "shared"), "help": (

@@ -9,8 +9,6 @@ at most one point there, and evaluating every step throughout would cost more th
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 PROBE_SEED = 0   # one probe for every strategy, seed and point: the same images everywhere
@@ -26,9 +24,3 @@ def probe_indices(n: int, size: int) -> list[int]:
     if size <= 0 or size >= n:
         return list(range(n))
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(PROBE_SEED))[:size].tolist())
-
-
-def probe_ground_truth(coco: dict[str, Any], image_ids: set[int]) -> dict[str, Any]:
-    """A COCO ground truth cut to the probe's images (their annotations, every category)."""
-    return {**coco, "images": [img for img in coco["images"] if img["id"] in image_ids],
-            "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids]}

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
+
+from clbench.bootstrap import interval
 
 DEFAULT_THRESHOLD = 5.0  # DESIGN.md §4: pass/fail threshold, % for relative definitions, pp for absolute ones
 
@@ -85,9 +88,22 @@ def own_stage_values(R: pd.DataFrame, trained: dict[str, int]) -> dict[str, floa
     return {task: _get(R, s_t, task) for task, s_t in trained.items()}
 
 
-def near_chance(base: float, chance: float | None) -> bool:
-    """A base within 2x of the chance level (a drop from it says little); False when chance is unknown."""
-    return chance is not None and not math.isnan(base) and base <= 2 * chance
+def near_chance(base: float, chance: float | None, ci_low: float = math.nan) -> bool:
+    """A base a drop from says little: its 95% bootstrap interval reaches the chance level (``ci_low`` <= chance);
+    without an interval, within 2x of chance. False when chance is unknown."""
+    if chance is None or math.isnan(base):
+        return False
+    return ci_low <= chance if not math.isnan(ci_low) else base <= 2 * chance
+
+
+def change_within_noise(base: Any, final: Any) -> bool | None:
+    """Whether the paired 95% bootstrap interval of R[S,t] − R[s(t),t] includes 0: the two stages' metrics per
+    resample of the same images (``clbench.bootstrap``), differenced resample by resample. None without
+    resamples. A drop % (or any change from the own stage) has the sign of this difference, so one flag serves."""
+    if base is None or final is None or not isinstance(base, np.ndarray) or not isinstance(final, np.ndarray):
+        return None
+    low, high = interval(final - base)
+    return None if math.isnan(low) else low <= 0 <= high
 
 
 def normalised(R: pd.DataFrame, reference: dict[str, float]) -> pd.DataFrame:

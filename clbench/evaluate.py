@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
+from clbench.bootstrap import Bootstrap, CocoPieces, resampled_metric, stack_confusions
 from clbench.decode import boxes_to_original, decode_detections, seg_labels
 from clbench.freezing import swapped_state
 from clbench.metrics import chance_miou, chance_top1, coco_evaluation, confusion_matrix, iou_from_confusion, topk_correct
@@ -26,16 +28,26 @@ class TaskEval:
     metrics: dict[str, tuple[float, int]]
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)   # metric → class name → value
     detections: list[dict[str, Any]] | None = None
+    pieces: Any = None                   # per-image pieces of the primary metric (``clbench.bootstrap``)
+    resampled: np.ndarray | None = None  # the primary metric per bootstrap resample (with a ``Bootstrap``)
 
 
 @torch.inference_mode()
 def evaluate_task(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device,
-                  coco_gt: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> TaskEval:
+                  coco_gt: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None,
+                  bootstrap: Bootstrap | None = None) -> TaskEval:
     """Primary and secondary metrics of ``task``, served with ``state`` (a strategy's ``evaluation_state``)
-    loaded into the model for the duration; the model is left in eval mode."""
+    loaded into the model for the duration; the model is left in eval mode. With ``bootstrap``, the primary metric
+    per resample of the images too (``TaskEval.resampled``)."""
     model.eval()
     with swapped_state(model, state):
-        return _evaluate(model, task, batches, device, coco_gt)
+        result = _evaluate(model, task, batches, device, coco_gt)
+    if bootstrap is not None and bootstrap.resamples:
+        pieces = CocoPieces.evaluate(coco_gt, result.detections or []) if task.kind == "det" else result.pieces
+        n = result.metrics[task.metric][1]
+        result.resampled = resampled_metric(task.kind, pieces, bootstrap.counts(n))
+    result.pieces = None
+    return result
 
 
 def _evaluate(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device,
@@ -78,26 +90,30 @@ def _evaluate_det(model: nn.Module, task: TaskSpec, batches: Iterable, device: t
 
 def _evaluate_seg(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device) -> TaskEval:
     cm = torch.zeros(task.num_classes, task.num_classes, dtype=torch.long)
-    n = 0
+    per_image = []
     for images, masks, _ in batches:
         logits = model(images.to(device, non_blocking=True))[task.name].float()
         for image_logits, mask in zip(logits, masks):
             pred = seg_labels(image_logits, tuple(mask.shape)).cpu()
-            cm += confusion_matrix(pred, mask, task.num_classes)
-            n += 1
+            per_image.append(confusion_matrix(pred, mask, task.num_classes))
+            cm += per_image[-1]
+    n = len(per_image)
     miou, per_class = iou_from_confusion(cm)
     pixel_acc = float(cm.diag().sum() / cm.sum().clamp(min=1))
-    return TaskEval({"mIoU": (miou, n), "pixel_acc": (pixel_acc, n)}, {"IoU": dict(zip(task.classes, per_class))})
+    return TaskEval({"mIoU": (miou, n), "pixel_acc": (pixel_acc, n)}, {"IoU": dict(zip(task.classes, per_class))},
+                    pieces=stack_confusions(per_image))
 
 
 def _evaluate_cls(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device) -> TaskEval:
     top1 = top5 = n = 0
+    hits = []
     for images, labels, _ in batches:
         logits = model(images.to(device, non_blocking=True))[task.name].float().cpu()
+        hits += (logits.topk(1, dim=1).indices[:, 0] == labels).tolist()
         top1 += topk_correct(logits, labels, 1)
         top5 += topk_correct(logits, labels, 5)
         n += len(labels)
-    return TaskEval({"top1": (top1 / n, n), "top5": (top5 / n, n)})
+    return TaskEval({"top1": (top1 / n, n), "top5": (top5 / n, n)}, pieces=np.asarray(hits, dtype=np.float64))
 
 
 def chance_level(task: TaskSpec, dataset: Any) -> float:

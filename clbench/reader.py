@@ -10,12 +10,23 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import pandas as pd
 import yaml
 
 from clbench import ClbenchError
 from clbench.drop import DEFINITIONS
-from clbench.recorder import Resources, read_bn_drift, read_chance, read_curve, read_resources, read_rows, read_tasks
+from clbench.recorder import (
+    Resources,
+    read_bn_drift,
+    read_bootstrap,
+    read_chance,
+    read_curve,
+    read_resources,
+    read_rows,
+    read_tasks,
+)
+from clbench.results import TEST, VALIDATION
 from clbench.tasks import TaskSpec
 
 
@@ -33,14 +44,40 @@ class RunData:
     resources: Resources | None
     bn_drift: pd.DataFrame
     curve: pd.DataFrame                 # curve.csv (empty without --eval-every)
+    validation: pd.DataFrame            # metrics.csv's validation rows (empty without --val-fraction)
 
     @classmethod
     def load(cls, path: Path) -> "RunData":
         path = Path(path)
-        rows = read_rows(path)
-        return cls(path, rows, read_tasks(path, rows), read_chance(path), _yaml(path / "config.yaml", {}),
+        every = with_resamples(read_rows(path, split=None), read_bootstrap(path))
+        rows, validation = (every[every["split"] == s].reset_index(drop=True) for s in (TEST, VALIDATION))
+        tasks = read_tasks(path, rows)
+        return cls(path, rows, tasks, chance_levels(read_chance(path), rows, tasks), _yaml(path / "config.yaml", {}),
                    _json(path / "env.json", {}), read_resources(path) if (path / "resources.json").exists() else None,
-                   read_bn_drift(path), read_curve(path))
+                   read_bn_drift(path), read_curve(path), validation)
+
+
+def with_resamples(rows: pd.DataFrame, resamples: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with a ``resampled`` column: the primary metric's bootstrap values (an array) where bootstrap.csv
+    holds them, else None; the views compute paired intervals from it."""
+    keys = ["stage", "eval_task", "split", "metric"]
+    if resamples.empty:
+        return rows.assign(resampled=None)
+    values = {tuple(k): np.array(v.split(), dtype=np.float64) for *k, v in resamples[keys + ["values"]].itertuples(
+        index=False)}
+    return rows.assign(resampled=[values.get(tuple(k)) for k in rows[keys].itertuples(index=False)])
+
+
+def chance_levels(saved: dict[str, float], rows: pd.DataFrame, tasks: list[TaskSpec]) -> dict[str, float]:
+    """chance.json's levels, detection's replaced by the run's stage-0 value (the untrained network's mAP, which a
+    network that learned nothing reaches; chance.json's 0.0, "no detection", could never flag a base)."""
+    out = dict(saved)
+    for task in tasks:
+        if task.kind == "det":
+            stage0 = rows[(rows.stage == 0) & (rows.eval_task == task.name) & (rows.metric == task.metric)]
+            if not stage0.empty:
+                out[task.name] = max(float(stage0["value"].iloc[0]), saved.get(task.name, 0.0))
+    return out
 
 
 def finished_runs(folder: Path, sub: str = "runs") -> list[Path]:
@@ -63,6 +100,8 @@ class ComparisonData:
     missing: list[str]                  # cells of the grid without a finished run
     failed: list[str]                   # failed.json's lines
     rows: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
+    validation: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)   # empty without --val-fraction
+    validation_references: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> "ComparisonData":
@@ -78,7 +117,8 @@ class ComparisonData:
         joint = [read_rows(d) for d in finished_runs(path, "bounds")]
         return cls(path, settings, runs, runs[0].tasks, _references(path), pd.concat(joint, ignore_index=True)
                    if joint else None, labels, missing, _json(path / "failed.json", []),
-                   pd.concat([r.rows for r in runs], ignore_index=True))
+                   pd.concat([r.rows for r in runs], ignore_index=True),
+                   pd.concat([r.validation for r in runs], ignore_index=True), _references(path, VALIDATION))
 
     @property
     def chance(self) -> dict[str, float]:
@@ -139,11 +179,13 @@ def load(folder: Path) -> Folder:
     raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
 
 
-def _references(folder: Path) -> dict[int, dict[str, float]]:
-    """seed -> task -> the single-task reference run's final primary metric."""
+def _references(folder: Path, split: str = TEST) -> dict[int, dict[str, float]]:
+    """seed -> task -> the single-task reference run's final primary metric on ``split``."""
     out: dict[int, dict[str, float]] = {}
     for d in finished_runs(folder, "reference"):
-        rows = read_rows(d)
+        rows = read_rows(d, split)
+        if rows.empty:
+            continue
         task = read_tasks(d, rows)[0]
         final = rows[(rows.stage == rows.stage.max()) & (rows.eval_task == task.name) & (rows.metric == task.metric)]
         out.setdefault(int(rows["seed"].iloc[0]), {})[task.name] = float(final["value"].iloc[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,12 +20,16 @@ from typing import Any
 import pandas as pd
 
 from clbench import ClbenchError
+from clbench.bootstrap import interval
 from clbench.evaluate import TaskEval
 from clbench.results import (
     BN_COLUMNS,
+    BOOTSTRAP_COLUMNS,
     CURVE_COLUMNS,
     METRIC_COLUMNS,
+    OPTIONAL_METRIC_COLUMNS,
     PER_CLASS_COLUMNS,
+    TEST,
     atomic_write,
     save_checkpoint,
     to_json,
@@ -118,7 +123,9 @@ class Recorder:
         self.per_class: list[dict[str, Any]] = []   # per_class.csv
         self.bn_rows: list[dict[str, Any]] = []     # bn_drift.csv
         self.curve: list[dict[str, Any]] = []       # curve.csv (--eval-every)
-        self._pending: dict[str, list] = {"rows": [], "per_class": [], "bn_rows": [], "curve": [], "predictions": []}
+        self.bootstrap: list[dict[str, Any]] = []   # bootstrap.csv (--bootstrap)
+        self._pending: dict[str, list] = {"rows": [], "per_class": [], "bn_rows": [], "curve": [], "predictions": [],
+                                          "bootstrap": []}
         self.resources = Resources()
 
     @classmethod
@@ -147,18 +154,28 @@ class Recorder:
     def row_base(self, stage: int, stage_task: str) -> dict[str, Any]:
         return {**self.base, "stage": stage, "stage_task": stage_task}
 
-    def add_evaluation(self, stage: int, stage_task: str, task: TaskSpec, result: TaskEval) -> None:
+    def add_evaluation(self, stage: int, stage_task: str, task: TaskSpec, result: TaskEval, split: str = TEST) -> None:
+        """A task's evaluation: its metrics (on ``split``); per-class values and predictions of the test set."""
         base = {**self.row_base(stage, stage_task), "eval_task": task.name}
-        self._pending["rows"] += [{**base, "metric": metric, "value": value, "direction": task.direction, "n": n}
+        low, high = interval(result.resampled) if result.resampled is not None else (math.nan, math.nan)
+        self._pending["rows"] += [{**base, "split": split, "metric": metric, "value": value,
+                                   "direction": task.direction, "n": n, "ci_low": low if metric == task.metric else
+                                   math.nan, "ci_high": high if metric == task.metric else math.nan}
                                   for metric, (value, n) in result.metrics.items()]
+        if result.resampled is not None:
+            self._pending["bootstrap"].append({**base, "split": split, "metric": task.metric, "values": " ".join(
+                f"{v:.6g}" for v in result.resampled)})
+        if split != TEST:
+            return
         self._pending["per_class"] += [{**base, "class": name, "metric": metric, "value": value}
                                        for metric, values in result.per_class.items() for name, value in values.items()]
         if result.detections is not None:
             self._pending["predictions"].append((f"stage{stage}_{task.name}.json", json.dumps(result.detections)))
 
     def add_metric(self, stage: int, stage_task: str, task: TaskSpec, metric: str, value: float, n: int) -> None:
-        self._pending["rows"].append({**self.row_base(stage, stage_task), "eval_task": task.name, "metric": metric,
-                                      "value": value, "direction": task.direction, "n": n})
+        self._pending["rows"].append({**self.row_base(stage, stage_task), "eval_task": task.name, "split": TEST,
+                                      "metric": metric, "value": value, "direction": task.direction, "n": n,
+                                      "ci_low": math.nan, "ci_high": math.nan})
 
     def add_bn_drift(self, stage: int, stage_task: str, reference_stage: int,
                      drift: list[tuple[str, str, float]]) -> None:
@@ -186,6 +203,7 @@ class Recorder:
         self.per_class += self._pending["per_class"]
         self.bn_rows += self._pending["bn_rows"]
         self.curve += self._pending["curve"]
+        self.bootstrap += self._pending["bootstrap"]
         predictions, self._pending = self._pending["predictions"], {key: [] for key in self._pending}
         if checkpoint is not None:
             save_checkpoint(self.run_dir / "checkpoints" / f"stage{stage}.pt", {**checkpoint, "record": self.record()})
@@ -199,10 +217,13 @@ class Recorder:
         write_table(self.run_dir / "bn_drift.csv", self.bn_rows, BN_COLUMNS)
         if self.curve:
             write_table(self.run_dir / "curve.csv", self.curve, CURVE_COLUMNS)
+        if self.bootstrap:
+            write_table(self.run_dir / "bootstrap.csv", self.bootstrap, BOOTSTRAP_COLUMNS)
 
     def record(self) -> dict[str, Any]:
         """The rows and resources so far, as plain values (a checkpoint stays loadable with weights_only)."""
         return {"rows": self.rows, "per_class": self.per_class, "bn_rows": self.bn_rows, "curve": self.curve,
+                "bootstrap": self.bootstrap,
                 "stages": {k: dataclasses.asdict(s) for k, s in self.resources.stages.items()}}
 
     @classmethod
@@ -213,6 +234,7 @@ class Recorder:
         if record is not None:
             recorder.rows, recorder.per_class, recorder.bn_rows = (list(record[k]) for k in ("rows", "per_class", "bn_rows"))
             recorder.curve = list(record.get("curve", []))
+            recorder.bootstrap = list(record.get("bootstrap", []))
             recorder.resources.stages = {int(k): StageResources(**v) for k, v in record["stages"].items()}
         history = json.loads((run_dir / "resume.json").read_text()) if (run_dir / "resume.json").exists() else []
         history.append({"resumed_after_stage": from_stage, "at": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -242,13 +264,24 @@ def read_table(path: Path, columns: tuple[str, ...], numeric: tuple[str, ...], w
     return rows
 
 
-def read_rows(run_dir: Path) -> pd.DataFrame:
-    """metrics.csv of a run, checked: a file that is not a clbench metrics table, or has no rows, is an error."""
+def read_rows(run_dir: Path, split: str | None = TEST) -> pd.DataFrame:
+    """metrics.csv of a run, checked: a file that is not a clbench metrics table, or has no rows, is an error.
+    The rows of ``split`` (None: all); a file written before the split column holds test rows only."""
     path = Path(run_dir) / "metrics.csv"
-    rows = read_table(path, METRIC_COLUMNS, ("stage", "value", "seed"), "metrics table")
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+    except (FileNotFoundError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        header = METRIC_COLUMNS   # read_table says what is wrong
+    columns = tuple(c for c in METRIC_COLUMNS if c in header or c not in OPTIONAL_METRIC_COLUMNS)
+    rows = read_table(path, columns, ("stage", "value", "seed"), "metrics table")
     if rows.empty:
         raise ClbenchError(f"{path}: has no rows (the run finished no evaluation)")
-    return rows
+    if "split" not in rows.columns:
+        rows.insert(columns.index("eval_task") + 1, "split", TEST)
+    for column in ("ci_low", "ci_high"):
+        if column not in rows.columns:
+            rows[column] = math.nan
+    return rows if split is None else rows[rows["split"] == split].reset_index(drop=True)
 
 
 def read_bn_drift(run_dir: Path) -> pd.DataFrame:
@@ -257,6 +290,14 @@ def read_bn_drift(run_dir: Path) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame(columns=list(BN_COLUMNS))
     return read_table(path, BN_COLUMNS, ("stage", "reference_stage", "distance"), "BN-drift table")
+
+
+def read_bootstrap(run_dir: Path) -> pd.DataFrame:
+    """bootstrap.csv of a run (empty when it ran with --bootstrap 0 or before it existed), checked."""
+    path = Path(run_dir) / "bootstrap.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=list(BOOTSTRAP_COLUMNS))
+    return read_table(path, BOOTSTRAP_COLUMNS, ("stage",), "bootstrap table")
 
 
 def read_curve(run_dir: Path) -> pd.DataFrame:

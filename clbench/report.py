@@ -13,6 +13,7 @@ from clbench.drop import (
     DEFINITIONS,
     GAP_TOLERANCE,
     Definition,
+    change_within_noise,
     metric_matrix,
     min_acc,
     near_chance,
@@ -56,8 +57,12 @@ def stage_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str =
             row[f"Stage {s}"] = f"{R.at[s, task.name]:.3f}" if s >= s_t and s in R.index else "-"
         row["Strategy"] = str(rows["strategy"].iloc[0])
         row[d.column] = cell_text(values[task.name], d, trained_last=s_t == last)
-        if d.from_own_stage and s_t < last and near_chance(_value(R, s_t, task.name), (chance or {}).get(task.name)):
-            row[d.column] += f" ({NEAR_CHANCE})"
+        if d.from_own_stage and s_t < last:
+            evidence = own_stage_evidence(rows, tasks, task.name, trained)
+            if near_chance(_value(R, s_t, task.name), (chance or {}).get(task.name), evidence["base_ci_low"]):
+                row[d.column] += f" ({NEAR_CHANCE})"
+            if evidence["noise"]:
+                row[d.column] += f" ({WITHIN_NOISE})"
         if threshold is not None and d.thresholded:
             verdict = d.passes(values[task.name], threshold)
             row[f"Within {threshold:g}"] = "-" if verdict is None else ("pass" if verdict else "FAIL")
@@ -85,19 +90,27 @@ def run_table(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str = "
         note += f"\n{d.summary} = {d.format(measure(rows, tasks, definition)[SUMMARY])}."
     if d.normalises:
         note += "\n" + NO_REFERENCE
-    if NEAR_CHANCE in " ".join(table.astype(str).values.ravel()):
+    shown = " ".join(table.astype(str).values.ravel())
+    if NEAR_CHANCE in shown:
         note += "\n" + chance_note(chance or {})
+    if WITHIN_NOISE in shown:
+        note += "\n" + NOISE_NOTE
     return table, note + ("\n" + BN_NOTE if BN_COLUMN in table else "")
 
 
 NEAR_CHANCE = "base near chance"
+WITHIN_NOISE = "within noise"
+NOISE_NOTE = (f"{WITHIN_NOISE}: the paired 95% bootstrap interval of R[S,t] - R[s(t),t] includes 0 (the test images "
+              "resampled with replacement, the same resamples at both stages; bootstrap.csv), so the change is not "
+              "told apart from the test set's sampling noise.")
 
 
 def chance_note(chance: dict[str, float]) -> str:
     levels = ", ".join(f"{task} {value:.3f}" for task, value in chance.items())
-    return (f"{NEAR_CHANCE}: the task's metric after its own stage was at most 2x its chance level on the test set "
-            f"({levels}: top-1 of the most frequent class, mIoU of predicting the most frequent class everywhere, "
-            "mAP of no detection), so a drop from it says little.")
+    return (f"{NEAR_CHANCE}: the 95% bootstrap interval of the task's metric after its own stage reaches its chance "
+            f"level on the test set (without an interval: the metric is at most 2x chance; chance levels {levels}: "
+            "top-1 of the most frequent class, mIoU of predicting the most frequent class everywhere, mAP of the "
+            "untrained network at stage 0), so a drop from it says little.")
 
 
 def _value(R: pd.DataFrame, stage: int, task: str) -> float:
@@ -133,18 +146,41 @@ def cell_text(value: float, d: Definition, *, trained_last: bool) -> str:
     return d.format(value)
 
 
+MEASURE_COLUMNS = ["strategy", "seed", "task", "value", "base", "base_ci_low", "noise"]
+
+
 def run_measures(rows: pd.DataFrame, tasks: Sequence[TaskSpec], definition: str,
                  references: dict[int, dict[str, float]] | None = None) -> pd.DataFrame:
-    """Long table (strategy, seed, task, value, base): ``definition`` for every run in ``rows``; base = the
-    task's metric after its own stage, R[s(t),t]."""
+    """Long table (strategy, seed, task, value, base, base_ci_low, noise): ``definition`` for every run in
+    ``rows``; base = the task's metric after its own stage, R[s(t),t], with the low end of its bootstrap interval;
+    noise = whether the change from it to the last stage is within noise (``change_within_noise``; None without
+    resamples)."""
     out = []
     for (strategy, seed, _), run in rows.groupby(["strategy", "seed", "run_id"], sort=True):
         reference = (references or {}).get(int(seed))
-        bases = own_stage_values(metric_matrix(run, primary_metrics(tasks)), trained_at(run))
+        trained = trained_at(run)
+        bases = own_stage_values(metric_matrix(run, primary_metrics(tasks)), trained)
         for task, value in measure(run, tasks, definition, reference).items():
+            evidence = own_stage_evidence(run, tasks, task, trained)
             out.append({"strategy": strategy, "seed": int(seed), "task": task, "value": value,
-                        "base": bases.get(task, math.nan)})
-    return pd.DataFrame(out, columns=["strategy", "seed", "task", "value", "base"])
+                        "base": bases.get(task, math.nan), **evidence})
+    return pd.DataFrame(out, columns=MEASURE_COLUMNS)
+
+
+def own_stage_evidence(run: pd.DataFrame, tasks: Sequence[TaskSpec], task: str,
+                       trained: dict[str, int]) -> dict[str, Any]:
+    """Of one run's task: the low end of its base's 95% interval (metrics.csv ci_low) and whether its change to
+    the last stage is within noise (from the rows' ``resampled`` values, which the reader joins from
+    bootstrap.csv)."""
+    if task not in trained:
+        return {"base_ci_low": math.nan, "noise": None}
+    primary = primary_metrics(tasks).get(task)
+    rows = run[(run["eval_task"] == task) & (run["metric"] == primary)].set_index("stage")
+    s_t, last = trained[task], int(run["stage"].max())
+    low = float(rows.at[s_t, "ci_low"]) if "ci_low" in rows and s_t in rows.index else math.nan
+    resampled = rows["resampled"] if "resampled" in rows else {}
+    noise = change_within_noise(resampled.get(s_t), resampled.get(last)) if s_t < last else None
+    return {"base_ci_low": low, "noise": noise}
 
 
 def aggregate(measures: pd.DataFrame) -> pd.DataFrame:
@@ -287,8 +323,11 @@ def _table_note(d: Definition, also: Sequence[str], has_joint: bool, threshold: 
     if d.normalises or any(DEFINITIONS[name].normalises for name in also):
         note += " " + ("N = R / R_ref: normalised by each seed's single-task reference." if references
                        else NO_REFERENCE)
-    if NEAR_CHANCE in " ".join(table.astype(str).values.ravel()):
+    shown = " ".join(table.astype(str).values.ravel())
+    if NEAR_CHANCE in shown:
         note += " " + chance_note(chance or {})
+    if WITHIN_NOISE in shown:
+        note += " " + NOISE_NOTE
     return note
 
 
@@ -429,14 +468,22 @@ def _gap_cell(gaps: list) -> str:
 
 
 def chance_flag(measures: pd.DataFrame, strategy: str, task: str, d: Definition, chance: dict[str, float] | None) -> str:
-    """" (base near chance)" (or "... in k/n seeds") where a seed's base R[s(t),t] is within 2x of chance."""
-    if not d.from_own_stage or not chance or task not in chance:
+    """" (base near chance)" where a seed's base R[s(t),t] is near chance (``near_chance``), and " (within
+    noise)" where a seed's change from it is (``change_within_noise``); "... in k/n seeds" when not all are."""
+    if not d.from_own_stage:
         return ""
     cell = measures[(measures.strategy == strategy) & (measures.task == task) & measures["value"].notna()]
-    near = sum(near_chance(base, chance[task]) for base in cell["base"])
-    if not near:
+    out = ""
+    if chance and task in chance:
+        near = sum(near_chance(base, chance[task], low) for base, low in zip(cell["base"], cell["base_ci_low"]))
+        out += _flag(NEAR_CHANCE, near, len(cell))
+    return out + _flag(WITHIN_NOISE, sum(bool(n) for n in cell["noise"] if n is not None), len(cell))
+
+
+def _flag(text: str, count: int, seeds: int) -> str:
+    if not count:
         return ""
-    return f" ({NEAR_CHANCE})" if near == len(cell) else f" ({NEAR_CHANCE} in {near}/{len(cell)} seeds)"
+    return f" ({text})" if count == seeds else f" ({text} in {count}/{seeds} seeds)"
 
 
 def _stat_cell(s: pd.Series, d: Definition, trained_last: bool = True) -> str:

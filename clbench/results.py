@@ -18,8 +18,12 @@ import torch
 
 from clbench import ClbenchError
 
-METRIC_COLUMNS = ("run_id", "benchmark", "strategy", "seed", "stage", "stage_task", "eval_task", "metric", "value",
-                  "direction", "n")
+METRIC_COLUMNS = ("run_id", "benchmark", "strategy", "seed", "stage", "stage_task", "eval_task", "split", "metric",
+                  "value", "direction", "n", "ci_low", "ci_high")
+OPTIONAL_METRIC_COLUMNS = ("split", "ci_low", "ci_high")   # absent from tables written before they existed
+BOOTSTRAP_COLUMNS = ("run_id", "benchmark", "strategy", "seed", "stage", "stage_task", "eval_task", "split", "metric",
+                     "values")
+TEST, VALIDATION = "test", "validation"   # metrics.csv's split: the task's val folder, or held out of its train
 PER_CLASS_COLUMNS = ("run_id", "benchmark", "strategy", "seed", "stage", "stage_task", "eval_task", "class", "metric",
                      "value")
 BN_COLUMNS = ("run_id", "benchmark", "strategy", "seed", "stage", "stage_task", "reference_stage", "layer",

@@ -23,7 +23,7 @@ from clbench.freezing import batchnorm_state
 from clbench.loop import StageSettings, task_loss, train_stage
 from clbench.memory import MemoryLoader
 from clbench.recorder import Recorder, StageResources
-from clbench.results import save_checkpoint
+from clbench.results import TEST, VALIDATION, save_checkpoint
 from clbench.runtime import (
     Session,
     loader,
@@ -216,22 +216,32 @@ def checkpoint(setup: Setup, ctx: StageContext, audit: BatchNormAudit) -> dict[s
 
 
 def evaluate_all(recorder: Recorder, setup: Setup, *, stage: int, stage_task: str) -> dict[str, tuple[float, int]]:
-    """Every task's metrics into the recorder; returns each task's primary (value, n)."""
+    """Every task's metrics into the recorder, on its test set and (``--val-fraction``) its validation split;
+    returns each task's primary (value, n) on the test set."""
     primary = {}
     for index, task in enumerate(setup.tasks):
         result = serve(setup, index)
         recorder.add_evaluation(stage, stage_task, task.spec, result)
         primary[task.spec.name] = result.metrics[task.spec.metric]
+        if task.validation is not None:
+            recorder.add_evaluation(stage, stage_task, task.spec, serve(setup, index, split=VALIDATION), VALIDATION)
     return primary
 
 
-def serve(setup: Setup, index: int, extra: dict[str, torch.Tensor] | None = None, probe: Probe | None = None) -> TaskEval:
+def serve(setup: Setup, index: int, extra: dict[str, torch.Tensor] | None = None, probe: Probe | None = None,
+          split: str = TEST) -> TaskEval:
     """Task ``index`` evaluated as the strategy serves it (its ``evaluation_state``), ``extra`` loaded on top; on
-    its whole test set, or on ``probe``."""
+    its whole test set, its validation split, or on ``probe``."""
     task = setup.tasks[index]
     state = {**(setup.strategy.evaluation_state(setup.model, task.spec) or {}), **(extra or {})}
-    batches, coco = (probe.loader, probe.coco_gt) if probe else (setup.test_loaders[index], task.coco_gt)
-    return evaluate_task(setup.model, task.spec, batches, setup.device, coco, state)
+    if probe:
+        batches, coco = probe.loader, probe.coco_gt
+    elif split == VALIDATION:
+        batches, coco = setup.validation_loaders[index], task.validation_coco
+    else:
+        batches, coco = setup.test_loaders[index], task.coco_gt
+    bootstrap = setup.bootstrap if probe is None and extra is None else None   # intervals of the recorded values
+    return evaluate_task(setup.model, task.spec, batches, setup.device, coco, state, bootstrap)
 
 
 def evaluation_states(setup: Setup) -> dict[str, dict[str, torch.Tensor]]:

@@ -60,9 +60,9 @@ def parse_pick(text: str) -> tuple[str, float | None]:
     return match.group(1), float(match.group(2)) if match.group(2) else None
 
 
-def _summary_means(data: ComparisonData, definition: str, references: dict) -> dict[str, float]:
-    """label -> a definition's mean over tasks, averaged over seeds."""
-    stats = aggregate(run_measures(data.rows, data.tasks, definition, references))
+def _summary_means(rows: pd.DataFrame, data: ComparisonData, definition: str, references: dict) -> dict[str, float]:
+    """label -> a definition's mean over tasks, averaged over seeds, on ``rows`` (test or validation)."""
+    stats = aggregate(run_measures(rows, data.tasks, definition, references))
     return dict(zip(stats.loc[stats.task == SUMMARY, "strategy"], stats.loc[stats.task == SUMMARY, "mean"]))
 
 
@@ -76,13 +76,16 @@ def pick_settings(data: ComparisonData, pick: str = "acc") -> tuple[dict[str, st
     if not groups:
         return {}, ""
     criterion, floor = parse_pick(pick)
-    acc, forgetting = _summary_means(data, "acc", data.references), _summary_means(data, "forgetting", {})
+    on_validation = not data.validation.empty
+    rows, references = (data.validation, data.validation_references) if on_validation else (data.rows, data.references)
+    acc, forgetting = _summary_means(rows, data, "acc", references), _summary_means(rows, data, "forgetting", {})
     plasticity: dict[str, float] = {}
     if floor is not None:
-        reference = data.references or data.joint_finals()
+        reference = references or (None if on_validation else data.joint_finals())
         if not reference:
-            raise ClbenchError(f"--pick {pick}: plasticity needs the single-task references or the joint bound")
-        plasticity = _summary_means(data, "plasticity", reference)
+            raise ClbenchError(f"--pick {pick}: plasticity needs the single-task references"
+                               + ("" if on_validation else " or the joint bound"))
+        plasticity = _summary_means(rows, data, "plasticity", reference)
     picked, parts = {}, []
     for name, members in groups.items():
         allowed = [m for m in members if floor is None or plasticity.get(m, -1.0) >= floor]
@@ -95,9 +98,13 @@ def pick_settings(data: ComparisonData, pick: str = "acc") -> tuple[dict[str, st
                      + (f", plasticity {plasticity[best]:.1f}%" if floor is not None else "") + ")")
     how = {"acc": "highest ACC", "forgetting": "lowest F"}[criterion] + \
         (f" among the settings with mean plasticity >= {floor:g}%" if floor is not None else "")
-    sentence = (f"Best setting per strategy ({how}, means over seeds): {'; '.join(parts)}. Picked on the same test "
-                "sets the table reports: the mini sets have no separate validation split, so the picked settings' "
-                "figures are optimistic.")
+    split = data.env.get("validation", {})
+    where = (f"Picked on the validation split ({split.get('fraction', 0):g} of each task's training images, held out "
+             f"with --val-seed {split.get('seed', 0)}), never on the test sets the table reports." if on_validation else
+             "Picked on the same test sets the table reports (no --val-fraction, so no validation split): the picked "
+             "settings' figures are optimistic.")
+    sentence = f"Best setting per strategy ({how}, means over seeds, on {'validation' if on_validation else 'test'}): " \
+               f"{'; '.join(parts)}. {where}"
     return picked, sentence
 
 

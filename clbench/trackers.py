@@ -23,7 +23,7 @@ import yaml
 from clbench import ClbenchError
 from clbench.drop import metric_matrix
 from clbench.figures import pyplot
-from clbench.results import atomic_write, to_json
+from clbench.results import TEST, atomic_write, to_json
 from clbench.tasks import TaskSpec
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # tracker → the module it needs (extra of that name)
@@ -153,8 +153,9 @@ class Trackers:
         """Every metric of every task after ``stage`` (step = stage), and the stage × task matrix so far."""
         if not self.active:
             return
-        self.scalars({f"{r['eval_task']}/{r['metric']}": r["value"] for r in rows if r["stage"] == stage}, stage)
-        figure = matrix_figure(pd.DataFrame(rows), tasks)
+        self.scalars({f"{'' if r.get('split', TEST) == TEST else r['split'] + '/'}{r['eval_task']}/{r['metric']}":
+                      r["value"] for r in rows if r["stage"] == stage}, stage)
+        figure = matrix_figure(pd.DataFrame([r for r in rows if r.get("split", TEST) == TEST]), tasks)
         for tracker in self.trackers.values():
             tracker.figure("stage_task_matrix", figure, stage)
         pyplot().close(figure)

@@ -112,7 +112,7 @@ def test_best_setting_is_picked_by_the_stated_criterion(grid_comparison, capsys)
     acc = {v: sum(finals(grid_comparison / "runs" / f"lwf_lam={v}-seed0").values()) for v in ("0.5", "4")}
     picked = json.loads((grid_comparison / "picked.json").read_text())
     assert picked["picked"] == {"lwf": f"lwf[lam={max(acc, key=acc.get)}]"} and picked["criterion"] == "acc"
-    assert "no separate validation split" in picked["sentence"]
+    assert "on test" in picked["sentence"] and "(no --val-fraction, so no validation split)" in picked["sentence"]
     assert main(["table", str(grid_comparison), "--pick", "forgetting:plasticity>=1000"]) == 0
     assert "lwf: none (no setting reaches plasticity 1000%)" in capsys.readouterr().out
     assert main(["table", str(grid_comparison), "--pick", "best"]) == 2

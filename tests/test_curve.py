@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import flags
 
+from clbench.benchmarks.coco import images_only as probe_ground_truth
 from clbench.compare import CompareSettings, compare
 from clbench.config import resolve
-from clbench.curve import due, probe_ground_truth, probe_indices
+from clbench.curve import due, probe_indices
 from clbench.run import run
 
 

@@ -1,0 +1,193 @@
+"""Bootstrap intervals over test images: how far a metric moves when the test set is drawn again.
+
+Each resample draws the test set's N images with replacement (``resample_counts``: how often each image is drawn);
+the metric is re-accumulated from per-image pieces, never recomputed from predictions:
+
+- top-1: the images' hits (1 or 0), averaged with the counts as weights;
+- mIoU: the images' confusion matrices, summed with the counts as weights, then ``iou_from_confusion``'s rule;
+- mAP@[.5:.95]: COCO's per-image evaluation (pycocotools ``COCOeval.evaluate``: per category and image, the
+  matched, ignored and scored detections, area "all", 100 detections) re-accumulated as ``COCOeval.accumulate``
+  does, with an image drawn k times contributing its detections and ground truth k times. With every count 1
+  this is COCO's own mAP (tested against faster-coco-eval's).
+
+The same counts (one seed, one N) serve every stage of a run and every strategy on the same test set, so a drop's
+interval is *paired*: the drop computed resample by resample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+LEVEL = 0.95
+REC_THRESHOLDS = np.linspace(0.0, 1.00, 101)   # COCO's 101 recall points
+MAX_DETS = 100
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """How intervals are drawn: ``resamples`` draws of the test images, from ``seed``."""
+
+    resamples: int
+    seed: int = 0
+
+    def counts(self, n: int) -> np.ndarray:
+        return resample_counts(n, self.resamples, self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resamples": self.resamples, "seed": self.seed, "level": LEVEL,
+                "method": "percentile interval; test images drawn with replacement, metrics re-accumulated from "
+                          "per-image hits, confusion matrices and COCO per-image evaluations; drops paired"}
+
+
+def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) how often each of n images is drawn in each resample (each row sums to n)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(resamples, n))
+    counts = np.zeros((resamples, n), dtype=np.int64)
+    np.add.at(counts, (np.arange(resamples)[:, None], draws), 1)
+    return counts
+
+
+def interval(values: np.ndarray) -> tuple[float, float]:
+    """The percentile interval at ``LEVEL`` (NaN resamples left out; (nan, nan) when all are)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if not values.size:
+        return float("nan"), float("nan")
+    low, high = np.percentile(values, [50 * (1 - LEVEL), 100 - 50 * (1 - LEVEL)])
+    return float(low), float(high)
+
+
+def top1(hits: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per resample: the weighted share of hits."""
+    return counts @ np.asarray(hits, dtype=np.float64) / counts.sum(1)
+
+
+def miou(confusions: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per resample: mIoU of the summed (N, C, C) per-image confusion matrices (a class absent from ground truth
+    and prediction left out, as ``clbench.metrics.iou_from_confusion``)."""
+    total = np.einsum("bn,ncd->bcd", counts.astype(np.float64), np.asarray(confusions, dtype=np.float64))
+    inter = np.diagonal(total, axis1=1, axis2=2)
+    union = total.sum(1) + total.sum(2) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), np.nan)
+    with np.errstate(invalid="ignore"), _quiet_nanmean():
+        return np.nanmean(iou, axis=1)
+
+
+@contextlib.contextmanager
+def _quiet_nanmean():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # a resample with no class present: NaN, left out
+        yield
+
+
+@dataclass(frozen=True)
+class CocoPieces:
+    """Per category, COCO's per-image evaluation flattened: every detection (top 100 per image, by score) with its
+    image, score, match per IoU threshold and ignore flag, and per image the count of ground truth not ignored."""
+
+    categories: list[dict[str, np.ndarray]]
+    n_images: int
+
+    @classmethod
+    def evaluate(cls, gt: dict[str, Any], detections: list[dict[str, Any]]) -> "CocoPieces":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+        image_ids = sorted(img["id"] for img in gt["images"])
+        position = {image_id: i for i, image_id in enumerate(image_ids)}
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO()
+            coco_gt.dataset = gt
+            coco_gt.createIndex()
+            evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections) if detections else COCO(), iouType="bbox")
+            evaluator.params.imgIds = image_ids
+            if detections:
+                evaluator.evaluate()
+        categories = []
+        n_images, n_areas = len(image_ids), len(evaluator.params.areaRng)
+        for k, _ in enumerate(evaluator.params.catIds):
+            image, scores, matched, ignored = [], [], [], []
+            positives = np.zeros(n_images, dtype=np.int64)
+            for i in range(n_images):
+                e = evaluator.evalImgs[k * n_areas * n_images + i] if detections else None
+                if e is None:
+                    if not detections:
+                        positives[i] = _positives_without_detections(gt, evaluator.params.catIds[k], image_ids[i])
+                    continue
+                d = len(e["dtScores"][:MAX_DETS])
+                image += [position[e["image_id"]]] * d
+                scores.append(np.asarray(e["dtScores"][:MAX_DETS]))
+                matched.append(np.asarray(e["dtMatches"])[:, :MAX_DETS] != 0)
+                ignored.append(np.asarray(e["dtIgnore"])[:, :MAX_DETS].astype(bool))
+                positives[i] = int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0))
+            thresholds = len(evaluator.params.iouThrs)
+            score = np.concatenate(scores) if scores else np.zeros(0)
+            order = np.argsort(-score, kind="mergesort")
+            categories.append({
+                "image": np.asarray(image, dtype=np.int64)[order], "score": score[order],
+                "matched": (np.concatenate(matched, 1) if matched else np.zeros((thresholds, 0), bool))[:, order],
+                "ignored": (np.concatenate(ignored, 1) if ignored else np.zeros((thresholds, 0), bool))[:, order],
+                "positives": positives})
+        return cls(categories, n_images)
+
+    def map(self, counts: np.ndarray) -> np.ndarray:
+        """Per resample (a row of ``counts``): mAP@[.5:.95], COCO's accumulate + summarize on the drawn images."""
+        out = np.empty(len(counts))
+        for b, weights in enumerate(counts):
+            values = [self._precision(category, weights) for category in self.categories]
+            values = [v for v in values if v is not None]
+            stacked = np.concatenate(values) if values else np.zeros(0)
+            stacked = stacked[stacked > -1]
+            out[b] = stacked.mean() if stacked.size else np.nan
+        return out
+
+    @staticmethod
+    def _precision(category: dict[str, np.ndarray], weights: np.ndarray) -> np.ndarray | None:
+        """The category's (T x 101) interpolated precision on the drawn images, flattened; None without ground
+        truth in them (COCO's -1, left out of the mean)."""
+        positives = int(weights @ category["positives"])
+        if positives == 0:
+            return None
+        repeat = weights[category["image"]]
+        matched = np.repeat(category["matched"], repeat, axis=1)
+        ignored = np.repeat(category["ignored"], repeat, axis=1)
+        tps = np.cumsum(matched & ~ignored, axis=1, dtype=np.float64)
+        fps = np.cumsum(~matched & ~ignored, axis=1, dtype=np.float64)
+        rows = []
+        for tp, fp in zip(tps, fps):
+            recall = tp / positives
+            precision = tp / (fp + tp + np.spacing(1))
+            precision = np.maximum.accumulate(precision[::-1])[::-1] if precision.size else precision
+            q = np.zeros(len(REC_THRESHOLDS))
+            inds = np.searchsorted(recall, REC_THRESHOLDS, side="left")
+            valid = inds < len(precision)
+            q[valid] = precision[inds[valid]]
+            rows.append(q)
+        return np.concatenate(rows)
+
+
+def _positives_without_detections(gt: dict[str, Any], category_id: int, image_id: int) -> int:
+    return sum(1 for a in gt["annotations"] if a["image_id"] == image_id and a["category_id"] == category_id
+               and not a.get("iscrowd", 0))
+
+
+def resampled_metric(kind: str, pieces: Any, counts: np.ndarray) -> np.ndarray:
+    """The primary metric of a task kind per resample, from its per-image pieces (hits, confusion matrices, or
+    ``CocoPieces``)."""
+    if kind == "cls":
+        return top1(pieces, counts)
+    if kind == "seg":
+        return miou(pieces, counts)
+    return pieces.map(counts)
+
+
+def stack_confusions(confusions: list[torch.Tensor]) -> np.ndarray:
+    return torch.stack(confusions).numpy() if confusions else np.zeros((0, 0, 0))
