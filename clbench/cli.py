@@ -25,13 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", allow_abbrev=False, help="train the tasks in order with one strategy, print the table")
-    run.add_argument("--config", type=Path, default=None, help="YAML file; its keys mirror these flags")
+    run.add_argument("--config", type=Path, default=None, help=(
+        "YAML file, or the name of one clbench ships (e.g. real-mini: `clbench configs` lists them); its "
+        "keys mirror these flags, and flags given beside it win"))
     run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                      help="continue an interrupted run after its last finished stage (its own config.yaml)")
     add_arguments(run)
     _compare_parser(sub)
     _view_parsers(sub)
     sub.add_parser("strategies", help="list every strategy found, its origin and hyperparameters")
+    sub.add_parser("configs", help="list the run configurations clbench ships (--config NAME)")
     _data_parsers(sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True))
     return parser
 
@@ -133,7 +136,8 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
                          "default acc")
     _ray_options(compare)
     compare.add_argument("--name", default=None, help="comparison folder name (default: compare-<settings hash>)")
-    compare.add_argument("--config", type=Path, default=None, help="YAML run options shared by every cell")
+    compare.add_argument("--config", type=Path, default=None, help=(
+        "YAML run options shared by every cell, or the name of a shipped one (e.g. real-mini)"))
     add_arguments(compare, skip_role="per_cell")
 
 
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, sys.argv[1:] if argv is None else argv)
     commands = {"run": _run, "compare": _compare, "table": _table, "plot": _plot, "eval": _eval,
-                "strategies": _strategies, "data": _data, "report": _report}
+                "strategies": _strategies, "configs": _configs, "data": _data, "report": _report}
     try:
         return commands[args.command](args)
     except ClbenchError as exc:
@@ -360,6 +364,17 @@ def _eval(args: argparse.Namespace) -> int:
     from clbench.checkpoint import evaluate_checkpoint
     for task, metrics in evaluate_checkpoint(args.weights, args.data_root, args.tasks, args.device).items():
         print(f"{task}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+    return 0
+
+
+def _configs(args: argparse.Namespace) -> int:
+    """Each shipped configuration: its name, its file, and the comment lines that open it."""
+    from clbench.config import shipped_configs
+    for name, path in shipped_configs().items():
+        about = [line.lstrip("# ").rstrip() for line in path.read_text().splitlines() if line.startswith("#")]
+        print(f"{name}  [{path}]")
+        for line in about[:3]:
+            print(f"    {line}")
     return 0
 
 

@@ -416,7 +416,28 @@ def unknown_key_error(key: str, source: str, known: list[str]) -> ClbenchError:
     return ClbenchError(f"{source}: unknown key {key!r}" + did_you_mean(key, known))
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The run configurations clbench ships (the repository's ``configs/``, installed as ``clbench.configs``):
+    name -> file."""
+    import clbench.configs
+    return {p.stem: p for p in sorted(Path(clbench.configs.__file__).parent.glob("*.yaml"))}
+
+
+def config_file(path: Path) -> Path:
+    """``path`` when it exists; else a shipped configuration of that name (``real-mini`` or ``real-mini.yaml``)."""
+    path = Path(path)
+    if path.exists() or path.parent != Path("."):
+        return path
+    shipped = shipped_configs()
+    name = path.name.removesuffix(".yaml")
+    if name in shipped:
+        return shipped[name]
+    raise ClbenchError(f"{path}: config file not found, and clbench ships no configuration of that name (shipped: "
+                       f"{', '.join(shipped) or 'none'})" + did_you_mean(name, shipped))
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
+    path = config_file(path)
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:

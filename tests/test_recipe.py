@@ -141,3 +141,15 @@ def test_a_recipe_run_fits_anchors_records_them_and_eval_rebuilds_the_same_netwo
     rows = pd.read_csv(run_dir / "metrics.csv")
     final = rows[(rows.stage == 3) & (rows.eval_task == "det") & (rows.metric == "mAP")]["value"].item()
     assert capsys.readouterr().out.strip() == f"det: mAP {final:.4f}"
+
+
+def test_shipped_configs_are_found_by_name_and_listed(capsys):
+    config = resolve("real-mini", {"epochs": "det=3"})
+    assert config.pretrained == "lite0" and config.backbone == "tf_efficientnet_lite0" and config.val_fraction > 0
+    assert config.epochs["det"] == 3 and config.anchors == "kmeans"   # flags beside it win
+    assert resolve("real-mini.yaml", {}) == resolve("real-mini", {})
+    assert main(["configs"]) == 0
+    assert capsys.readouterr().out.startswith("real-mini  [")
+    with pytest.raises(ClbenchError, match="real-mni: config file not found, and clbench ships no configuration of that "
+                                          r"name \(shipped: real-mini\); did you mean 'real-mini'\?"):
+        resolve("real-mni", {})
