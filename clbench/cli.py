@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from clbench.reader import RunData
-    from clbench.report import curve_text, run_summary
+    from clbench.report import curve_text, own_stage_line, run_summary
     from clbench.run import run as run_one
     if args.resume is not None:
         config = _resumed_config(args)
@@ -222,6 +222,7 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = run_one(config, resume=args.resume is not None)
     data = RunData.load(run_dir)
     print(run_summary(data.rows, data.tasks, data.chance, data.resources))
+    print(own_stage_line(data.rows, data.validation, data.tasks))
     curve = curve_text(data.rows, data.curve, data.tasks)
     if curve:
         print("\n" + curve)

@@ -307,7 +307,7 @@ class RunConfig:
         "augmented a whole batch at a time on the device; a task's set that does not fit what is left of it is "
         "read image by image (0: always image by image)")})
     workers: int = field(default=0, metadata={"parse": at_least(whole_number, 0), "help": "DataLoader worker processes"})
-    bootstrap: int = field(default=1000, metadata={"parse": at_least(whole_number, 0), "help": (
+    bootstrap: int = field(default=1000, metadata={"parse": at_least(whole_number, 0), "output_only": True, "help": (
         "resamples of the test (and validation) images for each primary metric's 95%% interval (metrics.csv ci_low, "
         "ci_high; bootstrap.csv the resampled values, for paired drop intervals); 0: none")})
     val_fraction: float = field(default=0.0, metadata={"parse": _fraction, "help": (

@@ -165,7 +165,8 @@ def plot_drops(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path, definit
                chance: dict[str, float] | None = None) -> Path:
     """A definition's value (drop % by default) per task and strategy, mean with sample-std error bars over
     seeds; tasks where it is undefined (the task trained last) have no bars; hatched bars: a seed's base
-    R[s(t),t] was within 2x of chance."""
+    R[s(t),t] was near chance (``near_chance``: its interval reaches it); dotted edges: a seed's change was within
+    noise (``change_within_noise``)."""
     plt = pyplot()
     d = DEFINITIONS[definition]
     measures = run_measures(metrics, tasks, definition).dropna(subset=["value"])
@@ -179,9 +180,12 @@ def plot_drops(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path, definit
         xs = [k + i * width for k in range(len(tasks))]
         bars = ax.bar(xs, part["mean"], width, yerr=part["std"].fillna(0), capsize=3, label=strategy)
         for bar, task in zip(bars, [t.name for t in tasks]):
-            if any(near_chance(b, (chance or {}).get(task)) for b in
-                   measures[(measures.strategy == strategy) & (measures.task == task)]["base"]):
+            cell = measures[(measures.strategy == strategy) & (measures.task == task)]
+            if any(near_chance(b, (chance or {}).get(task), low) for b, low in zip(cell["base"], cell["base_ci_low"])):
                 bar.set_hatch("//")
+            if any(bool(n) for n in cell["noise"] if n is not None):
+                bar.set_linestyle(":")
+                bar.set_edgecolor("black")
     ax.set_xticks([k + width * (len(strategies) - 1) / 2 for k in range(len(tasks))])
     ax.set_xticklabels([t.label for t in tasks])
     ax.axhline(0, color="black", linewidth=0.8)
@@ -189,6 +193,8 @@ def plot_drops(metrics: pd.DataFrame, tasks: list[TaskSpec], path: Path, definit
     ax.set_title(f"{d.column}, mean ± std over seeds")
     if any(bar.get_hatch() for bar in ax.patches):
         ax.bar([0], [0], 0, color="white", edgecolor="black", hatch="//", label="base near chance")
+    if any(bar.get_linestyle() == ":" for bar in ax.patches):
+        ax.bar([0], [0], 0, color="white", edgecolor="black", linestyle=":", label="change within noise")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars reach the top edge
     return save(fig, path)
 

@@ -50,6 +50,7 @@ class StageResources:
     bn_audit_seconds: float = 0.0
     parameters: dict[str, int] = field(default_factory=dict)
     curve_seconds: float = 0.0   # in-stage evaluation (--eval-every), not counted as training
+    validation_seconds: float = 0.0   # of eval_seconds: the validation split's share (--val-fraction)
     steps: int = 0               # optimizer steps this run trained (0: restored from the stage-1 cache)
     forwards: int = 0            # forward passes of any UniHeadNet during them (clbench.costs)
     backwards: int = 0           # backward passes reaching one

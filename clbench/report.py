@@ -521,6 +521,29 @@ def run_summary(rows: pd.DataFrame, tasks: Sequence[TaskSpec], chance: dict[str,
     return to_markdown(table) + "\n" + note + "\n" + resource_line(resources)
 
 
+def own_stage_line(rows: pd.DataFrame, validation: pd.DataFrame, tasks: Sequence[TaskSpec]) -> str:
+    """Each task right after its own stage: the test value with its 95% interval, and the validation value (with
+    --val-fraction): the figures a recipe is judged by."""
+    trained, parts = trained_at(rows), []
+    for task in tasks:
+        if task.name not in trained:
+            continue
+        pick = lambda frame: frame[(frame.stage == trained[task.name]) & (frame.eval_task == task.name)  # noqa: E731
+                                   & (frame.metric == task.metric)]
+        test = pick(rows)
+        if test.empty:
+            continue
+        row = test.iloc[0]
+        text = f"{task.name} {task.metric} {row['value']:.3f}"
+        if not math.isnan(row.get("ci_low", math.nan)):
+            text += f" [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        held = pick(validation) if not validation.empty else validation
+        if not held.empty:
+            text += f" (validation {held.iloc[0]['value']:.3f}, n {int(held.iloc[0]['n'])})"
+        parts.append(text)
+    return "After its own stage, on test [95% interval]: " + "; ".join(parts) + "." if parts else ""
+
+
 def resource_line(resources: Resources) -> str:
     """One line of resources.json: time split, evaluation share per stage, peak memory, device."""
     totals, share = resources.totals(), resources.shares()["eval_share"]
@@ -528,6 +551,8 @@ def resource_line(resources: Resources) -> str:
     memory = resources.memory
     peak = (f"{memory['cuda_max_allocated_mb']:.0f} MB CUDA" if memory.get("cuda_max_allocated_mb") is not None
             else f"{memory['process_peak_rss_mb']:.0f} MB RSS")
-    return (f"Time: training {totals['train_seconds']:.1f} s, evaluation {totals['eval_seconds']:.1f} s "
+    validation = sum(s.validation_seconds for s in resources.stages.values())
+    held = f", of it validation {validation:.1f} s" if validation else ""
+    return (f"Time: training {totals['train_seconds']:.1f} s, evaluation {totals['eval_seconds']:.1f} s{held} "
             f"({100 * share:.1f}% of stage time; per stage {per_stage}), BN audit "
             f"{totals['bn_audit_seconds']:.1f} s; peak memory {peak}; device {resources.device}.")

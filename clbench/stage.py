@@ -218,13 +218,17 @@ def checkpoint(setup: Setup, ctx: StageContext, audit: BatchNormAudit) -> dict[s
 def evaluate_all(recorder: Recorder, setup: Setup, *, stage: int, stage_task: str) -> dict[str, tuple[float, int]]:
     """Every task's metrics into the recorder, on its test set and (``--val-fraction``) its validation split;
     returns each task's primary (value, n) on the test set."""
-    primary = {}
+    primary, validation_seconds = {}, 0.0
     for index, task in enumerate(setup.tasks):
         result = serve(setup, index)
         recorder.add_evaluation(stage, stage_task, task.spec, result)
         primary[task.spec.name] = result.metrics[task.spec.metric]
         if task.validation is not None:
+            start = time.perf_counter()
             recorder.add_evaluation(stage, stage_task, task.spec, serve(setup, index, split=VALIDATION), VALIDATION)
+            validation_seconds += time.perf_counter() - start
+    if stage in recorder.resources.stages:
+        recorder.resources.stages[stage].validation_seconds = validation_seconds
     return primary
 
 

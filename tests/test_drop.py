@@ -226,7 +226,7 @@ def test_drops_from_a_base_near_chance_are_flagged_in_tables():
     row = table.set_index("Strategy").loc["naive"]
     assert row["Detection (mAP@[.5:.95])"].endswith("(base near chance)")
     assert "near chance" not in row["Segmentation (mIoU)"]
-    assert "at most 2x its chance level" in note and "det 0.250" in note
+    assert "the metric is at most 2x chance" in note and "det 0.250" in note
     table, _ = comparison_table(comparison_rows(), TASKS, "acc", chance=chance)   # not a drop: no flag
     assert "near chance" not in " ".join(table.astype(str).values.ravel())
     table, note = run_table(rows_from(MATRIX), TASKS, "drop", chance=chance)
