@@ -138,40 +138,54 @@ class CocoPieces:
                 "positives": positives})
         return cls(categories, n_images)
 
-    def map(self, counts: np.ndarray) -> np.ndarray:
-        """Per resample (a row of ``counts``): mAP@[.5:.95], COCO's accumulate + summarize on the drawn images."""
-        out = np.empty(len(counts))
-        for b, weights in enumerate(counts):
-            values = [self._precision(category, weights) for category in self.categories]
-            values = [v for v in values if v is not None]
-            stacked = np.concatenate(values) if values else np.zeros(0)
-            stacked = stacked[stacked > -1]
-            out[b] = stacked.mean() if stacked.size else np.nan
-        return out
+    def map(self, counts: np.ndarray, chunk: int = 64) -> np.ndarray:
+        """Per resample (a row of ``counts``): mAP@[.5:.95], COCO's accumulate + summarize on the drawn images.
+        Vectorised over resamples, ``chunk`` at a time."""
+        counts = np.asarray(counts, dtype=np.float64)
+        total, seen = np.zeros(len(counts)), np.zeros(len(counts))
+        for category in self.categories:
+            for start in range(0, len(counts), chunk):
+                part = counts[start:start + chunk]
+                sums, present = self._precision_sums(category, part)
+                total[start:start + chunk] += sums
+                seen[start:start + chunk] += present
+        with np.errstate(invalid="ignore"):
+            return np.where(seen > 0, total / np.where(seen > 0, seen, 1), np.nan)
 
     @staticmethod
-    def _precision(category: dict[str, np.ndarray], weights: np.ndarray) -> np.ndarray | None:
-        """The category's (T x 101) interpolated precision on the drawn images, flattened; None without ground
-        truth in them (COCO's -1, left out of the mean)."""
-        positives = int(weights @ category["positives"])
-        if positives == 0:
-            return None
-        repeat = weights[category["image"]]
-        matched = np.repeat(category["matched"], repeat, axis=1)
-        ignored = np.repeat(category["ignored"], repeat, axis=1)
-        tps = np.cumsum(matched & ~ignored, axis=1, dtype=np.float64)
-        fps = np.cumsum(~matched & ~ignored, axis=1, dtype=np.float64)
-        rows = []
-        for tp, fp in zip(tps, fps):
-            recall = tp / positives
-            precision = tp / (fp + tp + np.spacing(1))
-            precision = np.maximum.accumulate(precision[::-1])[::-1] if precision.size else precision
-            q = np.zeros(len(REC_THRESHOLDS))
-            inds = np.searchsorted(recall, REC_THRESHOLDS, side="left")
-            valid = inds < len(precision)
-            q[valid] = precision[inds[valid]]
-            rows.append(q)
-        return np.concatenate(rows)
+    def _precision_sums(category: dict[str, np.ndarray], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For (B, N) image weights: the sum of the category's (T x 101) interpolated precision per resample and
+        how many entries it holds (0 where the drawn images hold none of its ground truth: COCO's -1, left out).
+
+        An image drawn k times weighs its detections by k: the cumulative true and false positives at the end of
+        each detection's run of k copies are those of COCO's accumulate on the copies, and the points inside a
+        run never decide an interpolated precision (inside a true run precision rises, so the run's end bounds
+        it; inside a false run recall stands still after a point that bounds it), so the result is COCO's."""
+        positives = weights @ category["positives"]                                # (B,)
+        thresholds = category["matched"].shape[0]
+        present = np.where(positives > 0, thresholds * len(REC_THRESHOLDS), 0)
+        if not category["image"].size:
+            return np.zeros(len(weights)), present
+        w = weights[:, category["image"]][:, None, :]                              # (B, 1, D)
+        kept = ~category["ignored"][None]
+        tp = np.cumsum(w * (category["matched"][None] & kept), axis=2)             # (B, T, D)
+        fp = np.cumsum(w * (~category["matched"][None] & kept), axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = tp / np.where(positives > 0, positives, 1)[:, None, None]
+        precision = tp / (fp + tp + np.spacing(1))
+        precision = np.maximum.accumulate(precision[..., ::-1], axis=2)[..., ::-1]
+        rows = recall.reshape(-1, recall.shape[2])                                 # (B*T, D), each non-decreasing
+        # the first position whose recall reaches threshold j = how many positions reach fewer than j + 1
+        # thresholds: per row, a histogram of "thresholds <= recall" (exact float comparisons, as COCO's
+        # searchsorted makes them), summed up
+        reached = np.searchsorted(REC_THRESHOLDS, rows, side="right")             # (B*T, D) in 0..101
+        bins = len(REC_THRESHOLDS) + 1
+        flat = (np.arange(len(rows))[:, None] * bins + reached).ravel()
+        position = np.cumsum(np.bincount(flat, minlength=len(rows) * bins).reshape(len(rows), bins), axis=1)[:, :-1]
+        valid = position < rows.shape[1]
+        values = np.take_along_axis(precision.reshape(len(rows), -1), np.minimum(position, rows.shape[1] - 1), axis=1)
+        sums = np.where(valid, values, 0.0).reshape(len(weights), -1).sum(1)
+        return np.where(positives > 0, sums, 0.0), present
 
 
 def _positives_without_detections(gt: dict[str, Any], category_id: int, image_id: int) -> int:

@@ -25,7 +25,7 @@ from clbench.pretrained import normalization
 L2 = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def features(backbone: torch.nn.Module, dataset: object) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for i in range(len(dataset)):

@@ -76,7 +76,7 @@ def test_coco_map_per_resample_equals_cocos_own_map_on_the_drawn_images():
     pieces = CocoPieces.evaluate(gt, dets)
     ones = np.ones((1, len(gt["images"])), dtype=np.int64)
     assert pieces.map(ones)[0] == pytest.approx(coco_evaluation(gt, dets)[0]["mAP"], abs=1e-12)
-    for counts in resample_counts(len(gt["images"]), 5, seed=2):
+    for counts in resample_counts(len(gt["images"]), 20, seed=2):
         assert pieces.map(counts[None])[0] == pytest.approx(coco_evaluation(*drawn(gt, dets, counts))[0]["mAP"],
                                                           abs=1e-12)
 
