@@ -99,10 +99,14 @@ def near_chance(base: float, chance: float | None, ci_low: float = math.nan) -> 
 def change_within_noise(base: Any, final: Any) -> bool | None:
     """Whether the paired 95% bootstrap interval of R[S,t] − R[s(t),t] includes 0: the two stages' metrics per
     resample of the same images (``clbench.bootstrap``), differenced resample by resample. None without
-    resamples. A drop % (or any change from the own stage) has the sign of this difference, so one flag serves."""
+    resamples; False when the change is 0 in every resample (nothing changed). A drop % (or any change from the own
+    stage) has the sign of this difference, so one flag serves."""
     if base is None or final is None or not isinstance(base, np.ndarray) or not isinstance(final, np.ndarray):
         return None
-    low, high = interval(final - base)
+    change = final - base
+    if not np.any(change):
+        return False   # no change at all in any resample (a task served bit-identically): nothing to flag
+    low, high = interval(change)
     return None if math.isnan(low) else low <= 0 <= high
 
 

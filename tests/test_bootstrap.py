@@ -95,6 +95,7 @@ def test_interval_is_the_central_95_percent_and_flags_follow_it():
     base, final = np.linspace(0.5, 0.6, 100), np.linspace(0.5, 0.6, 100) - 0.2
     assert change_within_noise(base, final) is False
     assert change_within_noise(base, base[::-1]) is True and change_within_noise(base, None) is None
+    assert change_within_noise(base, base.copy()) is False   # served bit-identically: no change to flag
 
 
 def test_run_table_flags_a_change_within_noise_and_a_base_reaching_chance():
