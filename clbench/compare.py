@@ -115,8 +115,12 @@ def with_run_setting(config: RunConfig, key: str, value: str) -> RunConfig:
 
 
 def stage1_key(config: RunConfig) -> str:
-    """Hash of every setting that can change what stage 1 computes (not the strategy: see shares_first_stage)."""
+    """Hash of every setting that can change what stage 1 computes (not the strategy: see shares_first_stage; of the
+    per-task settings only the first task's: a later task's epochs or learning rate cannot change stage 1, so a
+    --grid over them shares it)."""
     fields = config.without("output_only", "strategy")
+    first = config.order[0]
+    fields.update({name: {first: fields[name][first]} for name in KIND_DEFAULTS})
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -146,6 +146,8 @@ def test_the_stage_1_cache_key_changes_with_every_setting_that_changes_stage_1()
     assert stage1_key(base) == stage1_key(resolve(None, {"strategy": "ewc", "run_id": "x", "set": {"ewc.lam": "3"}}))
     for change in ({"workers": "2"}, {"epochs": "seg=5,det=6,cls=3"}, {"seed": "1"}, {"augment": "true"}, {"image_size": "96"}):
         assert stage1_key(resolve(None, change)) != stage1_key(base), change
+    for later in ({"epochs": "cls=9"}, {"lr": "det=0.01"}, {"augment": "det=true"}, {"batch_size": "cls=3"}):
+        assert stage1_key(resolve(None, later)) == stage1_key(base), later   # stage 1 trains seg only
 
 
 def test_the_default_comparison_is_the_one_the_readme_shows():

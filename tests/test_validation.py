@@ -115,3 +115,18 @@ def test_a_grid_with_a_validation_split_is_picked_on_validation(tiny_args, tmp_p
         acc[label] = final.value.mean()
     assert picked["picked"] == {"naive": max(acc, key=acc.get)}
     assert "on validation" in picked["sentence"] and "never on the test sets" in picked["sentence"]
+
+
+@pytest.mark.slow
+def test_a_grid_over_a_later_tasks_setting_shares_stage1_and_equals_its_own_run(tiny_args, tmp_path):
+    """lr.cls=... cells share the cached stage 1 (a later task's rate cannot change it), and the cell that restored it
+    ends exactly as the same configuration run alone."""
+    args = {k: v for k, v in tiny_args.items() if k != "out"}
+    settings = CompareSettings(strategies=("naive",), seeds=(0,), reference=False, base=resolve(None, args),
+                               grid=(("lr.cls", ("0.002", "0.0005")),))
+    from clbench.compare import compare
+    folder = compare(settings, out=tmp_path / "cmp", name="g", progress=False)
+    assert len(list((folder / "cache").glob("stage1-*.pt"))) == 1
+    cell = folder / "runs" / "naive_lr.cls=0.0005-seed0"
+    alone = run(resolve(None, {**args, "out": str(tmp_path / "alone"), "run_id": "a", "lr": "cls=0.0005"}))
+    pd.testing.assert_series_equal(pd.read_csv(cell / "metrics.csv")["value"], pd.read_csv(alone / "metrics.csv")["value"])
