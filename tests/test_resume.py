@@ -71,7 +71,7 @@ def test_an_unreadable_checkpoint_is_redone_and_nothing_else(tiny_args, capsys):
     assert (run_dir / "checkpoints" / "stage1.pt").stat().st_mtime_ns == stage1
     assert json.loads((run_dir / "resume.json").read_text())[0]["resumed_after_stage"] == 1
     ckpt = torch.load(run_dir / "checkpoints" / "stage3.pt", weights_only=True)   # still no pickled objects
-    assert set(ckpt["record"]) == {"rows", "per_class", "bn_rows", "curve", "stages"}
+    assert set(ckpt["record"]) == {"rows", "per_class", "bn_rows", "curve", "bootstrap", "stages"}
 
 
 def test_resume_refuses_other_settings_and_non_run_folders(tiny_args, tmp_path, capsys):

@@ -18,9 +18,9 @@ from clbench.strategy import REGISTRY, Strategy, register
 
 def test_three_stage_run_writes_every_file_with_the_right_schema(tiny_args):
     run_dir = run(resolve(None, {**tiny_args, "run_id": "r1"}))
-    assert sorted(p.name for p in run_dir.iterdir()) == ["bn_drift.csv", "chance.json", "checkpoints", "config.yaml",
-                                                         "env.json", "metrics.csv", "per_class.csv", "predictions",
-                                                         "resources.json", "tasks.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["bn_drift.csv", "bootstrap.csv", "chance.json", "checkpoints",
+                                                         "config.yaml", "env.json", "metrics.csv", "per_class.csv",
+                                                         "predictions", "resources.json", "tasks.json"]
     rows = pd.read_csv(run_dir / "metrics.csv")
     assert tuple(rows.columns) == METRIC_COLUMNS
     assert sorted(rows["stage"].unique()) == [0, 1, 2, 3]
