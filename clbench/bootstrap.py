@@ -131,6 +131,9 @@ class CocoPieces:
             thresholds = len(evaluator.params.iouThrs)
             score = np.concatenate(scores) if scores else np.zeros(0)
             order = np.argsort(-score, kind="mergesort")
+            if matched:   # after the last true positive (any threshold) precision only falls: those never count
+                hits = (np.concatenate(matched, 1) & ~np.concatenate(ignored, 1))[:, order].any(0)
+                order = order[: int(np.flatnonzero(hits)[-1]) + 1] if hits.any() else order[:0]
             categories.append({
                 "image": np.asarray(image, dtype=np.int64)[order], "score": score[order],
                 "matched": (np.concatenate(matched, 1) if matched else np.zeros((thresholds, 0), bool))[:, order],
