@@ -111,34 +111,13 @@ class CocoPieces:
             evaluator.params.imgIds = image_ids
             if detections:
                 evaluator.evaluate()
-        categories = []
         n_images, n_areas = len(image_ids), len(evaluator.params.areaRng)
-        for k, _ in enumerate(evaluator.params.catIds):
-            image, scores, matched, ignored = [], [], [], []
-            positives = np.zeros(n_images, dtype=np.int64)
-            for i in range(n_images):
-                e = evaluator.evalImgs[k * n_areas * n_images + i] if detections else None
-                if e is None:
-                    if not detections:
-                        positives[i] = _positives_without_detections(gt, evaluator.params.catIds[k], image_ids[i])
-                    continue
-                d = len(e["dtScores"][:MAX_DETS])
-                image += [position[e["image_id"]]] * d
-                scores.append(np.asarray(e["dtScores"][:MAX_DETS]))
-                matched.append(np.asarray(e["dtMatches"])[:, :MAX_DETS] != 0)
-                ignored.append(np.asarray(e["dtIgnore"])[:, :MAX_DETS].astype(bool))
-                positives[i] = int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0))
-            thresholds = len(evaluator.params.iouThrs)
-            score = np.concatenate(scores) if scores else np.zeros(0)
-            order = np.argsort(-score, kind="mergesort")
-            if matched:   # after the last true positive (any threshold) precision only falls: those never count
-                hits = (np.concatenate(matched, 1) & ~np.concatenate(ignored, 1))[:, order].any(0)
-                order = order[: int(np.flatnonzero(hits)[-1]) + 1] if hits.any() else order[:0]
-            categories.append({
-                "image": np.asarray(image, dtype=np.int64)[order], "score": score[order],
-                "matched": (np.concatenate(matched, 1) if matched else np.zeros((thresholds, 0), bool))[:, order],
-                "ignored": (np.concatenate(ignored, 1) if ignored else np.zeros((thresholds, 0), bool))[:, order],
-                "positives": positives})
+        evaluations = evaluator.evalImgs if detections else [None] * (len(evaluator.params.catIds) * n_areas * n_images)
+        categories = [_category([evaluations[k * n_areas * n_images + i] for i in range(n_images)], position,
+                                len(evaluator.params.iouThrs),
+                                [_positives_without_detections(gt, category, i) for i in image_ids] if not detections
+                                else None)
+                      for k, category in enumerate(evaluator.params.catIds)]
         return cls(categories, n_images)
 
     def map(self, counts: np.ndarray, chunk: int = 64) -> np.ndarray:
@@ -189,6 +168,32 @@ class CocoPieces:
         values = np.take_along_axis(precision.reshape(len(rows), -1), np.minimum(position, rows.shape[1] - 1), axis=1)
         sums = np.where(valid, values, 0.0).reshape(len(weights), -1).sum(1)
         return np.where(positives > 0, sums, 0.0), present
+
+
+def _category(evaluations: list[dict[str, Any] | None], position: dict[int, int], thresholds: int,
+              positives_without: list[int] | None) -> dict[str, np.ndarray]:
+    """One category's per-image evaluations (area "all"; None where an image has neither ground truth nor
+    detections of it) flattened in score order, cut after its last true positive: after it precision only falls,
+    so those detections never decide an interpolated precision."""
+    image, scores, matched, ignored = [], [], [], []
+    positives = np.asarray(positives_without if positives_without is not None else [0] * len(evaluations),
+                           dtype=np.int64)
+    for i, e in enumerate(evaluations):
+        if e is None:
+            continue
+        image += [position[e["image_id"]]] * len(e["dtScores"][:MAX_DETS])
+        scores.append(np.asarray(e["dtScores"][:MAX_DETS]))
+        matched.append(np.asarray(e["dtMatches"])[:, :MAX_DETS] != 0)
+        ignored.append(np.asarray(e["dtIgnore"])[:, :MAX_DETS].astype(bool))
+        positives[i] = int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0))
+    score = np.concatenate(scores) if scores else np.zeros(0)
+    hit = np.concatenate(matched, 1) if matched else np.zeros((thresholds, 0), bool)
+    skip = np.concatenate(ignored, 1) if ignored else np.zeros((thresholds, 0), bool)
+    order = np.argsort(-score, kind="mergesort")
+    hits = (hit & ~skip)[:, order].any(0)
+    order = order[: int(np.flatnonzero(hits)[-1]) + 1] if hits.any() else order[:0]
+    return {"image": np.asarray(image, dtype=np.int64)[order], "score": score[order], "matched": hit[:, order],
+            "ignored": skip[:, order], "positives": positives}
 
 
 def _positives_without_detections(gt: dict[str, Any], category_id: int, image_id: int) -> int:

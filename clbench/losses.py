@@ -39,14 +39,7 @@ def assign_targets(targets: list[dict[str, torch.Tensor]], anchors_px: torch.Ten
             ratio = torch.maximum(wh / anchors_px[None], anchors_px[None] / wh).amax(-1)   # (boxes, anchors)
             fits = (ratio < ANCHOR_RATIO) | F.one_hot(best, len(anchors_px)).bool()
             box_index, anchor = fits.nonzero(as_tuple=True)
-        cells = [centre[box_index].floor()]
-        if assign == "yolov5":
-            frac = centre[box_index] - centre[box_index].floor()
-            for axis in (0, 1):
-                step = torch.where(frac[:, axis] < 0.5, -1.0, 1.0)
-                cell = cells[0].clone()
-                cell[:, axis] += step
-                cells.append(cell)
+        cells = candidate_cells(centre[box_index], neighbours=assign == "yolov5")
         limits = centre.new_tensor([grid[1] - 1, grid[0] - 1])
         for cell in cells:
             inside = ((cell >= 0) & (cell <= limits)).all(1) if len(cells) > 1 else torch.ones_like(box_index, dtype=torch.bool)
@@ -57,6 +50,19 @@ def assign_targets(targets: list[dict[str, torch.Tensor]], anchors_px: torch.Ten
         empty = torch.zeros(0, dtype=torch.long, device=anchors_px.device)
         return empty, empty, empty, empty, torch.zeros(0, 4, device=anchors_px.device), empty
     return tuple(torch.cat(col) for col in zip(*rows))
+
+
+def candidate_cells(centre: torch.Tensor, *, neighbours: bool) -> list[torch.Tensor]:
+    """(x, y) grid cells that learn a box centred at ``centre`` (in cells): its own, and with ``neighbours`` the
+    horizontal and the vertical neighbour nearest the centre."""
+    own = centre.floor()
+    cells = [own]
+    if neighbours:
+        for axis in (0, 1):
+            cell = own.clone()
+            cell[:, axis] += torch.where(centre[:, axis] - own[:, axis] < 0.5, -1.0, 1.0)
+            cells.append(cell)
+    return cells
 
 
 def det_loss(raw: torch.Tensor, targets: list[dict[str, torch.Tensor]], anchors_px: torch.Tensor,
