@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,27 +76,18 @@ def miou(confusions: np.ndarray, counts: np.ndarray) -> np.ndarray:
     total = np.einsum("bn,ncd->bcd", counts.astype(np.float64), np.asarray(confusions, dtype=np.float64))
     inter = np.diagonal(total, axis1=1, axis2=2)
     union = total.sum(1) + total.sum(2) - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), np.nan)
-    with np.errstate(invalid="ignore"), _quiet_nanmean():
-        return np.nanmean(iou, axis=1)
-
-
-@contextlib.contextmanager
-def _quiet_nanmean():
-    import warnings
-    with warnings.catch_warnings():
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # a resample with no class present: NaN, left out
-        yield
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), np.nan)
+        return np.nanmean(iou, axis=1)
 
 
 @dataclass(frozen=True)
 class CocoPieces:
     """Per category, COCO's per-image evaluation flattened: every detection (top 100 per image, by score) with its
-    image, score, match per IoU threshold and ignore flag, and per image the count of ground truth not ignored."""
+    image, match per IoU threshold and ignore flag, and per image the count of ground truth not ignored."""
 
     categories: list[dict[str, np.ndarray]]
-    n_images: int
 
     @classmethod
     def evaluate(cls, gt: dict[str, Any], detections: list[dict[str, Any]]) -> "CocoPieces":
@@ -118,7 +110,7 @@ class CocoPieces:
                                 [_positives_without_detections(gt, category, i) for i in image_ids] if not detections
                                 else None)
                       for k, category in enumerate(evaluator.params.catIds)]
-        return cls(categories, n_images)
+        return cls(categories)
 
     def map(self, counts: np.ndarray, chunk: int = 64) -> np.ndarray:
         """Per resample (a row of ``counts``): mAP@[.5:.95], COCO's accumulate + summarize on the drawn images.
@@ -192,8 +184,8 @@ def _category(evaluations: list[dict[str, Any] | None], position: dict[int, int]
     order = np.argsort(-score, kind="mergesort")
     hits = (hit & ~skip)[:, order].any(0)
     order = order[: int(np.flatnonzero(hits)[-1]) + 1] if hits.any() else order[:0]
-    return {"image": np.asarray(image, dtype=np.int64)[order], "score": score[order], "matched": hit[:, order],
-            "ignored": skip[:, order], "positives": positives}
+    return {"image": np.asarray(image, dtype=np.int64)[order], "matched": hit[:, order], "ignored": skip[:, order],
+            "positives": positives}
 
 
 def _positives_without_detections(gt: dict[str, Any], category_id: int, image_id: int) -> int:
