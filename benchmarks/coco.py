@@ -166,6 +166,7 @@ class CocoDetection(Restrictable, Dataset):
     """
 
     ITEM_LISTS = ("images",)
+    keep: frozenset[int] | None = None   # a class-incremental step: the class indices whose boxes are targets
 
     def restrict(self, indices: list[int]) -> "CocoDetection":
         """The items ``indices``, with ``coco`` (the evaluation's ground truth) cut to their images."""
@@ -194,6 +195,10 @@ class CocoDetection(Restrictable, Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def present_labels(self) -> list[set[int]]:
+        """The class indices of each item's (non-crowd) boxes."""
+        return [{self._label[a["category_id"]] for a in self._anns[img["id"]]} for img in self.images]
+
     def box_sizes(self) -> torch.Tensor:
         """(N, 2) every training box's (w, h) as fractions of its image's width and height: the shape it has in the
         square network input (``clbench.anchors``), read from the annotations without decoding an image."""
@@ -205,6 +210,8 @@ class CocoDetection(Restrictable, Dataset):
         info = self.images[index]
         image = read_image(self.images_dir / info["file_name"])
         anns = self._anns[info["id"]]
+        if self.keep is not None:
+            anns = [a for a in anns if self._label[a["category_id"]] in self.keep]
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes = tv_tensors.BoundingBoxes(torch.cat((xywh[:, :2], xywh[:, :2] + xywh[:, 2:]), 1), format="XYXY",
                                          canvas_size=(image.height, image.width))

@@ -63,6 +63,9 @@ class ImageFolderClassification(Restrictable, Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def present_labels(self) -> list[set[int]]:
+        return [{label} for _, label in self.samples]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         return self.transform(read_image(path)), label

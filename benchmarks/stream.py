@@ -1,4 +1,4 @@
-"""The only module that talks to Avalanche: task datasets → a stream of one experience per task.
+"""The only module that talks to Avalanche: experience datasets → a stream (an experience trains one task).
 
 Imported lazily (``import avalanche`` takes seconds and patches ``Dataset.__add__`` globally).
 """
@@ -24,13 +24,14 @@ def labelled(ds: Dataset, task_label: int) -> Any:
                             collate_fn=collate)
 
 
-def build_stream(train: Sequence[Dataset], test: Sequence[Dataset]) -> Any:
-    """A benchmark whose experience k (train and test) is task k with task label k; items are (x, y, t)."""
-    wrap = labelled
+def build_stream(train: Sequence[tuple[Dataset, int]], test: Sequence[Dataset]) -> Any:
+    """A benchmark whose train experience k is ``train[k]``'s dataset with its task label (an experience trains one
+    task, a task may have several), and whose test experience k is task k's test set with task label k; items are
+    (x, y, t)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         from avalanche.benchmarks.scenarios import benchmark_from_datasets
         from avalanche.benchmarks.scenarios.task_aware import with_task_labels
 
     return with_task_labels(benchmark_from_datasets(
-        train=[wrap(ds, k) for k, ds in enumerate(train)], test=[wrap(ds, k) for k, ds in enumerate(test)]))
+        train=[labelled(ds, label) for ds, label in train], test=[labelled(ds, k) for k, ds in enumerate(test)]))

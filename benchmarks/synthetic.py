@@ -10,6 +10,11 @@ Deterministic from a seed. Two image domains (``SynthSpec.domain``):
   k as class 1 + k // 2 (two colours per class), classification shows one or two objects of its class.
 
 Either way, content a small network learns in minutes on a CPU: the class is carried by colour.
+
+Two segmentation class sets (``SynthSpec.variant``): ``default`` (background + 5 classes, what every published
+synthetic figure used) and ``voc21`` (VOC's 21 classes, for the class-incremental protocols: class c in 1..20 is
+colour COLOURS[(c - 1) // 2] drawn as an ellipse when c is odd, a rectangle when even, in either domain). The
+variant changes only the segmentation folder; detection and classification are drawn from the same streams.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from PIL import Image, ImageDraw
 from clbench import ClbenchError
 from clbench.config import FIELDS
 
-from .voc import VOC_CLASSES
+from .voc import VOC_CLASSES, voc_palette
 
 FORMAT_VERSION = 1
 COCO_NAMES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light")
@@ -42,6 +47,7 @@ SEG_COLOURS = [(200, 30, 30), (30, 160, 40), (30, 60, 200), (220, 200, 20), (140
 
 
 DOMAINS = ("distinct", "shared")
+VARIANTS = ("default", "voc21")
 
 
 @dataclass(frozen=True)
@@ -52,10 +58,22 @@ class SynthSpec:
     min_side: int = 96
     max_side: int = 160
     domain: str = "distinct"   # or "shared": see the module docstring
+    variant: str = "default"   # or "voc21": segmentation with VOC's 21 classes
 
     def __post_init__(self) -> None:
         if self.domain not in DOMAINS:
             raise ClbenchError(f"synthetic domain {self.domain!r}: expected one of {', '.join(DOMAINS)}")
+        if self.variant not in VARIANTS:
+            raise ClbenchError(f"synthetic variant {self.variant!r}: expected one of {', '.join(VARIANTS)}")
+
+    @property
+    def seg_classes(self) -> tuple[str, ...]:
+        return VOC_CLASSES if self.variant == "voc21" else SEG_CLASSES
+
+    def to_dict(self) -> dict:
+        """synth.json's settings; ``variant`` only when not the default, so the default's file is as it was."""
+        out = asdict(self)
+        return out if self.variant != "default" else {k: v for k, v in out.items() if k != "variant"}
 
 
 def generate(out: Path, spec: SynthSpec = SynthSpec()) -> Path:
@@ -73,11 +91,13 @@ def generate(out: Path, spec: SynthSpec = SynthSpec()) -> Path:
     try:
         for split, n, offset in (("train", spec.n_train, 0), ("val", spec.n_val, 1)):
             streams = [np.random.default_rng([spec.seed, offset, task]) for task in range(3)]  # one per task
-            writers = SHARED_WRITERS if spec.domain == "shared" else (_write_det, _write_seg, _write_cls)
+            writers = list(SHARED_WRITERS if spec.domain == "shared" else (_write_det, _write_seg, _write_cls))
+            if spec.variant == "voc21":
+                writers[1] = _write_voc21
             for write, folder, rng in zip(writers, ("mini_coco_det", "mini_voc_seg", "imagenette_160"), streams):
                 write(tmp / folder / split, n, spec, rng)
-        (tmp / "mini_voc_seg" / "labels.txt").write_text("\n".join(SEG_CLASSES) + "\n")
-        (tmp / "synth.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **asdict(spec)}, indent=2))
+        (tmp / "mini_voc_seg" / "labels.txt").write_text("\n".join(spec.seg_classes) + "\n")
+        (tmp / "synth.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **spec.to_dict()}, indent=2))
         try:
             os.replace(tmp, out)  # onto an empty folder or none; another writer's files make this fail
         except OSError as exc:
@@ -92,7 +112,8 @@ def cached(spec: SynthSpec = SynthSpec()) -> Path:
     """The synthetic data root in the cache ($CLBENCH_CACHE or ~/.cache/clbench), generated on first use."""
     cache = Path(os.environ.get("CLBENCH_CACHE", Path.home() / ".cache" / "clbench"))
     root = cache / (f"synthetic-v{FORMAT_VERSION}-seed{spec.seed}-n{spec.n_train}-{spec.n_val}"
-                    f"-side{spec.min_side}-{spec.max_side}" + ("" if spec.domain == "distinct" else f"-{spec.domain}"))
+                    f"-side{spec.min_side}-{spec.max_side}" + ("" if spec.domain == "distinct" else f"-{spec.domain}")
+                    + ("" if spec.variant == "default" else f"-{spec.variant}"))
     if not (root / "synth.json").exists():
         try:
             generate(root, spec)
@@ -125,6 +146,33 @@ def _voc_palette() -> list[int]:
     """VOC's colours for our classes, VOC's cream (224, 224, 192) for the 255 'void' border."""
     colours = PALETTE + [(0, 0, 0)] * (255 - len(PALETTE)) + [(224, 224, 192)]
     return [v for rgb in colours for v in rgb]
+
+
+def _voc21_object(label: int) -> tuple[tuple[int, int, int], bool]:
+    """Class ``label`` (1..20) of the voc21 variant: its colour and whether it is an ellipse."""
+    return COLOURS[(label - 1) // 2], label % 2 == 1
+
+
+def _write_voc21(split_dir: Path, n: int, spec: SynthSpec, rng: np.random.Generator) -> None:
+    """Segmentation with VOC's 21 classes: 1 to 3 objects of uniformly drawn classes on the domain's background
+    (bright plain scenes, or the shared textured ones), VOC-style void borders."""
+    palette = [int(v) for rgb in voc_palette()[:255] for v in rgb] + [224, 224, 192]
+    for i in range(n):
+        labels = [int(v) for v in rng.integers(1, 21, size=int(rng.integers(1, 4)))]
+        canvas = _canvas(rng, spec, mean=185, std=12) if spec.domain == "distinct" else \
+            _canvas(rng, spec, mean=120, std=25)
+        h, w = canvas.shape[:2]
+        picture, mask = Image.fromarray(canvas.astype(np.uint8)), Image.new("P", (w, h), 0)
+        mask.putpalette(palette)
+        for label in labels:
+            box = _random_box(rng, h, w, 0.2, 0.55)
+            colour, ellipse = _voc21_object(label)
+            _draw_shape(ImageDraw.Draw(picture), ellipse, box, fill=colour)
+            _draw_shape(ImageDraw.Draw(mask), ellipse, box, fill=label, outline=255)
+        stem = f"{i + 1:06d}"
+        _save_jpeg(np.asarray(picture), split_dir / "JPEGImages" / f"{stem}.jpg")
+        (split_dir / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+        mask.save(split_dir / "SegmentationClass" / f"{stem}.png")
 
 
 def _save_jpeg(array: np.ndarray, path: Path) -> None:

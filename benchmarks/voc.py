@@ -84,6 +84,7 @@ class VocSegmentation(Restrictable, Dataset):
     at the original resolution so mIoU is computed there."""
 
     ITEM_LISTS = ("images", "masks")
+    label_table: np.ndarray | None = None   # a class-incremental step's (256,) lookup table (clbench.incremental)
 
     def __init__(self, task_root: Path, split: str, *, image_size: int, classes: tuple[str, ...], train: bool,
                  augment: bool = False, normalization: Normalization = IMAGENET) -> None:
@@ -101,9 +102,14 @@ class VocSegmentation(Restrictable, Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def present_labels(self) -> list[set[int]]:
+        """The label values (background and 255 included) each item's mask holds, as stored on disk."""
+        return [set(np.unique(np.array(Image.open(path))).tolist()) for path in self.masks]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         image = read_image(self.images[index])
-        mask = torch.from_numpy(read_mask(self.masks[index], len(self.classes), (image.height, image.width)))
+        array = read_mask(self.masks[index], len(self.classes), (image.height, image.width))
+        mask = torch.from_numpy(array if self.label_table is None else self.label_table[array])
         if not self.train:
             return self.transform(image), mask  # the plain resize: evaluation is never augmented
         x, resized = self.transform(image, tv_tensors.Mask(mask))

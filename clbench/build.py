@@ -20,18 +20,20 @@ from clbench.accel import Precision, compile_model, precision, set_determinism
 from clbench.anchors import KMEANS, fit_anchors, format_anchors, given_anchors
 from clbench.benchmarks import TaskData, load_tasks, task_folder
 from clbench.benchmarks.coco import images_only
+from clbench.benchmarks.steps import Viewed, class_view, group_support, step_training_set
 from clbench.benchmarks.stream import build_stream, labelled
 from clbench.bn_audit import BatchNormAudit
 from clbench.bootstrap import Bootstrap
 from clbench.config import RunConfig, resolve
 from clbench.curve import probe_indices
 from clbench.evaluate import EVAL_BATCH, chance_level
+from clbench.incremental import ClassSteps, group_name
 from clbench.memory import DecodedSet, footprint_bytes, plan
 from clbench.model import UniHeadNet
 from clbench.plugins import create
 from clbench.pretrained import ResolvedNormalization, normalization
 from clbench.recorder import Recorder
-from clbench.results import data_source, environment, to_json
+from clbench.results import TEST, VALIDATION, data_source, environment, to_json
 from clbench.runtime import (
     MemoryCache,
     ModelConfig,
@@ -71,6 +73,9 @@ class Setup:
     probes: list["Probe"] = dataclasses.field(default_factory=list)   # per task, with --eval-every
     decoded: dict[str, DecodedSet] = dataclasses.field(default_factory=dict)   # filled when a stage first needs it
     validation_loaders: list[DataLoader | None] = dataclasses.field(default_factory=list)   # --val-fraction
+    experiences: list["Experience"] = dataclasses.field(default_factory=list)   # stage k trains experiences[k - 1]
+    views: dict[tuple[int, str, int], "View"] = dataclasses.field(default_factory=dict)   # class-incremental tasks
+    evaluation_sets: dict[tuple[int, str], Any] = dataclasses.field(default_factory=dict)   # (task, split) -> items
 
     @property
     def bootstrap(self) -> Bootstrap | None:
@@ -80,14 +85,58 @@ class Setup:
     def specs(self) -> tuple[TaskSpec, ...]:
         return tuple(t.spec for t in self.tasks)
 
-    def decoded_set(self, index: int) -> DecodedSet:
-        """Task ``index``'s training set in memory, decoded on first use (then kept for the run)."""
+    def stage_task(self, stage: int) -> TaskSpec:
+        """The task stage ``stage`` (from 1) trains."""
+        return self.specs[self.experiences[stage - 1].task]
+
+    def own_stage(self, index: int) -> int:
+        """The last stage that trains task ``index``."""
+        return max(stage for stage, e in enumerate(self.experiences, start=1) if e.task == index)
+
+    def seen_step(self, index: int, stage: int) -> int:
+        """Which of task ``index``'s class steps it has reached after stage ``stage`` (its first before any)."""
+        return max((e.step for e in self.experiences[:stage] if e.task == index), default=0)
+
+    def decoded_set(self, index: int, stage: int | None = None) -> DecodedSet:
+        """Task ``index``'s training set in memory (or, with ``stage``, that stage's experience's: a class-incremental
+        step's images and labels), decoded on first use, then kept for the run; a class-incremental task keeps only
+        its latest step's."""
         task = self.tasks[index]
-        if task.spec.name not in self.decoded:
-            self.decoded[task.spec.name] = DecodedSet.decode(
-                task.train, task.spec.kind, self.config.image_size, augment=self.config.augment[task.spec.name],
+        name, dataset = task.spec.name, task.train
+        if stage is not None and task.spec.incremental:
+            dataset = self.experiences[stage - 1].train
+            name = f"{name}#{self.experiences[stage - 1].step}"
+            for key in [k for k in self.decoded if k.startswith(f"{task.spec.name}#") and k != name]:
+                del self.decoded[key]
+        if name not in self.decoded:
+            self.decoded[name] = DecodedSet.decode(
+                dataset, task.spec.kind, self.config.image_size, augment=self.config.augment[task.spec.name],
                 pin=self.device.type == "cuda")
-        return self.decoded[task.spec.name]
+        return self.decoded[name]
+
+    def view(self, index: int, stage: int, split: str) -> "View":
+        """How task ``index`` is evaluated after stage ``stage`` on ``split`` (test or validation): the whole set,
+        or for a class-incremental task the images and labels of the classes seen by then, with its groups."""
+        task = self.tasks[index]
+        test = split == TEST
+        batches, coco = (self.test_loaders[index], task.coco_gt) if test else \
+            (self.validation_loaders[index], task.validation_coco)
+        if not task.spec.incremental:
+            return View(batches, coco)
+        step = self.seen_step(index, stage)
+        key = (index, split, step)
+        if key not in self.views:
+            spec, data = task.spec, (task.test if test else task.validation)
+            present = data.present_labels()
+            seen = spec.class_steps.seen(step)
+            view = class_view(spec, present, seen, coco)
+            items = labelled(Viewed(self.evaluation_sets[index, split], view), index)
+            groups = {group_name(g): (g, group_support(spec, present, view, g))
+                      for g in class_groups(spec.class_steps, step)}
+            self.views[key] = View(loader(items, batch_size=EVAL_BATCH, shuffle=False, seed=self.config.seed,
+                                          device=self.device, workers=0), view.coco if spec.kind == "det" else None,
+                                   seen, groups)
+        return self.views[key]
 
     def training_data(self) -> dict[str, dict[str, Any]]:
         """Per task: which path its training batches take, the bytes it holds in memory, the seconds decoding took."""
@@ -109,11 +158,13 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     accel = {**set_determinism(config.deterministic, device), "channels_last": config.channels_last,
              "compile": config.compile}
     amp = precision(config.amp, device)
-    root, benchmark = data_root(config.data_root, config.synth_train, config.synth_val, config.synth_domain)
+    root, benchmark = data_root(config.data_root, config.synth_train, config.synth_val, config.synth_domain,
+                                config.synthetic_variant)
     session.verify(root, config.stream())
     norm = input_normalization(config)
-    tasks = load_tasks(root, config.stream(), image_size=config.image_size, augment=config.augment,
-                       normalization=norm.normalization, val_fraction=config.val_fraction, val_seed=config.val_seed)
+    tasks, experiences = experiences_of(config, load_tasks(
+        root, config.stream(), image_size=config.image_size, augment=config.augment, normalization=norm.normalization,
+        val_fraction=config.val_fraction, val_seed=config.val_seed))
     strategy, options = create(config.strategy, config.set)
     # config.yaml records every resolved hyperparameter, the weights' mean/std as values (timm may change them) and
     # fitted anchors as values
@@ -124,20 +175,70 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     if config.compile:
         compile_model(model)
     tests = [cached_in_memory(t.test, config.image_size) for t in tasks]
-    stream = build_stream([t.train for t in tasks], tests)
+    stream = build_stream([(e.train, e.task) for e in experiences], tests)
     test_loaders = [loader(exp.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=config.seed, device=device,
                            workers=0 if isinstance(test, MemoryCache) else config.workers)
                     for exp, test in zip(stream.test_stream, tests)]
-    validation_loaders = [None if t.validation is None else
-                          loader(labelled(cached_in_memory(t.validation, config.image_size), k), batch_size=EVAL_BATCH,
-                                 shuffle=False, seed=config.seed, device=device, workers=0) for k, t in enumerate(tasks)]
+    validations = [None if t.validation is None else cached_in_memory(t.validation, config.image_size) for t in tasks]
+    validation_loaders = [None if v is None else loader(labelled(v, k), batch_size=EVAL_BATCH, shuffle=False,
+                                                        seed=config.seed, device=device, workers=0)
+                          for k, v in enumerate(validations)]
     chance = {t.spec.name: chance_level(t.spec, test) for t, test in zip(tasks, tests)}
     probes = [probe(task, exp.dataset, config.probe, device) for task, exp in zip(tasks, stream.test_stream)] \
         if config.eval_every else []
     in_memory = plan([(t.spec.name, t.spec.kind, len(t.train)) for t in tasks], config.image_size,
                      config.train_in_memory_mb)
     return Setup(config, device, root, benchmark, tasks, strategy, model, stream, test_loaders, chance, amp,
-                 {**amp.to_dict(), **accel}, in_memory, norm, probes, validation_loaders=validation_loaders)
+                 {**amp.to_dict(), **accel}, in_memory, norm, probes, validation_loaders=validation_loaders,
+                 experiences=experiences, evaluation_sets={
+                     **{(k, TEST): test for k, test in enumerate(tests)},
+                     **{(k, VALIDATION): v for k, v in enumerate(validations) if v is not None}})
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One stage's training: task ``task`` (an index of ``Setup.tasks``) on its class step ``step``, the images and
+    labels ``train`` (the task's own training set when it has one step)."""
+
+    task: int
+    step: int
+    train: Any
+
+
+@dataclass(frozen=True)
+class View:
+    """A task's evaluation as a stage sees it: batches, COCO ground truth, the classes seen (None: all) and the class
+    groups reported beside the primary metric (name -> (classes, n images holding one))."""
+
+    batches: DataLoader
+    coco: dict[str, Any] | None
+    classes: tuple[int, ...] | None = None
+    groups: dict[str, tuple[tuple[int, ...], int]] | None = None
+
+
+def experiences_of(config: RunConfig, tasks: list[TaskData]) -> tuple[list[TaskData], list[Experience]]:
+    """The tasks with their class steps (from the benchmark file) and the run's experiences in order."""
+    protocol = config.benchmark_file()
+    tasks = [dataclasses.replace(t, spec=dataclasses.replace(
+        t.spec, steps=steps.steps if steps.incremental else (), mode=protocol.task(t.spec.name).mode if
+        steps.incremental else None)) for t in tasks
+        for steps in [protocol.class_steps(t.spec.name, t.spec.classes)]]
+    index = {t.spec.name: k for k, t in enumerate(tasks)}
+    experiences, step_of = [], dict.fromkeys(index, 0)
+    for entry in protocol.experiences:
+        k = index[entry.task]
+        spec = tasks[k].spec
+        experiences.append(Experience(k, step_of[entry.task], step_training_set(spec, tasks[k].train,
+                                                                                  step_of[entry.task])))
+        step_of[entry.task] += 1
+    return tasks, experiences
+
+
+def class_groups(steps: ClassSteps, step: int) -> list[tuple[int, ...]]:
+    """The class groups reported after a task reached ``step``: each step's classes so far and, once two or more
+    steps followed the first, all of those together (the papers' 16-20 of 15-1)."""
+    groups = [steps.new(k) for k in range(step + 1)]
+    return groups + ([tuple(c for g in groups[1:] for c in g)] if step >= 2 else [])
 
 
 @dataclass(frozen=True)
@@ -182,7 +283,8 @@ def input_normalization(config: RunConfig) -> ResolvedNormalization:
 
 def synthetic_settings(config: RunConfig) -> dict[str, Any]:
     """What `clbench eval` needs to find the run's synthetic benchmark without --data-root."""
-    return {key: getattr(config, key) for key in ("synth_train", "synth_val", "synth_domain")}
+    return {**{key: getattr(config, key) for key in ("synth_train", "synth_val", "synth_domain")},
+            "synth_variant": config.synthetic_variant}
 
 
 def open_run(setup: Setup, session: Session) -> Recorder:
@@ -247,7 +349,7 @@ def reopen_run(setup: Setup, audit: BatchNormAudit) -> tuple[Recorder, int]:
     if not saved.exists() or resolve(saved, {}).without("output_only") != config.without("output_only"):
         raise ClbenchError(f"{run_dir}: not an interrupted run of this configuration (its config.yaml differs or is "
                            "missing); nothing was changed")
-    done, ckpt = last_resume_point(run_dir, len(config.order))
+    done, ckpt = last_resume_point(run_dir, len(setup.experiences))
     recorder = Recorder.reopen(run_dir, row_base(setup), ckpt["record"] if ckpt else None, done)
     if ckpt is not None:
         setup.model.load_state_dict(ckpt["model"])

@@ -9,7 +9,8 @@ import torch
 
 from clbench import ClbenchError
 from clbench.benchmarks import load_task, task_folder
-from clbench.benchmarks.stream import build_stream
+from clbench.benchmarks.steps import Viewed, class_view
+from clbench.benchmarks.stream import labelled
 from clbench.config import FIELDS
 from clbench.evaluate import EVAL_BATCH, evaluate_task
 from clbench.runtime import ModelConfig, build_model, data_root, loader, resolve_device
@@ -57,12 +58,18 @@ def evaluate_checkpoint(weights: Path, root: Path | None, tasks: str, device: st
     data = _test_data(ckpt, root, [by_name[name] for name in wanted], model_config)
     model = _network(ckpt, weights, specs, model_config, dev)
     served = ckpt.get("evaluation") or {}   # what the run served each task with (e.g. bn_per_task's statistics)
-    stream = build_stream([t.test for t in data], [t.test for t in data])
+    seen = ckpt.get("seen") or {}   # class-incremental tasks: the classes the run had introduced by this stage
     results = {}
-    for name, task, experience in zip(wanted, data, stream.test_stream):
+    for k, (name, task) in enumerate(zip(wanted, data)):
         spec = by_name[name]
-        batches = loader(experience.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=0, workers=0, device=dev)
-        value, _ = evaluate_task(model, spec, batches, dev, task.coco_gt, served.get(name)).metrics[spec.metric]
+        test, coco, classes = task.test, task.coco_gt, None
+        if name in seen:
+            classes = tuple(int(c) for c in seen[name])
+            view = class_view(spec, task.test.present_labels(), classes, coco)
+            test, coco = Viewed(task.test, view), view.coco if spec.kind == "det" else coco
+        batches = loader(labelled(test, k), batch_size=EVAL_BATCH, shuffle=False, seed=0, workers=0, device=dev)
+        value, _ = evaluate_task(model, spec, batches, dev, coco, served.get(name),
+                                 classes=classes).metrics[spec.metric]
         results[name] = {spec.metric: value}
     return results
 
@@ -79,6 +86,7 @@ def _test_data(ckpt: dict, root: Path | None, specs: list[TaskSpec], model_confi
     """Each task's data as the run read it (its folder, the input size and normalisation), classes checked."""
     synth = {key: ckpt.get("synthetic", {}).get(key, FIELDS[key].default)  # the run's synthetic benchmark
              for key in ("synth_train", "synth_val", "synth_domain")}
+    synth["synth_variant"] = ckpt.get("synthetic", {}).get("synth_variant", "default")
     data_dir, _ = data_root(str(root) if root else None, **synth)
     data = [load_task(data_dir, spec.kind, image_size=model_config.image_size, normalization=model_config.normalization,
                       name=spec.name, folder=spec.folder) for spec in specs]

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     _view_parsers(sub)
     sub.add_parser("strategies", help="list every strategy found, its origin and hyperparameters")
     sub.add_parser("configs", help="list the run configurations clbench ships (--config NAME)")
+    sub.add_parser("benchmarks", help="list the benchmark files clbench ships (--protocol NAME): the experiences of "
+                   "each, in order")
     _data_parsers(sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True))
     return parser
 
@@ -72,6 +74,9 @@ def _data_parsers(data: argparse._SubParsersAction) -> None:
     synth.add_argument("--n-val", type=_count(1), default=FIELDS["synth_val"].default)
     synth.add_argument("--domain", choices=("distinct", "shared"), default="distinct",
                        help="distinct: each task its own image statistics; shared: one scene generator for all tasks")
+    synth.add_argument("--variant", choices=("default", "voc21"), default="default",
+                       help="segmentation's classes: default = background + 5; voc21 = VOC's 21 (class-incremental "
+                       "benchmarks)")
     prep = data.add_parser("prepare", allow_abbrev=False,
                            help="the mini subsets from the official downloads (folders or archives)")
     prep.add_argument("--coco", type=Path, required=True, help="folder with val2017/ + annotations/, or the zips")
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, sys.argv[1:] if argv is None else argv)
     commands = {"run": _run, "compare": _compare, "table": _table, "plot": _plot, "eval": _eval,
-                "strategies": _strategies, "configs": _configs, "data": _data, "report": _report}
+                "strategies": _strategies, "configs": _configs, "benchmarks": _benchmarks, "data": _data, "report": _report}
     try:
         return commands[args.command](args)
     except ClbenchError as exc:
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from clbench.reader import RunData
-    from clbench.report import curve_text, own_stage_line, run_summary
+    from clbench.report import class_group_text, curve_text, own_stage_line, run_summary
     from clbench.run import run as run_one
     if args.resume is not None:
         config = _resumed_config(args)
@@ -223,9 +228,9 @@ def _run(args: argparse.Namespace) -> int:
     data = RunData.load(run_dir)
     print(run_summary(data.rows, data.tasks, data.chance, data.resources))
     print(own_stage_line(data.rows, data.validation, data.tasks))
-    curve = curve_text(data.rows, data.curve, data.tasks)
-    if curve:
-        print("\n" + curve)
+    for extra in (curve_text(data.rows, data.curve, data.tasks), class_group_text(data.by_class, data.class_tasks)):
+        if extra:
+            print("\n" + extra)
     print(f"\nresults: {run_dir}")
     return 0
 
@@ -316,7 +321,7 @@ def _definition(definition: str | None, mode: str, has_reference: bool) -> str:
 
 def _table(args: argparse.Namespace) -> int:
     from clbench.reader import ComparisonData, load
-    from clbench.report import curve_text, render, run_table
+    from clbench.report import class_group_text, curve_text, render, run_table
     data = load(args.folder)
     if args.costs:
         from clbench.summary import cost_text
@@ -337,8 +342,10 @@ def _table(args: argparse.Namespace) -> int:
         print("\n" + note)
         curve = curve_text(data.rows, data.curve, data.tasks, getattr(data, "references", None),
                            getattr(data, "order", ()))
-        if curve:
-            print("\n" + curve)
+        groups = class_group_text(data.by_class, data.class_tasks, getattr(data, "order", ()))
+        for extra in (curve, groups):
+            if extra:
+                print("\n" + extra)
     return 0
 
 
@@ -379,6 +386,18 @@ def _configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmarks(args: argparse.Namespace) -> int:
+    """Each shipped benchmark file: its name, file, description and experiences (task and classes)."""
+    from clbench.protocol import load_protocol, shipped_protocols
+    for name, path in shipped_protocols().items():
+        protocol = load_protocol(name)
+        steps = " -> ".join(e.task + (f"[{','.join(map(str, e.classes))}]" if e.classes is not None else "")
+                            for e in protocol.experiences)
+        synthetic = "" if protocol.synthetic == "default" else f"; synthetic data: {protocol.synthetic}"
+        print(f"{name}  [{path}]\n    {protocol.description}\n    {steps}{synthetic}")
+    return 0
+
+
 def _strategies(args: argparse.Namespace) -> int:
     from clbench.plugins import Broken, available
     from clbench.strategy import hyperparameters
@@ -397,7 +416,7 @@ def _data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from clbench.benchmarks.synthetic import SynthSpec, generate
         out = generate(args.out, SynthSpec(seed=args.seed, n_train=args.n_train, n_val=args.n_val,
-                                                 domain=args.domain))
+                                           domain=args.domain, variant=args.variant))
         print(f"synthetic benchmark written to {out}")
     elif args.data_command == "prepare":
         from clbench.benchmarks.prepare import Counts, prepare

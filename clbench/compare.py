@@ -91,7 +91,7 @@ class CompareSettings:
         return "compare-" + hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
 
 
-GRID_EXCLUDED = ("set", "tasks", "order", "data_root", "device", "strategy", "seed")
+GRID_EXCLUDED = ("set", "tasks", "order", "protocol", "data_root", "device", "strategy", "seed")
 
 
 def is_run_key(key: str) -> bool:
@@ -119,7 +119,7 @@ def stage1_key(config: RunConfig) -> str:
     per-task settings only the first task's: a later task's epochs or learning rate cannot change stage 1, so a
     --grid over them shares it)."""
     fields = config.without("output_only", "strategy")
-    first = config.order[0]
+    first = config.experiences[0]
     fields.update({name: {first: fields[name][first]} for name in KIND_DEFAULTS})
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -310,7 +310,7 @@ def compare(settings: CompareSettings, *, out: Path, name: str | None = None, pr
 
 def jobs(settings: CompareSettings, folder: Path, grid: list[Cell]) -> list[Job]:
     """Every run of the comparison in order: the cells (seed by seed), the joint bound, the references."""
-    stages = len(settings.base.order)
+    stages = len(settings.base.experiences)
     out = [Job("run", "runs", cell.id, cell.config, stages,
                folder / "cache" / f"stage1-seed{cell.seed}-{stage1_key(cell.config)}.pt"
                if cell.shares_first_stage else None) for cell in grid]
@@ -319,7 +319,8 @@ def jobs(settings: CompareSettings, folder: Path, grid: list[Cell]) -> list[Job]
                 for seed in settings.seeds]
     if settings.reference:
         out += [Job("run", "reference", f"{task}-seed{seed}",
-                    dataclasses.replace(settings.base, strategy="naive", seed=seed, order=(task,), set={}), 1, None)
+                    dataclasses.replace(settings.base, strategy="naive", seed=seed, protocol=None, order=(task,),
+                                        synth_variant=settings.base.synthetic_variant, set={}), 1, None)
                 for seed in settings.seeds for task in settings.base.order]
     return out
 

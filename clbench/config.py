@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from clbench import ClbenchError, did_you_mean
 from clbench.anchors import parse_anchors
 from clbench.losses import ASSIGNMENTS
 from clbench.pretrained import PACKAGED, parse_normalize
+from clbench.protocol import Protocol, load_protocol, one_per_task
 
 KINDS = ("seg", "det", "cls")
 TASK_NAMES = KINDS   # the default tasks: one of each kind, named after it
@@ -253,6 +255,11 @@ class RunConfig:
         "the tasks by name: NAME=KIND or NAME=KIND:FOLDER (default seg=seg,det=det,cls=cls, each in its kind's folder "
         "of the data root: mini_voc_seg, mini_coco_det, imagenette_160); two tasks may share a kind")})
     order: tuple[str, ...] = field(default=TASK_NAMES, metadata={"parse": _order, "help": "task order by name, e.g. seg,det,cls"})
+    protocol: str | None = field(default=None, metadata={"parse": _optional_str, "help": (
+        "a benchmark file (its path, or the name of one clbench ships: `clbench benchmarks`): the experiences in "
+        "order, each training a task on the classes it introduces (class-incremental protocols such as "
+        "voc-15-5-overlapped); its tasks and order replace --tasks and --order. Default: --tasks in --order, one "
+        "experience each")})
     epochs: dict[str, int] = field(default_factory=dict, metadata={
         "parse": _per_task(_positive(whole_number)), "help": "N or per task NAME=N,... (a task not named: its kind's "
         "default, seg 4, det 6, cls 3)"})
@@ -321,6 +328,10 @@ class RunConfig:
     synth_domain: str = field(default="distinct", metadata={"parse": _choice("distinct", "shared"), "help": (
         "the synthetic benchmark's images (without --data-root): distinct = each task its own image statistics, "
         "shared = one scene generator for all three tasks, only the annotations differ")})
+    synth_variant: str | None = field(default=None, metadata={"parse": lambda v: None if v is None else
+                                       _choice("default", "voc21")(v), "help": (
+        "the synthetic segmentation classes (without --data-root): default = background + 5, voc21 = VOC's 21 "
+        "classes; unset: the benchmark file's (its `synthetic:`), else default")})
     out: str = field(default="results", metadata={"parse": str, "output_only": True,
                                                   "help": "folder that receives <run_id>/"})
     run_id: str | None = field(default=None, metadata={"parse": run_id_name, "per_cell": True, "output_only": True,
@@ -361,12 +372,38 @@ class RunConfig:
         return self.tasks[task].partition(":")[2] or None
 
     def stream(self) -> list[tuple[str, str, str | None]]:
-        """(name, kind, folder or None) of each task in ``order``: what the run trains, stage by stage."""
+        """(name, kind, folder or None) of each task in ``order``: the tasks a run trains, in the order they start."""
         return [(t, self.kind(t), self.folder(t)) for t in self.order]
 
+    def benchmark_file(self) -> Protocol:
+        """The experiences this run trains: ``protocol``'s file, or one experience per task of ``order``."""
+        return _protocol(self.protocol, tuple(self.tasks.items()), self.order)
+
+    @property
+    def synthetic_variant(self) -> str:
+        """Which synthetic data stands in without --data-root: --synth-variant, else the benchmark file's."""
+        return self.synth_variant or self.benchmark_file().synthetic
+
+    @property
+    def experiences(self) -> tuple[str, ...]:
+        """The task each stage trains, stage by stage."""
+        return tuple(e.task for e in self.benchmark_file().experiences)
+
     def _resolve_tasks(self) -> None:
-        """``order`` names tasks of ``tasks``; every per-task setting gets a value for every task: the one given
-        for it, else the one given for all, else its kind's default."""
+        """``order`` names tasks of ``tasks`` (both from the benchmark file with ``protocol``); every per-task
+        setting gets a value for every task: the one given for it, else the one given for all, else its kind's
+        default."""
+        if self.protocol is not None:
+            protocol = load_protocol(self.protocol)
+            if dict(self.tasks) not in ({k: k for k in KINDS}, protocol.task_settings) or \
+                    self.order not in (TASK_NAMES, protocol.order):
+                raise ClbenchError(f"--protocol {self.protocol}: its file names the tasks and their order; leave "
+                                   "--tasks and --order out (or use them without --protocol)")
+            if self.eval_every and protocol.incremental:
+                raise ClbenchError(f"--eval-every: not available with a class-incremental benchmark file yet "
+                                   f"(--protocol {self.protocol}); its tasks are evaluated after each stage")
+            object.__setattr__(self, "tasks", _frozen(protocol.task_settings))
+            object.__setattr__(self, "order", protocol.order)
         unknown = [t for t in self.order if t not in self.tasks]
         if unknown:
             raise ClbenchError(f"order: {unknown[0]!r} is not a task (tasks: {', '.join(self.tasks)}; --tasks adds "
@@ -403,6 +440,11 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+@functools.lru_cache(maxsize=32)
+def _protocol(name: str | None, tasks: tuple[tuple[str, str], ...], order: tuple[str, ...]) -> Protocol:
+    return load_protocol(name) if name is not None else one_per_task(dict(tasks), order)
 
 
 def parse_field(name: str, value: Any, source: str) -> Any:

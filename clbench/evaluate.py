@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from clbench.bootstrap import Bootstrap, CocoPieces, resampled_metric, stack_confusions
 from clbench.decode import boxes_to_original, decode_detections, seg_labels
 from clbench.freezing import swapped_state
+from clbench.incremental import restrict_logits
 from clbench.metrics import chance_miou, chance_top1, coco_evaluation, confusion_matrix, iou_from_confusion, topk_correct
 from clbench.tasks import TaskSpec
 
@@ -35,15 +37,21 @@ class TaskEval:
 @torch.inference_mode()
 def evaluate_task(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device,
                   coco_gt: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None,
-                  bootstrap: Bootstrap | None = None) -> TaskEval:
+                  bootstrap: Bootstrap | None = None, classes: tuple[int, ...] | None = None,
+                  groups: dict[str, tuple[tuple[int, ...], int]] | None = None) -> TaskEval:
     """Primary and secondary metrics of ``task``, served with ``state`` (a strategy's ``evaluation_state``)
     loaded into the model for the duration; the model is left in eval mode. With ``bootstrap``, the primary metric
-    per resample of the images too (``TaskEval.resampled``)."""
+    per resample of the images too (``TaskEval.resampled``). A class-incremental task (DESIGN.md §8): ``classes``
+    the classes seen so far (the others never predicted), ``groups`` name -> (classes, n images holding one): the
+    primary metric over each group's classes too, as ``metric[name]``."""
     model.eval()
     with swapped_state(model, state):
-        result = _evaluate(model, task, batches, device, coco_gt)
+        result = _evaluate(model, task, batches, device, coco_gt, classes)
+    for name, (members, support) in (groups or {}).items():
+        result.metrics[f"{task.metric}[{name}]"] = (group_value(task, result, members), support)
     if bootstrap is not None and bootstrap.resamples:
-        pieces = CocoPieces.evaluate(coco_gt, result.detections or []) if task.kind == "det" else result.pieces
+        pieces = CocoPieces.evaluate(coco_gt, result.detections or []) if task.kind == "det" else \
+            result.pieces[0] if task.kind == "cls" else result.pieces
         n = result.metrics[task.metric][1]
         result.resampled = resampled_metric(task.kind, pieces, bootstrap.counts(n))
     result.pieces = None
@@ -51,12 +59,26 @@ def evaluate_task(model: nn.Module, task: TaskSpec, batches: Iterable, device: t
 
 
 def _evaluate(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device,
-              coco_gt: dict[str, Any] | None) -> TaskEval:
+              coco_gt: dict[str, Any] | None, classes: tuple[int, ...] | None) -> TaskEval:
+    def outputs(images: torch.Tensor) -> torch.Tensor:
+        return restrict_logits(model(images.to(device, non_blocking=True))[task.name].float(), task.kind, classes)
     if task.kind == "det":
-        return _evaluate_det(model, task, batches, device, coco_gt)
+        return _evaluate_det(model, task, batches, outputs, coco_gt)
     if task.kind == "seg":
-        return _evaluate_seg(model, task, batches, device)
-    return _evaluate_cls(model, task, batches, device)
+        return _evaluate_seg(task, batches, outputs)
+    return _evaluate_cls(task, batches, outputs)
+
+
+def group_value(task: TaskSpec, result: TaskEval, members: tuple[int, ...]) -> float:
+    """The primary metric over some classes only: the mean IoU or AP of those evaluated (NaN: none), top-1 on the
+    images of those classes."""
+    if task.kind == "cls":
+        hits, labels = result.pieces
+        chosen = np.isin(labels, members)
+        return float(hits[chosen].mean()) if chosen.any() else float("nan")
+    per_class = result.per_class["IoU" if task.kind == "seg" else "AP"]
+    values = [per_class[task.classes[c]] for c in members if not math.isnan(per_class[task.classes[c]])]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def detections_to_coco(task: TaskSpec, detections: list[dict[str, torch.Tensor]], targets: list[dict[str, Any]],
@@ -71,28 +93,28 @@ def detections_to_coco(task: TaskSpec, detections: list[dict[str, torch.Tensor]]
     return results
 
 
-def _evaluate_det(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device,
+def _evaluate_det(model: nn.Module, task: TaskSpec, batches: Iterable, outputs: Callable,
                   coco_gt: dict[str, Any] | None) -> TaskEval:
     if coco_gt is None:
         raise ValueError("detection evaluation needs the COCO ground truth")
     results, n = [], 0
     for images, targets, _ in batches:
-        raw = model(images.to(device, non_blocking=True))[task.name].float()
+        raw = outputs(images)
         input_hw = tuple(images.shape[-2:])
         anchors_px = model.anchors * raw.new_tensor([input_hw[1], input_hw[0]])
         results += detections_to_coco(task, decode_detections(raw, anchors_px, model.head_stride), targets, input_hw)
         n += len(targets)
     stats, per_category = coco_evaluation(coco_gt, results)
     names = dict(zip(task.category_ids, task.classes))
-    return TaskEval({name: (value, n) for name, value in stats.items()},
-                    {"AP": {names[c]: v for c, v in per_category.items()}}, results)
+    per_class = {name: per_category.get(c, float("nan")) for c, name in names.items()}
+    return TaskEval({name: (value, n) for name, value in stats.items()}, {"AP": per_class}, results)
 
 
-def _evaluate_seg(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device) -> TaskEval:
+def _evaluate_seg(task: TaskSpec, batches: Iterable, outputs: Callable) -> TaskEval:
     cm = torch.zeros(task.num_classes, task.num_classes, dtype=torch.long)
     per_image = []
     for images, masks, _ in batches:
-        logits = model(images.to(device, non_blocking=True))[task.name].float()
+        logits = outputs(images)
         for image_logits, mask in zip(logits, masks):
             pred = seg_labels(image_logits, tuple(mask.shape)).cpu()
             per_image.append(confusion_matrix(pred, mask, task.num_classes))
@@ -104,16 +126,18 @@ def _evaluate_seg(model: nn.Module, task: TaskSpec, batches: Iterable, device: t
                     pieces=stack_confusions(per_image))
 
 
-def _evaluate_cls(model: nn.Module, task: TaskSpec, batches: Iterable, device: torch.device) -> TaskEval:
+def _evaluate_cls(task: TaskSpec, batches: Iterable, outputs: Callable) -> TaskEval:
     top1 = top5 = n = 0
-    hits = []
+    hits, seen = [], []
     for images, labels, _ in batches:
-        logits = model(images.to(device, non_blocking=True))[task.name].float().cpu()
+        logits = outputs(images).cpu()
         hits += (logits.topk(1, dim=1).indices[:, 0] == labels).tolist()
+        seen += labels.tolist()
         top1 += topk_correct(logits, labels, 1)
         top5 += topk_correct(logits, labels, 5)
         n += len(labels)
-    return TaskEval({"top1": (top1 / n, n), "top5": (top5 / n, n)}, pieces=np.asarray(hits, dtype=np.float64))
+    return TaskEval({"top1": (top1 / n, n), "top5": (top5 / n, n)},
+                    pieces=(np.asarray(hits, dtype=np.float64), np.asarray(seen, dtype=np.int64)))
 
 
 def chance_level(task: TaskSpec, dataset: Any) -> float:

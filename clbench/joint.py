@@ -10,7 +10,9 @@ the mean batch size), drawn from an endless sequence of shuffles of t's training
 task's own loss on its own images, summed. One AdamW over every parameter at the mean of the tasks' learning
 rates (the sequential stages may use one each), the same weight decay, clipping and AMP as a stage. Evaluated
 before training (stage 0) and after it (stage 1, stage_task ``joint``), every task, as a sequential run's
-stages are.
+stages are. A task that a benchmark file trains over several class steps (DESIGN.md §8) is trained here on its
+whole training set with every class, I[t] = epochs[t] x the sum of its experiences' image counts, and evaluated on
+every class.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
+from clbench.benchmarks.stream import labelled
 from clbench.build import Setup, model_config, prepare, synthetic_settings
 from clbench.config import RunConfig
 from clbench.loop import OnStep, optimizer_step, scheduler, task_loss
@@ -58,8 +61,9 @@ def run_joint(config: RunConfig, *, session: Session | None = None, group: tuple
     setup = prepare(config, session)
     recorder, _, _ = start(setup, session, resume=False)
     steps = sum(stage_steps(setup))
-    datasets = [exp.dataset for exp in setup.stream.train_stream]
-    images = [config.epochs[t.name] * len(d) for t, d in zip(setup.specs, datasets)]
+    datasets = [labelled(t.train, k) for k, t in enumerate(setup.tasks)]   # every class of each task
+    images = [config.epochs[t.name] * sum(len(e.train) for e in setup.experiences if e.task == k)
+              for k, t in enumerate(setup.specs)]
     lr = sum(config.lr[t.name] for t in setup.specs) / len(setup.specs)
     trackers = open_trackers(setup, recorder, 0, group or ("clbench", Path(config.out)))
     try:
@@ -82,13 +86,14 @@ def finish(setup: Setup, recorder: Recorder, seconds: float, losses: list[float]
     config = setup.config
     recorder.resources.stages[1] = StageResources(JOINT, seconds, parameters=setup.model.parameter_counts())
     eval_start = time.perf_counter()
-    evaluate_all(recorder, setup, stage=1, stage_task=JOINT)
+    evaluate_all(recorder, setup, stage=1, stage_task=JOINT, seen_after=len(setup.experiences))
     recorder.resources.stages[1].eval_seconds = time.perf_counter() - eval_start
     recorder.commit(1, {"model": setup.model.state_dict(), "stage": 1, "task": JOINT,
                         "model_config": _model_config(setup), "tasks": [t.to_dict() for t in setup.specs],
                         "evaluation": {}, "synthetic": synthetic_settings(config)})
     atomic_write(recorder.run_dir / "joint.json", to_json({
-        "steps": steps, "sequential_steps": dict(zip(config.order, stage_steps(setup))),
+        "steps": steps, "sequential_steps": {t.name: sum(n for e, n in zip(setup.experiences, stage_steps(setup))
+                                                        if e.task == k) for k, t in enumerate(setup.specs)},
         "images_seen": dict(zip(config.order, images)), "mean_images_per_step": sum(images) / steps,
         "lr": lr, "mean_loss_first_last_10_steps": [_mean(losses[:10]), _mean(losses[-10:])],
         "how": __doc__.split("\n\n")[1].replace("\n", " ")}))

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from clbench import ClbenchError
 from clbench.accel import Precision
+from clbench.incremental import restrict_logits
 from clbench.losses import cls_loss, det_loss, seg_loss
 from clbench.strategy import StageContext, Strategy, loss_terms, summed
 from clbench.tasks import TaskSpec
@@ -53,9 +54,10 @@ class NonFiniteLoss(ClbenchError):
 
 
 def task_loss(model: torch.nn.Module, task: TaskSpec, outputs: dict[str, torch.Tensor], targets: Any,
-              input_hw: tuple[int, int], assign: str = "centre") -> torch.Tensor:
-    """The task's own loss on the model's outputs for it (``assign``: detection's target assignment)."""
-    out = outputs[task.name]
+              input_hw: tuple[int, int], assign: str = "centre", classes: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The task's own loss on the model's outputs for it (``assign``: detection's target assignment; ``classes``:
+    the classes introduced so far, the others' logits masked out, DESIGN.md §8)."""
+    out = restrict_logits(outputs[task.name], task.kind, classes)
     if task.kind == "det":
         anchors_px = model.anchors * out.new_tensor([input_hw[1], input_hw[0]])
         return det_loss(out.float(), targets, anchors_px, model.head_stride, assign)

@@ -4,7 +4,9 @@ a runner). The per-file readers it builds on are ``clbench.recorder``'s (``read_
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -16,6 +18,7 @@ import yaml
 
 from clbench import ClbenchError
 from clbench.drop import DEFINITIONS
+from clbench.incremental import group_name
 from clbench.recorder import (
     Resources,
     read_bn_drift,
@@ -46,15 +49,55 @@ class RunData:
     curve: pd.DataFrame                 # curve.csv (empty without --eval-every)
     validation: pd.DataFrame            # metrics.csv's validation rows (empty without --val-fraction)
 
+    by_class: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)   # class-incremental: rows as written
+    class_tasks: list[TaskSpec] = field(default_factory=list)                     # and the tasks as written
+
     @classmethod
     def load(cls, path: Path) -> "RunData":
         path = Path(path)
         every = with_resamples(read_rows(path, split=None), read_bootstrap(path))
-        rows, validation = (every[every["split"] == s].reset_index(drop=True) for s in (TEST, VALIDATION))
-        tasks = read_tasks(path, rows)
-        return cls(path, rows, tasks, chance_levels(read_chance(path), rows, tasks), _yaml(path / "config.yaml", {}),
+        written, validation = (every[every["split"] == s].reset_index(drop=True) for s in (TEST, VALIDATION))
+        written_tasks = read_tasks(path, written)
+        chance = chance_levels(read_chance(path), written, written_tasks)
+        rows, tasks = group_tasks(written, written_tasks)
+        validation, _ = group_tasks(validation, written_tasks)
+        chance.update({t.name: math.nan for t in tasks if t.name not in chance})
+        return cls(path, rows, tasks, chance, _yaml(path / "config.yaml", {}),
                    _json(path / "env.json", {}), read_resources(path) if (path / "resources.json").exists() else None,
-                   read_bn_drift(path), read_curve(path), validation)
+                   read_bn_drift(path), read_curve(path), validation, written, written_tasks)
+
+
+def group_tasks(rows: pd.DataFrame, tasks: list[TaskSpec]) -> tuple[pd.DataFrame, list[TaskSpec]]:
+    """Rows and tasks as the drop tables read them (DESIGN.md §8): a task trained over several class steps becomes
+    one task per step, ``seg[16-20]``, whose primary metric is the task's metric on that step's classes
+    (``mIoU[16-20]``), trained at the stage that introduced them; so every definition applies per class group, from
+    the stage that introduced it. Other tasks and rows stay as they are; without a class-incremental task, the
+    rows themselves."""
+    incremental = [t for t in tasks if t.incremental]
+    if not incremental or rows.empty:
+        return rows, tasks
+    rows = rows.copy()
+    stage_task = dict(zip(rows["stage"], rows["stage_task"]))
+    renamed = dict(stage_task)
+    out_tasks: list[TaskSpec] = []
+    for task in tasks:
+        if not task.incremental:
+            out_tasks.append(task)
+            continue
+        names = [f"{task.name}[{group_name(step)}]" for step in task.steps]
+        for k, stage in enumerate(s for s in sorted(stage_task) if stage_task[s] == task.name):
+            renamed[stage] = names[min(k, len(names) - 1)]
+        out_tasks += [dataclasses.replace(task, name=name, classes=tuple(task.classes[c] for c in step), steps=(),
+                                          mode=None, category_ids=tuple(task.category_ids[c] for c in step)
+                                          if task.category_ids else ())
+                      for name, step in zip(names, task.steps)]
+        for name, step in zip(names, task.steps):
+            chosen = (rows["eval_task"] == task.name) & (rows["metric"] == f"{task.metric}[{group_name(step)}]")
+            rows.loc[chosen, "eval_task"] = name
+            rows.loc[chosen, "metric"] = task.metric
+        rows = rows[rows["eval_task"] != task.name]
+    rows["stage_task"] = rows["stage"].map(renamed).where(rows["stage"] > 0, rows["stage_task"])
+    return rows.reset_index(drop=True), out_tasks
 
 
 def with_resamples(rows: pd.DataFrame, resamples: pd.DataFrame) -> pd.DataFrame:
@@ -115,8 +158,8 @@ class ComparisonData:
         done = {r.path.name for r in runs}
         missing = [cell for cell, _ in cells or [] if cell not in done]
         joint = [read_rows(d) for d in finished_runs(path, "bounds")]
-        return cls(path, settings, runs, runs[0].tasks, _references(path), pd.concat(joint, ignore_index=True)
-                   if joint else None, labels, missing, _json(path / "failed.json", []),
+        joint_rows = group_tasks(pd.concat(joint, ignore_index=True), runs[0].class_tasks)[0] if joint else None
+        return cls(path, settings, runs, runs[0].tasks, _references(path), joint_rows, labels, missing, _json(path / "failed.json", []),
                    pd.concat([r.rows for r in runs], ignore_index=True),
                    pd.concat([r.validation for r in runs], ignore_index=True), _references(path, VALIDATION))
 
@@ -134,6 +177,15 @@ class ComparisonData:
         """The strategies with rows, in the grid's order."""
         present = set(self.rows["strategy"])
         return [s for s in self.labels if s in present]
+
+    @cached_property
+    def by_class(self) -> pd.DataFrame:
+        """Every cell's rows as written (a class-incremental task's group metrics under its own name)."""
+        return pd.concat([r.by_class for r in self.runs], ignore_index=True)
+
+    @property
+    def class_tasks(self) -> list[TaskSpec]:
+        return self.runs[0].class_tasks
 
     @cached_property
     def bn_drift(self) -> pd.DataFrame:

@@ -22,6 +22,7 @@ from clbench.drop import (
     trained_at,
     wc_acc,
 )
+from clbench.incremental import group_name
 from clbench.recorder import Resources
 from clbench.tasks import TaskSpec
 
@@ -556,3 +557,51 @@ def resource_line(resources: Resources) -> str:
     return (f"Time: training {totals['train_seconds']:.1f} s, evaluation {totals['eval_seconds']:.1f} s{held} "
             f"({100 * share:.1f}% of stage time; per stage {per_stage}), BN audit "
             f"{totals['bn_audit_seconds']:.1f} s; peak memory {peak}; device {resources.device}.")
+
+
+SMALL_SUPPORT = 10   # a class group's figure rests on fewer test images than this: flagged
+
+
+def class_group_table(by_class: pd.DataFrame, tasks: Sequence[TaskSpec],
+                      strategies: Sequence[str] = ()) -> tuple[pd.DataFrame, str]:
+    """The papers' format for each class-incremental task (DESIGN.md §8): its primary metric after the last stage on
+    the base classes, on the classes added after them, and on all classes (``0-15 | 16-20 | all``), mean ± std over
+    seeds, each group's n (test images holding one of its classes) in its header; a group with fewer than
+    ``SMALL_SUPPORT`` images is flagged. Empty without a class-incremental task."""
+    frames, notes = [], []
+    for task in (t for t in tasks if t.incremental):
+        rows = by_class[by_class.eval_task == task.name]
+        if rows.empty:
+            continue
+        final = rows[rows.stage == rows.stage.max()]
+        base, added = group_name(task.steps[0]), group_name(tuple(c for s in task.steps[1:] for c in s))
+        columns = {f"{task.metric}[{base}]": base, f"{task.metric}[{added}]": added, task.metric: "all"}
+        headers = {}
+        for metric, label in columns.items():
+            n = final.loc[final.metric == metric, "n"]
+            support = int(n.iloc[0]) if not n.empty else 0
+            headers[metric] = f"{label} (n {support})" + (" †" if support < SMALL_SUPPORT else "")
+        order = [s for s in strategies if s in set(final.strategy)] or sorted(set(final.strategy))
+        table = pd.DataFrame([{"Task": f"{task.label} {task.metric_label}", "Strategy": strategy,
+                               **{headers[m]: _mean_std(final[(final.strategy == strategy) & (final.metric == m)]
+                                                        ["value"].astype(float), "{:.3f}") for m in columns}}
+                              for strategy in order])
+        frames.append(table)
+        notes.append(f"{task.label}: {len(task.steps)} steps ({', '.join(group_name(s) for s in task.steps)}"
+                     + (f", {task.mode}" if task.mode else "") + ")")
+    if not frames:
+        return pd.DataFrame(), ""
+    small = any("†" in c for f in frames for c in f.columns)
+    background = " (segmentation's background with them)" if any(t.kind == "seg" and t.incremental for t in tasks) \
+        else ""
+    note = ("After the last stage, as class-incremental papers report it: the primary metric on the base classes, the "
+            f"first step's{background}, on every class added after them, and on all classes; n = test images "
+            "holding a class of the group. " + "; ".join(notes) + "."
+            + (f" † fewer than {SMALL_SUPPORT} test images: read that figure with care." if small else ""))
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], note
+
+
+def class_group_text(by_class: pd.DataFrame, tasks: Sequence[TaskSpec], strategies: Sequence[str] = ()) -> str:
+    """``class_group_table`` in Markdown with its note; "" without a class-incremental task."""
+    table, note = class_group_table(by_class, tasks, strategies)
+    return "" if table.empty else to_markdown(table) + "\n\n" + note

@@ -74,7 +74,7 @@ def run_stages(config: RunConfig, *, stage1_cache: Path | None = None,
                 return recorder.run_dir
             if stage > done:
                 if on_stage:
-                    on_stage(stage, setup.specs[stage - 1].name)
+                    on_stage(stage, setup.stage_task(stage).name)
                 run_and_commit(setup, recorder, audit, trackers, stage, experience, stage1_cache)
                 yield stage
         write_resources(recorder, setup, session, peak_rss)

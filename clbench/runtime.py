@@ -131,26 +131,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
-def data_root(path: str | None, synth_train: int, synth_val: int, synth_domain: str = "distinct") -> tuple[Path, str]:
+def data_root(path: str | None, synth_train: int, synth_val: int, synth_domain: str = "distinct",
+              synth_variant: str = "default") -> tuple[Path, str]:
     """The data root and the benchmark's name: the user's folder, or the synthetic twin from the cache
-    ("synthetic", or "synthetic-shared" for the shared image domain)."""
+    ("synthetic", "synthetic-shared" for the shared image domain, "-voc21" added for the 21-class variant)."""
     if path:
         root = Path(path)
         if not root.is_dir():
             raise ClbenchError(f"--data-root {root}: folder not found")
         return root, synthetic_name(root) if (root / "synth.json").exists() else root.name
-    spec = synthetic.SynthSpec(seed=0, n_train=synth_train, n_val=synth_val, domain=synth_domain)
+    spec = synthetic.SynthSpec(seed=0, n_train=synth_train, n_val=synth_val, domain=synth_domain, variant=synth_variant)
     root = synthetic.cached(spec)
     return root, synthetic_name(root)
 
 
 def synthetic_name(root: Path) -> str:
-    """"synthetic" or "synthetic-<domain>" from the folder's synth.json (older folders have no domain: distinct)."""
+    """"synthetic", "synthetic-<domain>" and/or "-<variant>" from the folder's synth.json (older folders have
+    neither: distinct, default)."""
     try:
-        domain = json.loads((root / "synth.json").read_text()).get("domain", "distinct")
+        settings = json.loads((root / "synth.json").read_text())
+        domain, variant = settings.get("domain", "distinct"), settings.get("variant", "default")
     except (OSError, ValueError, AttributeError):
-        domain = "distinct"
-    return "synthetic" if domain == "distinct" else f"synthetic-{domain}"
+        domain, variant = "distinct", "default"
+    return "synthetic" + ("" if domain == "distinct" else f"-{domain}") + ("" if variant == "default" else f"-{variant}")
 
 
 class MemoryCache(Dataset):

@@ -54,7 +54,8 @@ def stage_steps(setup: "Setup") -> list[int]:
     """Optimizer steps of each stage (the trackers' step axis runs over the whole run)."""
     config = setup.config
     return [config.epochs[t.name] * math.ceil(len(exp.dataset) / config.batch_size[t.name])
-            for t, exp in zip(setup.specs, setup.stream.train_stream)]
+            for t, exp in zip((setup.stage_task(k) for k in range(1, len(setup.experiences) + 1)),
+                              setup.stream.train_stream)]
 
 
 def open_trackers(setup: "Setup", recorder: Recorder, done: int, group: tuple[str, Path]) -> Trackers:
@@ -83,19 +84,24 @@ def log_resources(trackers: Trackers, resources: Any) -> None:
 
 def stage_context(setup: Setup, stage: int, experience: Any) -> StageContext:
     config, model, specs, device = setup.config, setup.model, setup.specs, setup.device
-    task = specs[stage - 1]
+    index, step = setup.experiences[stage - 1].task, setup.experiences[stage - 1].step
+    task = specs[index]
     batch_size, seed = config.batch_size[task.name], config.seed + 1000 * stage
     if setup.in_memory[task.name]:
-        train_loader: Any = MemoryLoader(lambda: setup.decoded_set(stage - 1), experience.dataset,
+        train_loader: Any = MemoryLoader(lambda: setup.decoded_set(index, stage), experience.dataset,
                                          batch_size=batch_size, seed=seed, device=device,
                                          task_label=experience.task_label)
     else:
         train_loader = loader(experience.dataset, batch_size=batch_size, shuffle=True, seed=seed,
                               workers=config.workers, device=device)
     size = (config.image_size,) * 2
+    seen = {t.name: t.class_steps.seen(setup.seen_step(k, stage)) for k, t in enumerate(specs)}
+    masks = {t.name: seen[t.name] if t.incremental else None for t in specs}
+    earlier = tuple(specs[k] for k in dict.fromkeys(e.task for e in setup.experiences[: stage - 1]) if k != index)
     return StageContext(model=model, stage=stage, task=task, tasks=specs, seed=config.seed, device=device,
                         train_loader=train_loader,
-                        task_loss=lambda t, out, y: task_loss(model, t, out, y, size, config.assign))
+                        task_loss=lambda t, out, y: task_loss(model, t, out, y, size, config.assign, masks[t.name]),
+                        stages=len(setup.experiences), step=step, earlier=earlier, seen=seen)
 
 
 def stage_settings(config: RunConfig, task: str, amp: Precision) -> StageSettings:
@@ -140,7 +146,7 @@ def evaluate_curve(recorder: Recorder, setup: Setup, stage: int, step: int, glob
     points = {}
     with untouched(setup.model):
         for index, (task, probe) in enumerate(zip(setup.tasks, setup.probes)):
-            value = serve(setup, index, probe=probe).metrics[task.spec.metric][0]
+            value = serve(setup, index, stage, probe=probe).metrics[task.spec.metric][0]
             recorder.add_curve_point(stage, step, global_step, task.spec, value, probe.size)
             points[f"{task.spec.name}/{task.spec.metric}"] = value
     return points
@@ -212,40 +218,50 @@ def checkpoint(setup: Setup, ctx: StageContext, audit: BatchNormAudit) -> dict[s
             "tasks": [t.to_dict() for t in setup.specs], "rng": rng_state(),
             "loader_rng": ctx.train_loader.generator.get_state(), "bn_stats": audit.stats,
             "evaluation": evaluation_states(setup),
-            "synthetic": synthetic_settings(setup.config)}
+            "synthetic": synthetic_settings(setup.config), **classes_seen(setup, ctx.stage)}
 
 
-def evaluate_all(recorder: Recorder, setup: Setup, *, stage: int, stage_task: str) -> dict[str, tuple[float, int]]:
+def classes_seen(setup: Setup, stage: int) -> dict[str, Any]:
+    """``{"seen": {task: classes}}`` for the class-incremental tasks after ``stage`` (`clbench eval` evaluates them
+    on those classes); nothing when there is none."""
+    seen = {t.name: list(t.class_steps.seen(setup.seen_step(k, stage))) for k, t in enumerate(setup.specs)
+            if t.incremental}
+    return {"seen": seen} if seen else {}
+
+
+def evaluate_all(recorder: Recorder, setup: Setup, *, stage: int, stage_task: str,
+                 seen_after: int | None = None) -> dict[str, tuple[float, int]]:
     """Every task's metrics into the recorder, on its test set and (``--val-fraction``) its validation split;
-    returns each task's primary (value, n) on the test set."""
+    returns each task's primary (value, n) on the test set. ``seen_after``: evaluate class-incremental tasks with
+    the classes seen after that stage (default ``stage``; the joint bound: the last)."""
     primary, validation_seconds = {}, 0.0
+    seen_after = stage if seen_after is None else seen_after
     for index, task in enumerate(setup.tasks):
-        result = serve(setup, index)
+        result = serve(setup, index, seen_after)
         recorder.add_evaluation(stage, stage_task, task.spec, result)
         primary[task.spec.name] = result.metrics[task.spec.metric]
         if task.validation is not None:
             start = time.perf_counter()
-            recorder.add_evaluation(stage, stage_task, task.spec, serve(setup, index, split=VALIDATION), VALIDATION)
+            recorder.add_evaluation(stage, stage_task, task.spec, serve(setup, index, seen_after, split=VALIDATION),
+                                    VALIDATION)
             validation_seconds += time.perf_counter() - start
     if stage in recorder.resources.stages:
         recorder.resources.stages[stage].validation_seconds = validation_seconds
     return primary
 
 
-def serve(setup: Setup, index: int, extra: dict[str, torch.Tensor] | None = None, probe: Probe | None = None,
-          split: str = TEST) -> TaskEval:
-    """Task ``index`` evaluated as the strategy serves it (its ``evaluation_state``), ``extra`` loaded on top; on
-    its whole test set, its validation split, or on ``probe``."""
+def serve(setup: Setup, index: int, stage: int, extra: dict[str, torch.Tensor] | None = None,
+          probe: Probe | None = None, split: str = TEST) -> TaskEval:
+    """Task ``index`` evaluated as the strategy serves it (its ``evaluation_state``), ``extra`` loaded on top, as
+    after stage ``stage`` (a class-incremental task: on the classes seen by then); on its whole test set, its
+    validation split, or on ``probe``."""
     task = setup.tasks[index]
     state = {**(setup.strategy.evaluation_state(setup.model, task.spec) or {}), **(extra or {})}
-    if probe:
-        batches, coco = probe.loader, probe.coco_gt
-    elif split == VALIDATION:
-        batches, coco = setup.validation_loaders[index], task.validation_coco
-    else:
-        batches, coco = setup.test_loaders[index], task.coco_gt
+    view = setup.view(index, stage, split)
+    batches, coco = (probe.loader, probe.coco_gt) if probe else (view.batches, view.coco)
     bootstrap = setup.bootstrap if probe is None and extra is None else None   # intervals of the recorded values
-    return evaluate_task(setup.model, task.spec, batches, setup.device, coco, state, bootstrap)
+    return evaluate_task(setup.model, task.spec, batches, setup.device, coco, state, bootstrap, view.classes,
+                         None if probe else view.groups)
 
 
 def evaluation_states(setup: Setup) -> dict[str, dict[str, torch.Tensor]]:
@@ -255,18 +271,22 @@ def evaluation_states(setup: Setup) -> dict[str, dict[str, torch.Tensor]]:
 
 def evaluate_stage(recorder: Recorder, audit: BatchNormAudit, setup: Setup, stage: int) -> None:
     """After a stage: every task evaluated, BN drift audited (and attributed after the last stage); timed."""
-    stage_task = setup.specs[stage - 1].name
+    stage_task = setup.stage_task(stage).name
     start_time = time.perf_counter()
     primary = evaluate_all(recorder, setup, stage=stage, stage_task=stage_task)
     audit_start = time.perf_counter()
     for reference_stage, drift in audit.record(setup.model, stage):
         recorder.add_bn_drift(stage, stage_task, reference_stage, drift)
-    if stage == len(setup.tasks):
+    if stage == len(setup.experiences):
         states = evaluation_states(setup)
-        for own_stage, task in enumerate(setup.specs[: stage - 1], start=1):
+        for index, task in enumerate(setup.specs):
+            own_stage = setup.own_stage(index)
+            if own_stage == stage:
+                continue
             served = {**batchnorm_state(setup.model), **states[task.name]}
-            value, n = audit.own_bn_metric(setup.model, own_stage, primary[task.name], served,
-                                           lambda own, i=own_stage - 1: serve(setup, i, own).metrics[task.metric])
+            value, n = audit.own_bn_metric(
+                setup.model, own_stage, primary[task.name], served,
+                lambda own, i=index: serve(setup, i, stage, own).metrics[setup.specs[i].metric])
             recorder.add_metric(stage, stage_task, task, f"{task.metric}_own_bn", value, n)
     resources = recorder.resources.stages[stage]
     resources.eval_seconds, resources.bn_audit_seconds = audit_start - start_time, time.perf_counter() - audit_start

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ class StageContext:
     """What a hook may read about the current stage."""
 
     model: nn.Module
-    stage: int                      # 1-based; stage k trains tasks[k - 1]
+    stage: int                      # 1-based; stage k trains ``task`` (tasks[k - 1] with one stage per task)
     seed: int                       # the run's --seed: derive every random draw of a strategy from it
     task: TaskSpec
     tasks: tuple[TaskSpec, ...]     # every task, in stream order
@@ -34,15 +34,36 @@ class StageContext:
                                     # the device; ``.dataset`` reads single items, ``.generator`` drives the shuffles
     device: torch.device
     task_loss: Callable[[TaskSpec, dict[str, torch.Tensor], Any], torch.Tensor]
+    # A benchmark file's experiences (DESIGN.md §8); left out: one stage per task, every class at once.
+    stages: int | None = None       # how many stages the run has
+    step: int = 0                   # which of ``task``'s class steps this stage trains (0: its first)
+    earlier: tuple[TaskSpec, ...] | None = None   # the other tasks an earlier stage trained
+    seen: Mapping[str, tuple[int, ...]] | None = None   # per task, its classes introduced so far (this stage's too)
 
     @property
     def earlier_tasks(self) -> tuple[TaskSpec, ...]:
-        return self.tasks[: self.stage - 1]
+        """The tasks, other than this stage's, that an earlier stage trained."""
+        return self.tasks[: self.stage - 1] if self.earlier is None else self.earlier
 
     @property
     def is_last(self) -> bool:
         """No stage follows: whatever an after_stage hook prepares for later stages would go unused."""
-        return self.stage == len(self.tasks)
+        return self.stage == (len(self.tasks) if self.stages is None else self.stages)
+
+    @property
+    def old_classes(self) -> tuple[int, ...]:
+        """This stage's task's classes that earlier stages introduced (class-incremental; () otherwise)."""
+        return self.task.class_steps.old(self.step)
+
+    @property
+    def new_classes(self) -> tuple[int, ...]:
+        """The classes this stage introduces (every class of the task when it has one step)."""
+        return self.task.class_steps.new(self.step)
+
+    @property
+    def future_classes(self) -> tuple[int, ...]:
+        """The classes of this stage's task that later stages introduce: masked out of training and prediction."""
+        return self.task.class_steps.future(self.step)
 
     def device_batches(self) -> Iterator[tuple[torch.Tensor, Any]]:
         """(images, targets) of the stage's training set on the device: for Fisher and importance passes."""

@@ -16,6 +16,7 @@ from clbench.report import (
     COST_NOTE,
     SUMMARY,
     aggregate,
+    class_group_text,
     comparison_table,
     cost_frame,
     cost_table,
@@ -120,6 +121,8 @@ def write_summary(data: ComparisonData, definition: str = "drop", threshold: flo
     text = render(table, "md") + "\n\n" + note + "\n"
     curve = curve_text(data.rows, data.curve, data.tasks, data.references, data.order)
     text += "\n" + curve + "\n" if curve else ""
+    groups = class_group_text(data.by_class, data.class_tasks, data.order)
+    text += "\n" + groups + "\n" if groups else ""
     atomic_write(data.path / "summary.md", text)   # a pure function of the results: the same on every rerun
     atomic_write(data.path / "summary.csv", render(table, "csv"))
     cost = cost_text(data)   # times and memory differ from run to run: their own file, printed with the summary

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from clbench.incremental import ClassSteps
+
 Kind = Literal["det", "seg", "cls"]
 
 PRIMARY_METRIC: dict[str, str] = {"det": "mAP", "seg": "mIoU", "cls": "top1"}
@@ -27,6 +29,17 @@ class TaskSpec:
     classes: tuple[str, ...]
     category_ids: tuple[int, ...] = ()  # detection: original COCO category id of each class index
     folder: str | None = None           # its folder of the data root when not its kind's own (mini_voc_seg, ...)
+    steps: tuple[tuple[int, ...], ...] = ()   # class-incremental: the class indices each of its experiences introduces
+    mode: str | None = None             # class-incremental segmentation: overlapped | disjoint | sequential
+
+    @property
+    def class_steps(self) -> ClassSteps:
+        """How its classes arrive: its ``steps``, or all at once."""
+        return ClassSteps(self.steps or (tuple(range(self.num_classes)),))
+
+    @property
+    def incremental(self) -> bool:
+        return len(self.steps) > 1
 
     @property
     def num_classes(self) -> int:
@@ -57,9 +70,11 @@ class TaskSpec:
     def to_dict(self) -> dict:
         out = {"name": self.name, "kind": self.kind, "dataset": self.dataset, "classes": list(self.classes),
                "category_ids": list(self.category_ids)}
-        return {**out, "folder": self.folder} if self.folder else out
+        out = {**out, "folder": self.folder} if self.folder else out
+        return {**out, "steps": [list(s) for s in self.steps], "mode": self.mode} if self.incremental else out
 
     @classmethod
     def from_dict(cls, data: dict) -> "TaskSpec":
         return cls(name=data["name"], kind=data["kind"], dataset=data["dataset"], classes=tuple(data["classes"]),
-                   category_ids=tuple(data.get("category_ids", ())), folder=data.get("folder"))
+                   category_ids=tuple(data.get("category_ids", ())), folder=data.get("folder"),
+                   steps=tuple(tuple(s) for s in data.get("steps", ())), mode=data.get("mode"))

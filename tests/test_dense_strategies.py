@@ -241,9 +241,9 @@ def test_bn_per_task_serves_segmentation_with_the_statistics_saved_after_stage_1
     served = []
     real = evaluate._evaluate
 
-    def spy(model, task, batches, device, coco_gt):
+    def spy(model, task, batches, device, coco_gt, classes):
         served.append((task.name, batchnorm_state(model)))
-        return real(model, task, batches, device, coco_gt)
+        return real(model, task, batches, device, coco_gt, classes)
 
     monkeypatch.setattr(evaluate, "_evaluate", spy)
     run_dir = run_with(tiny_args, "bn_per_task")

@@ -1,0 +1,198 @@
+"""Class-incremental benchmark files end to end (DESIGN.md §8): each step's training data against the masks and
+annotations read directly, group metrics against per-class values, the tables per group, `clbench eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from clbench import ClbenchError
+from clbench.benchmarks import load_task
+from clbench.benchmarks.steps import step_training_set
+from clbench.benchmarks.synthetic import SynthSpec, generate
+from clbench.config import RunConfig, resolve
+from clbench.incremental import MASKED, restrict_logits
+from clbench.reader import RunData
+from clbench.recorder import read_rows
+from clbench.run import run
+from conftest import tiny_settings
+
+VOC21 = SynthSpec(seed=0, n_train=30, n_val=12, min_side=40, max_side=56, variant="voc21")
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate(tmp_path_factory.mktemp("voc21") / "data", VOC21)
+
+
+def raw_labels(root: Path, split: str) -> dict[str, set[int]]:
+    """Each segmentation mask's label values, read with PIL alone."""
+    folder = root / "mini_voc_seg" / split / "SegmentationClass"
+    return {p.stem: set(np.unique(np.array(Image.open(p))).tolist()) for p in sorted(folder.glob("*.png"))}
+
+
+def seg_task(root: Path, steps, mode: str):
+    data = load_task(root, "seg", image_size=48)
+    spec = data.spec.__class__(**{**data.spec.__dict__, "steps": steps, "mode": mode})
+    return spec, data.train
+
+
+STEPS_15_5 = (tuple(range(16)), (16, 17, 18, 19, 20))
+
+
+@pytest.mark.parametrize("mode", ["overlapped", "disjoint", "sequential"])
+def test_a_steps_training_images_and_labels_follow_its_mode(voc_root, mode):
+    spec, train = seg_task(voc_root, STEPS_15_5, mode)
+    labels = raw_labels(voc_root, "train")
+    new = set(STEPS_15_5[1])
+    for step in (0, 1):
+        chosen = step_training_set(spec, train, step)
+        current = set(STEPS_15_5[step]) - {0}
+        old = set(STEPS_15_5[0]) if step else set()
+        expected = sorted(stem for stem, present in labels.items() if present & current and
+                          (mode == "overlapped" or present - {0, 255} <= old | current))
+        assert sorted(p.stem for p in chosen.images) == expected and expected
+        for k in range(len(chosen)):
+            mask = set(chosen[k][1].unique().tolist())
+            allowed = {0, 255} | current | (old if mode == "sequential" else set())
+            assert mask <= allowed, (mode, step, mask)
+    if mode == "overlapped":   # an image of base and new classes joins the new step with its base pixels background
+        mixed = [stem for stem, present in labels.items() if present & new and present & set(range(1, 16))]
+        assert mixed
+
+
+def test_detection_steps_keep_only_their_boxes(voc_root):
+    data = load_task(voc_root, "det", image_size=48)
+    spec = data.spec.__class__(**{**data.spec.__dict__, "steps": (tuple(range(5)), tuple(range(5, 10)))})
+    coco = json.loads((voc_root / "mini_coco_det" / "train" / "annotations.json").read_text())
+    with_late = {a["image_id"] for a in coco["annotations"] if a["category_id"] > 5}
+    chosen = step_training_set(spec, data.train, 1)
+    assert sorted(img["id"] for img in chosen.images) == sorted(with_late)
+    for k in range(len(chosen)):
+        labels = chosen[k][1]["labels"]
+        assert len(labels) and bool((labels >= 5).all())
+
+
+def test_masked_logits_take_no_part_in_the_loss_or_the_prediction():
+    logits = torch.randn(2, 6, 4, 4, requires_grad=True)
+    masked = restrict_logits(logits, "seg", (0, 1, 2))
+    assert torch.equal(masked[:, 3:], torch.full_like(masked[:, 3:], MASKED))
+    target = torch.randint(0, 3, (2, 4, 4))
+    torch.nn.functional.cross_entropy(masked, target).backward()
+    assert float(logits.grad[:, 3:].abs().max()) == 0.0 and float(logits.grad[:, :3].abs().max()) > 0
+    assert int(masked.argmax(1).max()) <= 2
+    det = restrict_logits(torch.zeros(1, 3, 2, 2, 5 + 10), "det", range(5))
+    assert bool((det[..., 5 + 5:] == MASKED).all()) and bool((det[..., :5 + 5] == 0).all())
+    assert restrict_logits(logits, "seg", None) is logits
+
+
+@pytest.fixture(scope="module")
+def overlapped_run(voc_root, tmp_path_factory) -> Path:
+    args = tiny_settings(voc_root, out=str(tmp_path_factory.mktemp("runs")), protocol="voc-15-5-overlapped",
+                         bootstrap="20", run_id="ov")
+    return run(resolve(None, args))
+
+
+def test_a_run_reports_each_class_group_from_the_stage_that_introduced_it(overlapped_run, voc_root):
+    rows = read_rows(overlapped_run)
+    seg = rows[rows.eval_task == "seg"]
+    metrics = {s: set(seg[seg.stage == s].metric) for s in (0, 1, 2)}
+    assert {"mIoU", "mIoU[0-15]"} <= metrics[1] and "mIoU[16-20]" not in metrics[1]
+    assert {"mIoU", "mIoU[0-15]", "mIoU[16-20]"} <= metrics[2]
+    per_class = pd.read_csv(overlapped_run / "per_class.csv")
+    names = json.loads((overlapped_run / "tasks.json").read_text())[0]["classes"]
+    for stage, group in ((1, range(16)), (2, range(16)), (2, range(16, 21))):
+        ious = per_class[(per_class.stage == stage) & (per_class.eval_task == "seg") & (per_class.metric == "IoU")]
+        by_name = ious.set_index("class")["value"]
+        chosen = [float(by_name[names[c]]) for c in group if not math.isnan(by_name[names[c]])]
+        name = f"mIoU[{min(group)}-{max(group)}]"
+        value = float(seg[(seg.stage == stage) & (seg.metric == name)]["value"].iloc[0])
+        assert value == pytest.approx(np.mean(chosen), abs=1e-12), (stage, name)
+    # after stage 1 the new classes are neither predicted nor labelled: absent from the confusion matrix
+    first = per_class[(per_class.stage == 1) & (per_class.eval_task == "seg") & (per_class.metric == "IoU")]
+    assert first.set_index("class").loc[names[16:], "value"].isna().all()
+    # n: the test images holding a class of the group, and after stage 1 only images with a base class
+    labels = raw_labels(voc_root, "val")
+    n = lambda stage, metric: int(seg[(seg.stage == stage) & (seg.metric == metric)]["n"].iloc[0])  # noqa: E731
+    assert n(2, "mIoU[16-20]") == sum(bool(p & set(range(16, 21))) for p in labels.values())
+    assert n(1, "mIoU") == sum(bool(p & set(range(1, 16))) for p in labels.values())
+    assert n(2, "mIoU") == sum(bool(p & set(range(1, 21))) for p in labels.values())
+
+
+def test_the_tables_apply_every_definition_per_class_group(overlapped_run):
+    data = RunData.load(overlapped_run)
+    assert [t.name for t in data.tasks] == ["seg[0-15]", "seg[16-20]"]
+    written = data.by_class[data.by_class.eval_task == "seg"]
+    get = lambda s, m: float(written[(written.stage == s) & (written.metric == m)]["value"].iloc[0])  # noqa: E731
+    from clbench.report import class_group_table, run_table
+    table, _ = run_table(data.rows, data.tasks)
+    base = table[table.Task.str.startswith("seg[0-15]")].iloc[0]
+    expected = 100 * (get(2, "mIoU[0-15]") - get(1, "mIoU[0-15]")) / get(1, "mIoU[0-15]")
+    assert base["Drop (%)"] == f"{expected:+.2f}%"
+    assert "trained last" in table[table.Task.str.startswith("seg[16-20]")].iloc[0]["Drop (%)"]
+    papers, note = class_group_table(data.by_class, data.class_tasks)
+    row = papers.iloc[0]
+    assert row.filter(like="0-15").iloc[0] == f"{get(2, 'mIoU[0-15]'):.3f}"
+    assert row.filter(like="all").iloc[0] == f"{get(2, 'mIoU'):.3f}"
+    assert "overlapped" in note and "16-20" in "".join(papers.columns)
+
+
+def test_clbench_eval_serves_a_checkpoint_on_the_classes_its_stage_had_seen(overlapped_run, voc_root):
+    from clbench.checkpoint import evaluate_checkpoint
+    rows = read_rows(overlapped_run)
+    for stage in (1, 2):
+        out = evaluate_checkpoint(overlapped_run / "checkpoints" / f"stage{stage}.pt", voc_root, "all", "cpu")
+        expected = rows[(rows.stage == stage) & (rows.eval_task == "seg") & (rows.metric == "mIoU")]["value"]
+        assert out["seg"]["mIoU"] == pytest.approx(float(expected.iloc[0]), abs=1e-6)
+
+
+def test_the_mixed_benchmark_runs_end_to_end(voc_root, tmp_path):
+    args = tiny_settings(voc_root, out=str(tmp_path), protocol="seg15-det-seg5", bootstrap="0", run_id="mixed")
+    data = RunData.load(run(resolve(None, args)))
+    assert [t.name for t in data.tasks] == ["seg[0-15]", "seg[16-20]", "det"]
+    stages = data.rows.drop_duplicates("stage").set_index("stage")["stage_task"].to_dict()
+    assert [stages[s] for s in (1, 2, 3)] == ["seg[0-15]", "det", "seg[16-20]"]
+    config = yaml_config(data.path)
+    assert config["protocol"] == "seg15-det-seg5" and config["order"] == ["seg", "det"]
+
+
+def yaml_config(folder: Path) -> dict:
+    import yaml
+    return yaml.safe_load((folder / "config.yaml").read_text())
+
+
+def test_a_comparison_on_a_detection_protocol_prints_the_papers_table(voc_root, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "clbench", "compare", "--protocol", "coco-5+5", "--strategies",
+                          "naive,lwf", "--seeds", "0", "--bounds", "joint", "--bootstrap", "0", "--out", str(tmp_path),
+                          "--name", "c", *[f"--{k.replace('_', '-')}={v}" for k, v in tiny_settings(voc_root).items()]],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "det[0-4]" in out.stdout and "det[5-9]" in out.stdout
+    assert "| Detection mAP@[.5:.95] | naive" in out.stdout
+    joint = read_rows(tmp_path / "c" / "bounds" / "joint-seed0")
+    assert set(joint[joint.stage == 1].metric) >= {"mAP", "mAP[0-4]", "mAP[5-9]"}   # every class at once
+
+
+def test_protocol_errors():
+    with pytest.raises(ClbenchError, match="--protocol voc-15-5-overlapped: its file names the tasks"):
+        RunConfig(protocol="voc-15-5-overlapped", order=("det", "seg", "cls"))
+    with pytest.raises(ClbenchError, match="--eval-every: not available with a class-incremental"):
+        RunConfig(protocol="coco-5+5", eval_every=2)
+    with pytest.raises(ClbenchError, match="ships no benchmark of that name"):
+        RunConfig(protocol="voc-15-5")
+
+
+def test_the_default_synthetic_files_do_not_change_with_the_variant():
+    assert "variant" not in SynthSpec().to_dict()
+    assert SynthSpec(variant="voc21").to_dict()["variant"] == "voc21"
+    assert RunConfig().synthetic_variant == "default"
+    assert RunConfig(protocol="voc-15-1-overlapped").synthetic_variant == "voc21"
