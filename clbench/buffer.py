@@ -57,6 +57,7 @@ class Rehearsal(Strategy):
     the run's seed, the buffer in the checkpoint. Not registered itself."""
 
     shares_first_stage = True  # stage 1 has no earlier task; the buffer is filled in after_stage
+    protects = "tasks"   # the buffer holds earlier tasks' images, not a class-incremental task's earlier steps
 
     def __init__(self, *, per_task: int = 10, batch: int = 4, update_bn: bool = False) -> None:
         if not 1 <= batch <= per_task:

@@ -46,7 +46,7 @@ from clbench.runtime import (
     seed_everything,
     set_rng_state,
 )
-from clbench.strategy import Strategy
+from clbench.strategy import Strategy, check_protects
 from clbench.tasks import TaskSpec
 from clbench.tensors import to_device
 from clbench.trackers import check_installed
@@ -166,6 +166,7 @@ def prepare(config: RunConfig, session: Session) -> Setup:
         root, config.stream(), image_size=config.image_size, augment=config.augment, normalization=norm.normalization,
         val_fraction=config.val_fraction, val_seed=config.val_seed))
     strategy, options = create(config.strategy, config.set)
+    check_protects(strategy, config.benchmark_file())
     # config.yaml records every resolved hyperparameter, the weights' mean/std as values (timm may change them) and
     # fitted anchors as values
     config = dataclasses.replace(config, set=options, normalize=norm.as_setting() if config.pretrained or

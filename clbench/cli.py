@@ -405,7 +405,10 @@ def _strategies(args: argparse.Namespace) -> int:
         if isinstance(found, Broken):
             print(f"{name}  [{found.origin}]  BROKEN\n    {found.error}")
             continue
-        print(f"{name}  [{found.origin}]\n    {found.cls.description}")
+        scope = {"classes": "earlier tasks and a class-incremental task's earlier classes",
+                 "tasks": "earlier tasks only (refused on a benchmark file with class steps)",
+                 "none": "nothing (the lower bound)"}.get(found.cls.protects, found.cls.protects)
+        print(f"{name}  [{found.origin}]\n    {found.cls.description}\n    protects: {scope}")
         for hp in hyperparameters(found.cls).values():
             default = ",".join(map(str, hp.default)) if isinstance(hp.default, tuple) else hp.default
             print(f"    --set {name}.{hp.name}={default}")

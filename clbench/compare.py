@@ -39,6 +39,7 @@ from clbench.recorder import mark_finished, read_resources
 from clbench.results import atomic_write, to_json, write_table
 from clbench.run import DONE, run
 from clbench.runtime import Session
+from clbench.strategy import check_protects
 
 BOUNDS = ("joint", "frozen")
 
@@ -272,6 +273,7 @@ def cells(settings: CompareSettings) -> list[Cell]:
                                              set={**options_for(spec, settings.base.set), **options},
                                              label=name + suffix if suffix else None)
                 strategy = create(spec, config.set)[0]  # every value checked before anything trains
+                check_protects(strategy, config.benchmark_file())
                 out.append(Cell(cell_folder(name + suffix, seed), name + suffix, seed, config,
                                 strategy.shares_first_stage))
     return out

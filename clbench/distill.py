@@ -65,3 +65,28 @@ def pod_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], s
         embed_t = torch.cat([pooled_embedding(t, k) for k in scales], dim=1)
         distances.append((embed_s - embed_t).norm(dim=1).mean())
     return torch.stack(distances).mean()
+
+
+def unbiased_cross_entropy(logits: torch.Tensor, masks: torch.Tensor, old: Sequence[int]) -> torch.Tensor:
+    """MiB's unbiased cross-entropy (Cermelli et al., CVPR 2020, eq. 4): a pixel labelled background (0) may be any
+    old class, so its probability is that of background or any old class, log Σ_{k ∈ old ∪ {0}} p_k; other pixels
+    their class's log-probability. ``logits`` (B, C, H, W) already at the masks' (B, H, W) size; 255 ignored."""
+    logits = logits.float()
+    total = torch.logsumexp(logits, dim=1, keepdim=True)
+    background = torch.logsumexp(logits[:, sorted({0, *old})], dim=1, keepdim=True)
+    log_probs = torch.cat((background, logits[:, 1:]), dim=1) - total
+    return F.nll_loss(log_probs, masks.long(), ignore_index=255)
+
+
+def unbiased_distillation(student: torch.Tensor, teacher: torch.Tensor, old: Sequence[int]) -> torch.Tensor:
+    """MiB's unbiased knowledge distillation (eq. 5): the teacher's softmax over the old classes (background among
+    them) against the student's log-probabilities over every class, where the student's background is background or
+    any new class, log Σ_{k ∉ old \\ {0}} q_k; summed over the old classes, divided by their number, averaged over
+    positions, negated. ``student`` (B, C, H, W) over every class seen so far, ``teacher`` its (B, C, H, W) too."""
+    student, teacher = student.float(), teacher.float()
+    old = sorted({0, *old})
+    rest = [c for c in range(student.shape[1]) if c not in old or c == 0]
+    total = torch.logsumexp(student, dim=1, keepdim=True)
+    log_q = torch.cat((torch.logsumexp(student[:, rest], dim=1, keepdim=True), student[:, old[1:]]), dim=1) - total
+    p = F.softmax(teacher[:, old], dim=1)
+    return -((p * log_q).sum(1) / len(old)).mean()

@@ -132,3 +132,14 @@ def restrict_logits(output: torch.Tensor, kind: str, allowed: Iterable[int] | No
         return output
     blocked = torch.tensor([offset + c for c in range(classes) if c not in allowed], device=output.device)
     return output.index_fill(dim, blocked, MASKED)
+
+
+def select_classes(output: torch.Tensor, kind: str, classes: Iterable[int] | None) -> torch.Tensor:
+    """A task's output cut to some classes' logits (detection keeps its box and objectness channels too): what a
+    distillation of those classes compares. ``classes`` None: the output itself."""
+    if classes is None:
+        return output
+    index = list(classes)
+    if kind == "det":
+        return output[..., list(range(5)) + [5 + c for c in index]]
+    return output[:, index]

@@ -105,7 +105,9 @@ def train_epoch(ctx: StageContext, strategy: Strategy, batches: Iterable, params
         images, targets = to_device(images, ctx.device), to_device(targets, ctx.device)
         with settings.precision.autocast():
             outputs = ctx.model(images)
-            own = ctx.task_loss(ctx.task, outputs, targets)
+            own = strategy.task_loss(ctx, images, outputs, targets)
+            if own is None:
+                own = ctx.task_loss(ctx.task, outputs, targets)
             terms = loss_terms(strategy, ctx, images, outputs)
             term = summed(list(terms.values()))
             loss = own if term is None else own + term

@@ -159,8 +159,8 @@ class ComparisonData:
         missing = [cell for cell, _ in cells or [] if cell not in done]
         joint = [read_rows(d) for d in finished_runs(path, "bounds")]
         joint_rows = group_tasks(pd.concat(joint, ignore_index=True), runs[0].class_tasks)[0] if joint else None
-        return cls(path, settings, runs, runs[0].tasks, _references(path), joint_rows, labels, missing, _json(path / "failed.json", []),
-                   pd.concat([r.rows for r in runs], ignore_index=True),
+        return cls(path, settings, runs, runs[0].tasks, _references(path), joint_rows, labels, missing,
+                   _json(path / "failed.json", []), pd.concat([r.rows for r in runs], ignore_index=True),
                    pd.concat([r.validation for r in runs], ignore_index=True), _references(path, VALIDATION))
 
     @property

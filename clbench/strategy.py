@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from clbench import ClbenchError
 from clbench.config import parse_bool
+from clbench.protocol import Protocol
 from clbench.tasks import TaskSpec
 from clbench.tensors import to_device
 
@@ -51,6 +52,14 @@ class StageContext:
         return self.stage == (len(self.tasks) if self.stages is None else self.stages)
 
     @property
+    def distilled(self) -> tuple[tuple[TaskSpec, tuple[int, ...] | None], ...]:
+        """What a distillation keeps: every earlier task with its classes seen so far (None: all of them), and this
+        stage's task with its earlier classes when it has some (class-incremental)."""
+        seen = self.seen or {}
+        earlier = tuple((t, seen.get(t.name) if t.incremental else None) for t in self.earlier_tasks)
+        return earlier + (((self.task, self.old_classes),) if self.old_classes else ())
+
+    @property
     def old_classes(self) -> tuple[int, ...]:
         """This stage's task's classes that earlier stages introduced (class-incremental; () otherwise)."""
         return self.task.class_steps.old(self.step)
@@ -79,8 +88,9 @@ class StageContext:
 class Strategy:
     """A forgetting strategy: subclass, register with ``@register("name")``, override the hooks you need.
 
-    Seven hooks, each returning a value or None; the loop (``clbench.run`` + ``clbench.loop``) combines what
-    they return. For stage k = 1..S that trains task T = tasks[k - 1]::
+    Eight hooks, each returning a value or None; the loop (``clbench.run`` + ``clbench.loop``) combines what
+    they return. For stage k = 1..S that trains task T (tasks[k - 1] with one stage per task; with a benchmark
+    file, the task of experience k, on the classes ``ctx.new_classes``)::
 
         evaluate every task (stage 0)                 # see "evaluate" below
         for each stage k:
@@ -96,7 +106,9 @@ class Strategy:
                     for images, targets, task_labels in ctx.train_loader:
                         with autocast (--amp):                  # images, targets already on ctx.device
                             outputs = model(images)
-                            loss = ctx.task_loss(T, outputs, targets)
+                            loss = strategy.task_loss(ctx, images, outputs, targets)   # a replacement, or None:
+                            if loss is None:                                           # the task's own loss
+                                loss = ctx.task_loss(T, outputs, targets)   # classes not yet introduced masked out
                             term = strategy.loss_term(ctx, images, outputs)   # a value: the loop adds it in float32
                         (loss + term).backward(); unscale (fp16)
                         grads = {name: p.grad for every trainable p that has one}
@@ -143,6 +155,16 @@ class Strategy:
     not_combinable: ClassVar[str] = ""
     # A reference row (a bound such as ``frozen``), not a method: kept out of ``--strategies all``.
     bound: ClassVar[bool] = False
+    # What it protects: "classes" = earlier tasks and a class-incremental task's earlier classes (it may run on any
+    # benchmark file); "tasks" = earlier tasks only (a run whose benchmark file trains a task over several class
+    # steps refuses it, saying so); "none" = nothing of either (naive).
+    protects: ClassVar[str] = "classes"
+
+    def task_loss(self, ctx: StageContext, images: torch.Tensor, outputs: dict[str, torch.Tensor],
+                  targets: Any) -> torch.Tensor | None:
+        """The loss to train this stage's task with on this batch *instead of* its own (``ctx.task_loss``), e.g.
+        MiB's unbiased cross-entropy; None = the task's own. At most one part of a composite may replace it."""
+        return None
 
     def before_stage(self, ctx: StageContext) -> None:
         """Before the optimizer is built: freezing here keeps parameters out of it."""
@@ -179,8 +201,18 @@ class Strategy:
             raise ClbenchError(f"strategy {self.name!r} keeps no state but the checkpoint has {sorted(state)}")
 
 
+def check_protects(strategy: Strategy, protocol: Protocol) -> None:
+    """A strategy that protects earlier tasks only cannot run a benchmark file that trains a task over several class
+    steps: it would leave that task's earlier classes unprotected while its name says otherwise."""
+    stepped = [t for t in protocol.order if sum(e.task == t for e in protocol.experiences) > 1]
+    if stepped and strategy.protects == "tasks":
+        raise ClbenchError(f"strategy {strategy.name!r} protects earlier tasks only, not a task's earlier classes; "
+                           f"benchmark {protocol.name!r} trains {stepped[0]!r} over several class steps (`clbench "
+                           "strategies` says what each one protects)")
+
+
 # The hooks the loop calls, in the order it calls them within a stage (the evaluation hook last).
-HOOKS = ("before_stage", "before_epoch", "loss_term", "after_backward", "after_step", "after_stage",
+HOOKS = ("before_stage", "before_epoch", "task_loss", "loss_term", "after_backward", "after_step", "after_stage",
          "evaluation_state")
 
 REGISTRY: dict[str, type[Strategy]] = {}
@@ -272,6 +304,13 @@ class Composite(Strategy):
         self.parts = parts
         self.name = "+".join(p.name for p in parts)
         self.shares_first_stage = all(p.shares_first_stage for p in parts)
+        replacing = [p.name for p in parts if type(p).task_loss is not Strategy.task_loss]
+        if len(replacing) > 1:
+            raise ClbenchError(f"strategy {self.name!r}: {replacing[0]} and {replacing[1]} both replace the task loss; "
+                               "combine at most one of them")
+        scopes = {p.protects for p in parts}
+        self.protects = "classes" if "classes" in scopes and "tasks" not in scopes else \
+            "tasks" if "tasks" in scopes else "none"
 
     def _each(self, hook: str, ctx: StageContext) -> None:
         for part in self.parts:
@@ -282,6 +321,15 @@ class Composite(Strategy):
 
     def before_epoch(self, ctx: StageContext) -> None:
         self._each("before_epoch", ctx)
+
+    def task_loss(self, ctx: StageContext, images: torch.Tensor, outputs: dict[str, torch.Tensor],
+                  targets: Any) -> torch.Tensor | None:
+        """The one part's replacement (two parts replacing the task loss are refused when the composite is built)."""
+        for part in self.parts:
+            loss = part.task_loss(ctx, images, outputs, targets)
+            if loss is not None:
+                return loss
+        return None
 
     def loss_term(self, ctx: StageContext, images: torch.Tensor,
                   outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -26,6 +26,7 @@ class BNPerTask(Strategy):
     stage and swapped in when that task is evaluated or served; training is naive fine-tuning."""
 
     shares_first_stage = True  # the bank is filled in after_stage
+    protects = "tasks"   # per earlier task; a class-incremental task's earlier classes are not served (DESIGN §8)
 
     def __init__(self, *, affine: bool = False) -> None:
         self.affine = affine

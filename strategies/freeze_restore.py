@@ -15,6 +15,7 @@ class FreezeRestore(Strategy):
     """From stage 2 freeze name patterns; last stage trains only its output slice; earlier slices restored."""
 
     shares_first_stage = True  # everything it does in stage 1 happens in after_stage
+    protects = "tasks"   # per earlier task; a class-incremental task's earlier classes are not served (DESIGN §8)
 
     def __init__(self, *, patterns: tuple[str, ...] = ("blocks.0", "blocks.1"), last_stage_slice_only: bool = True) -> None:
         self.patterns = patterns

@@ -19,7 +19,7 @@ class POD(Strategy):
     all of them) at several scales (``scales``: 1 = whole map, 2 = 2×2 regions, ...) from a frozen snapshot
     taken before the stage, on the current task's images: λ · pod_loss."""
 
-    shares_first_stage = True  # stage 1 has no earlier task: no teacher, no term
+    shares_first_stage = True  # stage 1 has no earlier task or class: no teacher, no term
 
     def __init__(self, *, lam: float = 1.0, scales: tuple[int, ...] = (1, 2, 4), layers: tuple[str, ...] = ()) -> None:
         if lam < 0 or not scales or min(scales) < 1:
@@ -29,7 +29,7 @@ class POD(Strategy):
         self._taps: tuple[FeatureTaps, FeatureTaps] | None = None
 
     def before_stage(self, ctx: StageContext) -> None:
-        if ctx.earlier_tasks:
+        if ctx.distilled:   # an earlier task, or (class-incremental) earlier classes of this stage's task
             self.teacher = frozen_teacher(ctx.model)
             self._taps = (FeatureTaps(ctx.model), FeatureTaps(self.teacher))
 

@@ -4,6 +4,7 @@ annotations read directly, group metrics against per-class values, the tables pe
 from __future__ import annotations
 
 import json
+import re
 import math
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_settings
 from PIL import Image
 
 from clbench import ClbenchError
@@ -24,7 +26,6 @@ from clbench.incremental import MASKED, restrict_logits
 from clbench.reader import RunData
 from clbench.recorder import read_rows
 from clbench.run import run
-from conftest import tiny_settings
 
 VOC21 = SynthSpec(seed=0, n_train=30, n_val=12, min_side=40, max_side=56, variant="voc21")
 
@@ -196,3 +197,89 @@ def test_the_default_synthetic_files_do_not_change_with_the_variant():
     assert SynthSpec(variant="voc21").to_dict()["variant"] == "voc21"
     assert RunConfig().synthetic_variant == "default"
     assert RunConfig(protocol="voc-15-1-overlapped").synthetic_variant == "voc21"
+
+
+# MiB ---------------------------------------------------------------------------------------------------------
+
+def test_mibs_unbiased_losses_against_a_pixel_by_pixel_computation():
+    from clbench.distill import unbiased_cross_entropy, unbiased_distillation
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(2, 6, 3, 4), torch.randn(2, 6, 3, 4)
+    masks = torch.tensor([[[0, 4, 5, 255], [0, 0, 4, 5], [5, 5, 0, 255]]] * 2)
+    old = (0, 1, 2, 3)   # classes 4 and 5 are new
+    total, count = 0.0, 0
+    for b in range(2):
+        for i in range(3):
+            for j in range(4):
+                label = int(masks[b, i, j])
+                if label == 255:
+                    continue
+                p = torch.softmax(logits[b, :, i, j].double(), 0)
+                total -= math.log(p[list(old)].sum() if label == 0 else p[label])
+                count += 1
+    assert float(unbiased_cross_entropy(logits, masks, old)) == pytest.approx(total / count, rel=1e-6)
+    plain = torch.nn.functional.cross_entropy(logits, masks, ignore_index=255)
+    assert float(unbiased_cross_entropy(logits, masks, (0,))) == pytest.approx(float(plain), rel=1e-6)
+    expected = 0.0
+    for b in range(2):
+        for i in range(3):
+            for j in range(4):
+                q = torch.softmax(logits[b, :, i, j].double(), 0)
+                p = torch.softmax(teacher[b, list(old), i, j].double(), 0)
+                q_old = torch.cat((q[[0, 4, 5]].sum().view(1), q[1:4]))
+                expected -= float((p * q_old.log()).sum()) / len(old)
+    assert float(unbiased_distillation(logits, teacher, old)) == pytest.approx(expected / 24, rel=1e-6)
+
+
+def test_mib_initialises_new_channels_from_the_background_and_replaces_the_loss(voc_root, tmp_path, monkeypatch):
+    from clbench.strategies.mib import MiB
+    seen = {}
+    real_before = MiB.before_stage
+
+    def spy(self, ctx):
+        conv = ctx.model.head_out
+        start = ctx.model.slices["seg"].start
+        real_before(self, ctx)
+        if ctx.stage == 2:
+            seen["weights"] = conv.weight[start:start + 21].detach().clone()
+            seen["bias"] = conv.bias[start:start + 21].detach().clone()
+    monkeypatch.setattr(MiB, "before_stage", spy)
+    args = tiny_settings(voc_root, out=str(tmp_path), protocol="voc-15-5-overlapped", strategy="mib",
+                         bootstrap="0", run_id="mib")
+    rows = read_rows(run(resolve(None, args)))
+    weights, bias = seen["weights"], seen["bias"]
+    for c in range(16, 21):
+        assert torch.equal(weights[c], weights[0])
+    assert torch.allclose(bias[16:], bias[0].expand(5)) and not torch.equal(bias[1], bias[0])
+    assert set(rows[(rows.stage == 2) & (rows.eval_task == "seg")].metric) >= {"mIoU[0-15]", "mIoU[16-20]"}
+
+
+def test_strategies_that_protect_tasks_only_are_refused_on_class_steps():
+    from clbench.config import resolve as resolved
+    from clbench.plugins import create
+    from clbench.strategy import check_protects
+    protocol = resolved(None, {"protocol": "voc-15-1-overlapped"}).benchmark_file()
+    for name in ("bn_per_task", "freeze_restore", "der", "replay", "agem", "frozen", "bn_per_task+lwf"):
+        with pytest.raises(ClbenchError, match=re.escape(f"strategy {name!r} protects earlier tasks only")):
+            check_protects(create(name, {})[0], protocol)
+    for name in ("naive", "lwf", "pod", "mib", "ewc", "si", "mas", "bn_frozen", "bn_frozen+lwf"):
+        check_protects(create(name, {})[0], protocol)
+    check_protects(create("der", {})[0], resolved(None, {}).benchmark_file())   # one step per task: fine
+
+
+def test_lwf_distils_the_old_classes_of_the_current_task(voc_root, tmp_path, monkeypatch):
+    from clbench.strategies.lwf import LwF
+    distilled = []
+    real = LwF.loss_term
+
+    def spy(self, ctx, images, outputs):
+        distilled.append((ctx.stage, [(t.name, classes) for t, classes in ctx.distilled]))
+        return real(self, ctx, images, outputs)
+    monkeypatch.setattr(LwF, "loss_term", spy)
+    args = tiny_settings(voc_root, out=str(tmp_path), protocol="seg15-det-seg5", strategy="lwf", bootstrap="0",
+                         run_id="lwf")
+    run(resolve(None, args))
+    by_stage = dict(distilled)
+    assert by_stage[1] == []
+    assert by_stage[2] == [("seg", tuple(range(16)))]   # detection's stage keeps segmentation's seen classes
+    assert by_stage[3] == [("det", None), ("seg", tuple(range(16)))]   # and then segmentation's old classes
