@@ -4,8 +4,8 @@ annotations read directly, group metrics against per-class values, the tables pe
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
