@@ -90,3 +90,41 @@ def unbiased_distillation(student: torch.Tensor, teacher: torch.Tensor, old: Seq
     log_q = torch.cat((torch.logsumexp(student[:, rest], dim=1, keepdim=True), student[:, old[1:]]), dim=1) - total
     p = F.softmax(teacher[:, old], dim=1)
     return -((p * log_q).sum(1) / len(old)).mean()
+
+
+def sobel_magnitude(maps: torch.Tensor) -> torch.Tensor:
+    """The Sobel gradient magnitude of (N, H, W) maps (zero padding), (N, H, W)."""
+    maps = maps.float()
+    kx = maps.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    grads = F.conv2d(maps.unsqueeze(1), torch.stack((kx, kx.t())).unsqueeze(1), padding=1)
+    return grads.pow(2).sum(1).sqrt()
+
+
+def edge_mask(loss_map: torch.Tensor, threshold: float) -> torch.Tensor:
+    """HAD's saliency mask (SG-HAD): the Sobel magnitude of a (N, H, W) per-pixel loss map, min-max normalised per
+    map, above ``threshold``: the pixels where the loss changes most, object boundaries."""
+    edges = sobel_magnitude(loss_map.detach()).flatten(1)
+    low, high = edges.min(1, keepdim=True).values, edges.max(1, keepdim=True).values
+    return ((edges - low) / (high - low) > threshold).view_as(loss_map)
+
+
+def _geometric_mean(values: torch.Tensor) -> torch.Tensor:
+    values = values[values > 0]
+    return values.log().mean().exp() if values.numel() else values.new_zeros(())
+
+
+def balanced_loss(loss: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """HAD's distribution-balanced term (DB-HAD): per pseudo-label class, the geometric mean of its positive
+    per-element losses; the classes weighted by softmax(−class loss) (no gradient through the weights) so that
+    classes already fitted count less; the weighted losses averaged over all ``num_classes`` (absent ones 0)."""
+    per_class = torch.stack([_geometric_mean(loss[labels == c]) for c in range(num_classes)])
+    weights = torch.softmax(-per_class.detach(), dim=0)
+    return (per_class * weights).mean()
+
+
+def had_dense_loss(log_probs: torch.Tensor, pseudo: torch.Tensor, threshold: float) -> torch.Tensor:
+    """HAD for a discrete dense output: per-pixel NLL of the student's log-probabilities (N, C, H, W) against the
+    teacher's hard labels (N, H, W); (DB-HAD + the mean of the loss on SG-HAD's edge pixels) / 2."""
+    loss = F.nll_loss(log_probs, pseudo, reduction="none")
+    edges = (loss * edge_mask(loss, threshold)).mean()
+    return (balanced_loss(loss, pseudo, log_probs.shape[1]) + edges) / 2

@@ -283,3 +283,44 @@ def test_lwf_distils_the_old_classes_of_the_current_task(voc_root, tmp_path, mon
     assert by_stage[1] == []
     assert by_stage[2] == [("seg", tuple(range(16)))]   # detection's stage keeps segmentation's seen classes
     assert by_stage[3] == [("det", None), ("seg", tuple(range(16)))]   # and then segmentation's old classes
+
+
+# HAD ---------------------------------------------------------------------------------------------------------
+
+def test_hads_terms_against_hand_computations():
+    from clbench.distill import balanced_loss, edge_mask, had_dense_loss, sobel_magnitude
+    step = torch.zeros(1, 5, 5)
+    step[:, :, 3:] = 1.0   # a vertical edge between columns 2 and 3
+    magnitude = sobel_magnitude(step)[0]
+    assert magnitude[2, 2] == pytest.approx(4.0) and magnitude[2, 3] == pytest.approx(4.0)
+    assert magnitude[2, 0] == 0.0
+    mask = edge_mask(step, 0.9)[0]
+    assert mask[2, 2] and mask[2, 3] and not mask[2, 0]
+    loss = torch.tensor([1.0, 4.0, 2.0, 0.0, 3.0])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    per_class = torch.tensor([2.0, 2.0, 3.0, 0.0])   # geometric means of the positive losses: √(1·4), 2, 3; absent
+    weights = torch.softmax(-per_class, 0)          # the softmax over every class, the absent one's loss 0
+    assert float(balanced_loss(loss, labels, 4)) == pytest.approx(float((per_class * weights).sum() / 4), rel=1e-6)
+    torch.manual_seed(0)
+    log_probs = torch.log_softmax(torch.randn(2, 3, 6, 6), 1)
+    pseudo = torch.randint(0, 3, (2, 6, 6))
+    nll = torch.nn.functional.nll_loss(log_probs, pseudo, reduction="none")
+    expected = (balanced_loss(nll, pseudo, 3) + (nll * edge_mask(nll, 0.5)).mean()) / 2
+    assert float(had_dense_loss(log_probs, pseudo, 0.5)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_had_runs_the_mixed_benchmark_and_its_term_pulls_towards_the_snapshot(voc_root, tmp_path):
+    from clbench.plugins import create
+    args = tiny_settings(voc_root, out=str(tmp_path), protocol="seg15-det-seg5", strategy="had", bootstrap="0",
+                         run_id="had")
+    rows = read_rows(run(resolve(None, args)))
+    assert set(rows.stage) == {0, 1, 2, 3}
+    had = create("had", {})[0]
+    student = torch.randn(2, 3, 8, 8, requires_grad=True)
+    teacher = torch.randn(2, 3, 8, 8)
+    had._term("seg", student, teacher).backward()
+    moved = student - 0.5 * student.grad
+    agree = lambda s: float((s.argmax(1) == teacher.argmax(1)).float().mean())  # noqa: E731
+    assert agree(moved.detach()) >= agree(student.detach())
+    det = torch.randn(1, 3, 4, 4, 5 + 4)
+    assert torch.isfinite(had._term("det", det.clone().requires_grad_(), det))
