@@ -220,19 +220,20 @@ class View:
 def experiences_of(config: RunConfig, tasks: list[TaskData]) -> tuple[list[TaskData], list[Experience]]:
     """The tasks with their class steps (from the benchmark file) and the run's experiences in order."""
     protocol = config.benchmark_file()
-    tasks = [dataclasses.replace(t, spec=dataclasses.replace(
-        t.spec, steps=steps.steps if steps.incremental else (), mode=protocol.task(t.spec.name).mode if
-        steps.incremental else None)) for t in tasks
-        for steps in [protocol.class_steps(t.spec.name, t.spec.classes)]]
-    index = {t.spec.name: k for k, t in enumerate(tasks)}
+    stepped = []
+    for task in tasks:
+        steps = protocol.class_steps(task.spec.name, task.spec.classes)
+        if steps.incremental:
+            task = dataclasses.replace(task, spec=dataclasses.replace(task.spec, steps=steps.steps,
+                                                                      mode=protocol.task(task.spec.name).mode))
+        stepped.append(task)
+    index = {t.spec.name: k for k, t in enumerate(stepped)}
     experiences, step_of = [], dict.fromkeys(index, 0)
     for entry in protocol.experiences:
-        k = index[entry.task]
-        spec = tasks[k].spec
-        experiences.append(Experience(k, step_of[entry.task], step_training_set(spec, tasks[k].train,
-                                                                                  step_of[entry.task])))
+        k, step = index[entry.task], step_of[entry.task]
+        experiences.append(Experience(k, step, step_training_set(stepped[k].spec, stepped[k].train, step)))
         step_of[entry.task] += 1
-    return tasks, experiences
+    return stepped, experiences
 
 
 def class_groups(steps: ClassSteps, step: int) -> list[tuple[int, ...]]:

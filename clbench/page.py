@@ -25,6 +25,7 @@ from clbench.report import (
     COST_NOTE,
     CURVE_NOTE,
     bn_attribution,
+    class_group_table,
     cost_frame,
     cost_table,
     curve_measures,
@@ -98,6 +99,7 @@ def comparison_page(data: ComparisonData) -> tuple[str, str]:
     parts.append(_folded("Each definition's table: mean ± std over seeds, Δ naive, pass/fail, notes",
                          _definition_tables(data)))
     parts.append(_curve_section(data))
+    parts.append(_class_group_section(data))
     cost = cost_frame(data.runs)
     if not cost.empty:
         parts.append("<h2>Cost</h2>" + _table(cost_table(cost, order)) + f"<p class=\"note\">{_e(COST_NOTE)}</p>")
@@ -110,6 +112,13 @@ def comparison_page(data: ComparisonData) -> tuple[str, str]:
                  _folded("Settings (compare.yaml)", "<pre>" + _e((folder / "compare.yaml").read_text()) + "</pre>"))
     parts.append(environment_block(data.env))
     return f"clbench comparison {folder.name}", "\n".join(parts)
+
+
+def _class_group_section(data: Folder) -> str:
+    """The papers' format for class-incremental tasks (base / added / all classes), when the runs have one."""
+    table, note = class_group_table(data.by_class, data.class_tasks, getattr(data, "order", ()))
+    return "" if table.empty else ("<h2>Class groups, as the papers report them</h2>" + _table(table) +
+                                   f"<p class=\"note\">{_e(note)}</p>")
 
 
 def _curve_section(data: Folder) -> str:
@@ -267,6 +276,7 @@ def run_page(data: RunData) -> tuple[str, str]:
         details.append(f"<h3>{_e(DEFINITIONS[name].column)}</h3>{_table(table)}<p class=\"note\">{_e(note)}</p>")
     parts.append(_folded("Each definition's table: per stage, pass/fail, BN attribution, notes", "".join(details)))
     parts.append(_curve_section(data))
+    parts.append(_class_group_section(data))
     parts.append("<h2>Primary metric after every stage</h2>" + _table(stage_matrix(rows, tasks)))
     parts.append("<h2>More plots</h2>" + "".join(_image(p) for p in plots))
     if data.resources is not None:

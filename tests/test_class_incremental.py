@@ -324,3 +324,22 @@ def test_had_runs_the_mixed_benchmark_and_its_term_pulls_towards_the_snapshot(vo
     assert agree(moved.detach()) >= agree(student.detach())
     det = torch.randn(1, 3, 4, 4, 5 + 4)
     assert torch.isfinite(had._term("det", det.clone().requires_grad_(), det))
+
+
+def test_the_report_page_shows_the_papers_table(overlapped_run):
+    from clbench.page import write_report
+    page = write_report(overlapped_run).read_text()
+    assert "Class groups, as the papers report them" in page and "16-20 (n " in page
+
+
+def test_a_class_incremental_run_resumes_to_the_same_metrics(voc_root, tmp_path):
+    from clbench.cli import main
+    args = tiny_settings(voc_root, out=str(tmp_path), protocol="seg15-det-seg5", strategy="mib", bootstrap="0",
+                         run_id="r")
+    run_dir = run(resolve(None, args))
+    reference = (run_dir / "metrics.csv").read_bytes()
+    for stage in (2, 3):
+        (run_dir / "checkpoints" / f"stage{stage}.pt").unlink()
+    assert main(["run", "--resume", str(run_dir), "--progress", "false"]) == 0
+    assert (run_dir / "metrics.csv").read_bytes() == reference
+    assert json.loads((run_dir / "resume.json").read_text())[0]["resumed_after_stage"] == 1
