@@ -1,16 +1,20 @@
-"""Reading a network for distillation: a frozen teacher snapshot and named feature taps."""
+"""Reading a network for distillation: a frozen teacher snapshot, named feature taps, and the base of the strategies
+that distil outputs from a snapshot of the previous stage."""
 
 from __future__ import annotations
 
 import copy
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from clbench import ClbenchError
 from clbench.accel import compiled_like
+from clbench.incremental import select_classes
+from clbench.strategy import StageContext, Strategy
+from clbench.tasks import TaskSpec
 
 HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks")
@@ -78,3 +82,31 @@ class FeatureTaps:
         for handle in self._handles:
             handle.remove()
         self._passes.clear()
+
+
+class SnapshotDistillation(Strategy):
+    """Base of the strategies that learn from a frozen snapshot of the model taken before each stage (lwf, mib,
+    had): the snapshot exists only where there is something to keep (``ctx.distilled``: earlier tasks, and a
+    class-incremental task's earlier classes), and ``snapshot_pairs`` gives, per kept task, the student's and the
+    snapshot's outputs on the current images, cut to the kept classes. Not registered itself."""
+
+    shares_first_stage = True  # stage 1 has no earlier task or class: no snapshot, no term
+
+    teacher: FrozenTeacher | None = None
+
+    def before_stage(self, ctx: StageContext) -> None:
+        self.teacher = frozen_teacher(ctx.model) if ctx.distilled else None
+
+    def snapshot_pairs(self, ctx: StageContext, images: torch.Tensor, outputs: dict[str, torch.Tensor],
+                       cut: Callable[[TaskSpec, tuple[int, ...] | None], tuple[int, ...] | None] | None = None
+                       ) -> list[tuple[TaskSpec, tuple[int, ...] | None, torch.Tensor, torch.Tensor]]:
+        """(task, kept classes or None, student output, snapshot output) for every kept task, both outputs cut to
+        the kept classes (or to ``cut(task, kept)``); [] without a snapshot."""
+        if self.teacher is None:
+            return []
+        targets, cut = self.teacher(images), cut or (lambda task, classes: classes)
+        return [(t, classes, select_classes(outputs[t.name], t.kind, cut(t, classes)),
+                 select_classes(targets[t.name], t.kind, cut(t, classes))) for t, classes in ctx.distilled]
+
+    def after_stage(self, ctx: StageContext) -> None:
+        self.teacher = None  # taken again from the current weights before the next stage

@@ -7,13 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from clbench.distill import balanced_loss, had_dense_loss
-from clbench.incremental import select_classes
-from clbench.strategy import StageContext, Strategy, register
-from clbench.teacher import FrozenTeacher, frozen_teacher
+from clbench.strategy import StageContext, register
+from clbench.teacher import SnapshotDistillation
 
 
 @register("had")
-class HAD(Strategy):
+class HAD(SnapshotDistillation):
     """Label the current images with the previous stage's frozen network for every earlier task; learn those labels.
 
     The paper (segmentation, depth, normals): each earlier discrete task is trained on the snapshot's hard labels
@@ -26,25 +25,17 @@ class HAD(Strategy):
     snapshot's classes, and its box parameters there an L1 loss to the snapshot's (a continuous output, as the
     paper treats depth). A class-incremental task's earlier classes are labelled the same way, over those classes."""
 
-    shares_first_stage = True  # stage 1 has no earlier task or class: no snapshot, no term
-
     def __init__(self, *, lam: float = 3.0, threshold: float = 0.9) -> None:
         if lam < 0 or not 0 <= threshold < 1:
             raise ValueError("need lam >= 0 and 0 <= threshold < 1")
         self.lam, self.threshold = lam, threshold
-        self.teacher: FrozenTeacher | None = None
-
-    def before_stage(self, ctx: StageContext) -> None:
-        self.teacher = frozen_teacher(ctx.model) if ctx.distilled else None
 
     def loss_term(self, ctx: StageContext, images: torch.Tensor, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        if self.teacher is None:
+        pairs = self.snapshot_pairs(ctx, images, outputs)
+        if not pairs:
             return None
-        labels = self.teacher(images)
-        terms = [self._term(t.kind, select_classes(outputs[t.name], t.kind, classes).float(),
-                            select_classes(labels[t.name], t.kind, classes).float())
-                 for t, classes in ctx.distilled]
-        return self.lam * torch.stack(terms).sum()
+        return self.lam * torch.stack([self._term(t.kind, student.float(), teacher.float())
+                                       for t, _, student, teacher in pairs]).sum()
 
     def _term(self, kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if kind == "seg":
@@ -63,6 +54,3 @@ class HAD(Strategy):
             term = term + balanced_loss(classes, pseudo, student.shape[-1] - 5)
             term = term + (student[objects][:, :4] - teacher[objects][:, :4]).abs().mean()
         return term
-
-    def after_stage(self, ctx: StageContext) -> None:
-        self.teacher = None

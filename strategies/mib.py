@@ -9,14 +9,14 @@ from typing import Any
 import torch
 
 from clbench.distill import distillation_loss, unbiased_cross_entropy, unbiased_distillation
-from clbench.incremental import restrict_logits, select_classes
+from clbench.incremental import restrict_logits
 from clbench.losses import upsample
-from clbench.strategy import StageContext, Strategy, register
-from clbench.teacher import FrozenTeacher, frozen_teacher
+from clbench.strategy import StageContext, register
+from clbench.teacher import SnapshotDistillation
 
 
 @register("mib")
-class MiB(Strategy):
+class MiB(SnapshotDistillation):
     """Unbiased cross-entropy and distillation for the background shift of class-incremental segmentation.
 
     On a segmentation stage that adds classes (DESIGN.md §8): the task loss is replaced by the unbiased
@@ -26,19 +26,16 @@ class MiB(Strategy):
     MiB is defined for segmentation; carried over to the rest, it distils every other earlier task (and a detection
     or classification task's earlier classes) as LwF does (``lwf`` × the KL at temperature 2, Li & Hoiem)."""
 
-    shares_first_stage = True  # stage 1 has no earlier class or task: no teacher, no term, the plain loss
-
     def __init__(self, *, kd: float = 10.0, lwf: float = 1.0, init: bool = True) -> None:
         if kd < 0 or lwf < 0:
             raise ValueError("kd and lwf must be >= 0")
         self.kd, self.lwf, self.init = kd, lwf, init
-        self.teacher: FrozenTeacher | None = None
 
     def _background_shift(self, ctx: StageContext) -> bool:
         return ctx.task.kind == "seg" and bool(ctx.old_classes)
 
     def before_stage(self, ctx: StageContext) -> None:
-        self.teacher = frozen_teacher(ctx.model) if ctx.distilled else None
+        super().before_stage(ctx)   # the snapshot first: it keeps the channels as the last stage left them
         if self._background_shift(ctx) and self.init:
             start = ctx.model.slices[ctx.task.name].start
             conv = ctx.model.head_out
@@ -57,20 +54,14 @@ class MiB(Strategy):
         return unbiased_cross_entropy(upsample(logits.float(), tuple(targets.shape[-2:])), targets, ctx.old_classes)
 
     def loss_term(self, ctx: StageContext, images: torch.Tensor, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        if self.teacher is None:
+        shifted = self._background_shift(ctx)
+        seen = ctx.task.class_steps.seen(ctx.step)
+        pairs = self.snapshot_pairs(ctx, images, outputs, cut=lambda task, classes: seen if shifted and
+                                    task.name == ctx.task.name else classes)   # the student over every seen class
+        if not pairs:
             return None
-        targets, terms = self.teacher(images), []
-        for task, classes in ctx.distilled:
-            if task.name == ctx.task.name and self._background_shift(ctx):
-                seen = ctx.task.class_steps.seen(ctx.step)
-                student = select_classes(outputs[task.name], "seg", seen)
-                teacher = select_classes(targets[task.name], "seg", seen)
-                old = [seen.index(c) for c in ctx.old_classes]   # their positions among the seen classes
-                terms.append(self.kd * unbiased_distillation(student, teacher, old))
-            else:
-                terms.append(self.lwf * distillation_loss(task.kind, select_classes(outputs[task.name], task.kind, classes),
-                                                          select_classes(targets[task.name], task.kind, classes), 2.0))
-        return torch.stack(terms).sum()
-
-    def after_stage(self, ctx: StageContext) -> None:
-        self.teacher = None
+        old = [seen.index(c) for c in ctx.old_classes]   # the old classes' positions among the seen ones
+        return torch.stack([self.kd * unbiased_distillation(student, teacher, old)
+                            if shifted and task.name == ctx.task.name else
+                            self.lwf * distillation_loss(task.kind, student, teacher, 2.0)
+                            for task, _, student, teacher in pairs]).sum()
