@@ -180,10 +180,7 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     test_loaders = [loader(exp.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=config.seed, device=device,
                            workers=0 if isinstance(test, MemoryCache) else config.workers)
                     for exp, test in zip(stream.test_stream, tests)]
-    validations = [None if t.validation is None else cached_in_memory(t.validation, config.image_size) for t in tasks]
-    validation_loaders = [None if v is None else loader(labelled(v, k), batch_size=EVAL_BATCH, shuffle=False,
-                                                        seed=config.seed, device=device, workers=0)
-                          for k, v in enumerate(validations)]
+    validations, validation_loaders = validation_sets(config, tasks, device)
     chance = {t.spec.name: chance_level(t.spec, test) for t, test in zip(tasks, tests)}
     probes = [probe(task, exp.dataset, config.probe, device) for task, exp in zip(tasks, stream.test_stream)] \
         if config.eval_every else []
@@ -194,6 +191,14 @@ def prepare(config: RunConfig, session: Session) -> Setup:
                  experiences=experiences, evaluation_sets={
                      **{(k, TEST): test for k, test in enumerate(tests)},
                      **{(k, VALIDATION): v for k, v in enumerate(validations) if v is not None}})
+
+
+def validation_sets(config: RunConfig, tasks: list[TaskData], device: torch.device
+                    ) -> tuple[list[Any], list[DataLoader | None]]:
+    """Each task's validation split (--val-fraction), its items kept after their first read, and its loader."""
+    sets = [None if t.validation is None else cached_in_memory(t.validation, config.image_size) for t in tasks]
+    return sets, [None if v is None else loader(labelled(v, k), batch_size=EVAL_BATCH, shuffle=False, seed=config.seed,
+                                                device=device, workers=0) for k, v in enumerate(sets)]
 
 
 @dataclass(frozen=True)
