@@ -76,6 +76,7 @@ class Setup:
     experiences: list["Experience"] = dataclasses.field(default_factory=list)   # stage k trains experiences[k - 1]
     views: dict[tuple[int, str, int], "View"] = dataclasses.field(default_factory=dict)   # class-incremental tasks
     evaluation_sets: dict[tuple[int, str], Any] = dataclasses.field(default_factory=dict)   # (task, split) -> items
+    present: dict[tuple[int, str], list[set[int]]] = dataclasses.field(default_factory=dict)   # their labels, read once
 
     @property
     def bootstrap(self) -> Bootstrap | None:
@@ -127,7 +128,7 @@ class Setup:
         key = (index, split, step)
         if key not in self.views:
             spec, data = task.spec, (task.test if test else task.validation)
-            present = data.present_labels()
+            present = self.present.setdefault((index, split), data.present_labels())  # masks read once a split
             seen = spec.class_steps.seen(step)
             view = class_view(spec, present, seen, coco)
             items = labelled(Viewed(self.evaluation_sets[index, split], view), index)
@@ -180,7 +181,7 @@ def prepare(config: RunConfig, session: Session) -> Setup:
     test_loaders = [loader(exp.dataset, batch_size=EVAL_BATCH, shuffle=False, seed=config.seed, device=device,
                            workers=0 if isinstance(test, MemoryCache) else config.workers)
                     for exp, test in zip(stream.test_stream, tests)]
-    validations, validation_loaders = validation_sets(config, tasks, device)
+    validation_loaders, evaluation_sets = validation_sets(config, tasks, tests, device)
     chance = {t.spec.name: chance_level(t.spec, test) for t, test in zip(tasks, tests)}
     probes = [probe(task, exp.dataset, config.probe, device) for task, exp in zip(tasks, stream.test_stream)] \
         if config.eval_every else []
@@ -188,17 +189,18 @@ def prepare(config: RunConfig, session: Session) -> Setup:
                      config.train_in_memory_mb)
     return Setup(config, device, root, benchmark, tasks, strategy, model, stream, test_loaders, chance, amp,
                  {**amp.to_dict(), **accel}, in_memory, norm, probes, validation_loaders=validation_loaders,
-                 experiences=experiences, evaluation_sets={
-                     **{(k, TEST): test for k, test in enumerate(tests)},
-                     **{(k, VALIDATION): v for k, v in enumerate(validations) if v is not None}})
+                 experiences=experiences, evaluation_sets=evaluation_sets)
 
 
-def validation_sets(config: RunConfig, tasks: list[TaskData], device: torch.device
-                    ) -> tuple[list[Any], list[DataLoader | None]]:
-    """Each task's validation split (--val-fraction), its items kept after their first read, and its loader."""
+def validation_sets(config: RunConfig, tasks: list[TaskData], tests: list[Any], device: torch.device
+                    ) -> tuple[list[DataLoader | None], dict[tuple[int, str], Any]]:
+    """Each task's validation split (--val-fraction) as a loader, its items kept after their first read; and every
+    evaluation split's items by (task, split), which class-incremental views read from."""
     sets = [None if t.validation is None else cached_in_memory(t.validation, config.image_size) for t in tasks]
-    return sets, [None if v is None else loader(labelled(v, k), batch_size=EVAL_BATCH, shuffle=False, seed=config.seed,
-                                                device=device, workers=0) for k, v in enumerate(sets)]
+    loaders = [None if v is None else loader(labelled(v, k), batch_size=EVAL_BATCH, shuffle=False, seed=config.seed,
+                                             device=device, workers=0) for k, v in enumerate(sets)]
+    return loaders, {**{(k, TEST): test for k, test in enumerate(tests)},
+                     **{(k, VALIDATION): v for k, v in enumerate(sets) if v is not None}}
 
 
 @dataclass(frozen=True)

@@ -394,7 +394,7 @@ class RunConfig:
         setting gets a value for every task: the one given for it, else the one given for all, else its kind's
         default."""
         if self.protocol is not None:
-            protocol = load_protocol(self.protocol)
+            protocol = _load_protocol(self.protocol)
             if dict(self.tasks) not in ({k: k for k in KINDS}, protocol.task_settings) or \
                     self.order not in (TASK_NAMES, protocol.order):
                 raise ClbenchError(f"--protocol {self.protocol}: its file names the tasks and their order; leave "
@@ -444,7 +444,13 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 @functools.lru_cache(maxsize=32)
 def _protocol(name: str | None, tasks: tuple[tuple[str, str], ...], order: tuple[str, ...]) -> Protocol:
-    return load_protocol(name) if name is not None else one_per_task(dict(tasks), order)
+    return _load_protocol(name) if name is not None else one_per_task(dict(tasks), order)
+
+
+@functools.lru_cache(maxsize=32)
+def _load_protocol(name: str) -> Protocol:
+    """A benchmark file read once per process (a comparison builds many configurations from one)."""
+    return load_protocol(name)
 
 
 def parse_field(name: str, value: Any, source: str) -> Any:

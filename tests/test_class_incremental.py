@@ -66,9 +66,14 @@ def test_a_steps_training_images_and_labels_follow_its_mode(voc_root, mode):
             mask = set(chosen[k][1].unique().tolist())
             allowed = {0, 255} | current | (old if mode == "sequential" else set())
             assert mask <= allowed, (mode, step, mask)
-    if mode == "overlapped":   # an image of base and new classes joins the new step with its base pixels background
-        mixed = [stem for stem, present in labels.items() if present & new and present & set(range(1, 16))]
-        assert mixed
+    # an image holding base and new classes: overlapped puts it in the new step with its base pixels background,
+    # sequential and disjoint keep it too (its classes are all old or current), sequential with its base pixels kept
+    chosen = step_training_set(spec, train, 1)
+    stems = [p.stem for p in chosen.images]
+    mixed = next(stem for stem, present in labels.items() if present & new and present & set(range(1, 16)))
+    assert mixed in stems
+    mask = set(chosen[stems.index(mixed)][1].unique().tolist())
+    assert bool(mask & set(range(1, 16))) == (mode == "sequential")
 
 
 def test_detection_steps_keep_only_their_boxes(voc_root):
