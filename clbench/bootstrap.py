@@ -17,8 +17,10 @@ interval is *paired*: the drop computed resample by resample.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +38,22 @@ class Bootstrap:
 
     resamples: int
     seed: int = 0
+    images: tuple[tuple[int, ...], int] | None = None   # a subset: (positions in the whole set, its size)
 
     def counts(self, n: int) -> np.ndarray:
-        return resample_counts(n, self.resamples, self.seed)
+        """(resamples, n) draws of n images; for a subset, the whole set's draws at the subset's positions, so an
+        image is drawn equally often in every view of the set that holds it (drops stay paired when the images
+        evaluated change between stages, as a class-incremental task's do)."""
+        if self.images is None:
+            return resample_counts(n, self.resamples, self.seed)
+        positions, total = self.images
+        if len(positions) != n:
+            raise ValueError(f"bootstrap: {n} images evaluated, but the subset has {len(positions)}")
+        return resample_counts(total, self.resamples, self.seed)[:, list(positions)]
+
+    def subset(self, positions: Sequence[int], total: int) -> "Bootstrap":
+        """The same draws restricted to the images at ``positions`` of a set of ``total``."""
+        return dataclasses.replace(self, images=(tuple(int(p) for p in positions), int(total)))
 
     def to_dict(self) -> dict[str, Any]:
         return {"resamples": self.resamples, "seed": self.seed, "level": LEVEL,
@@ -66,20 +81,24 @@ def interval(values: np.ndarray) -> tuple[float, float]:
 
 
 def top1(hits: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per resample: the weighted share of hits."""
-    return counts @ np.asarray(hits, dtype=np.float64) / counts.sum(1)
+    """Per resample: the weighted share of hits (NaN where a resample draws none of the images)."""
+    drawn = counts.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(drawn > 0, counts @ np.asarray(hits, dtype=np.float64) / np.where(drawn > 0, drawn, 1),
+                        np.nan)
 
 
-def miou(confusions: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def miou(confusions: np.ndarray, counts: np.ndarray, members: Sequence[int] | None = None) -> np.ndarray:
     """Per resample: mIoU of the summed (N, C, C) per-image confusion matrices (a class absent from ground truth
-    and prediction left out, as ``clbench.metrics.iou_from_confusion``)."""
+    and prediction left out, as ``clbench.metrics.iou_from_confusion``); over the classes ``members`` only when
+    given (a class group's mIoU)."""
     total = np.einsum("bn,ncd->bcd", counts.astype(np.float64), np.asarray(confusions, dtype=np.float64))
     inter = np.diagonal(total, axis1=1, axis2=2)
     union = total.sum(1) + total.sum(2) - inter
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # a resample with no class present: NaN, left out
         iou = np.where(union > 0, inter / np.where(union > 0, union, 1), np.nan)
-        return np.nanmean(iou, axis=1)
+        return np.nanmean(iou if members is None else iou[:, list(members)], axis=1)
 
 
 @dataclass(frozen=True)
@@ -88,6 +107,7 @@ class CocoPieces:
     image, match per IoU threshold and ignore flag, and per image the count of ground truth not ignored."""
 
     categories: list[dict[str, np.ndarray]]
+    category_ids: tuple[int, ...] = ()   # the category id of each entry of ``categories``
 
     @classmethod
     def evaluate(cls, gt: dict[str, Any], detections: list[dict[str, Any]]) -> "CocoPieces":
@@ -110,14 +130,18 @@ class CocoPieces:
                                 [_positives_without_detections(gt, category, i) for i in image_ids] if not detections
                                 else None)
                       for k, category in enumerate(evaluator.params.catIds)]
-        return cls(categories)
+        return cls(categories, tuple(int(c) for c in evaluator.params.catIds))
 
-    def map(self, counts: np.ndarray, chunk: int = 64) -> np.ndarray:
-        """Per resample (a row of ``counts``): mAP@[.5:.95], COCO's accumulate + summarize on the drawn images.
-        Vectorised over resamples, ``chunk`` at a time."""
+    def map(self, counts: np.ndarray, chunk: int = 64, category_ids: Sequence[int] | None = None) -> np.ndarray:
+        """Per resample (a row of ``counts``): mAP@[.5:.95], COCO's accumulate + summarize on the drawn images;
+        over the categories ``category_ids`` only when given (a class group's mAP). Vectorised over resamples,
+        ``chunk`` at a time."""
         counts = np.asarray(counts, dtype=np.float64)
         total, seen = np.zeros(len(counts)), np.zeros(len(counts))
-        for category in self.categories:
+        chosen = None if category_ids is None else set(category_ids)
+        for category_id, category in zip(self.category_ids, self.categories):
+            if chosen is not None and category_id not in chosen:
+                continue
             for start in range(0, len(counts), chunk):
                 part = counts[start:start + chunk]
                 sums, present = self._precision_sums(category, part)
@@ -193,14 +217,19 @@ def _positives_without_detections(gt: dict[str, Any], category_id: int, image_id
                and not a.get("iscrowd", 0))
 
 
-def resampled_metric(kind: str, pieces: Any, counts: np.ndarray) -> np.ndarray:
-    """The primary metric of a task kind per resample, from its per-image pieces (hits, confusion matrices, or
-    ``CocoPieces``)."""
+def resampled_metric(kind: str, pieces: Any, counts: np.ndarray, members: Sequence[int] | None = None) -> np.ndarray:
+    """The primary metric of a task kind per resample, from its per-image pieces (``(hits, labels)``, confusion
+    matrices, or ``CocoPieces``); with ``members``, over those classes only (top-1: on the images of those classes;
+    mIoU: the mean IoU of those classes; mAP: the mean AP of those categories, given as category ids)."""
     if kind == "cls":
-        return top1(pieces, counts)
+        hits, labels = pieces
+        if members is None:
+            return top1(hits, counts)
+        chosen = np.isin(labels, list(members))
+        return top1(np.asarray(hits)[chosen], counts[:, chosen])
     if kind == "seg":
-        return miou(pieces, counts)
-    return pieces.map(counts)
+        return miou(pieces, counts, members)
+    return pieces.map(counts, category_ids=members)
 
 
 def stack_confusions(confusions: list[torch.Tensor]) -> np.ndarray:

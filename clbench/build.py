@@ -134,9 +134,10 @@ class Setup:
             items = labelled(Viewed(self.evaluation_sets[index, split], view), index)
             groups = {group_name(g): (g, group_support(spec, present, view, g))
                       for g in class_groups(spec.class_steps, step)}
+            images = None if view.indices is None else (view.indices, len(self.evaluation_sets[index, split]))
             self.views[key] = View(loader(items, batch_size=EVAL_BATCH, shuffle=False, seed=self.config.seed,
                                           device=self.device, workers=0), view.coco if spec.kind == "det" else None,
-                                   seen, groups)
+                                   seen, groups, images)
         return self.views[key]
 
     def training_data(self) -> dict[str, dict[str, Any]]:
@@ -216,12 +217,14 @@ class Experience:
 @dataclass(frozen=True)
 class View:
     """A task's evaluation as a stage sees it: batches, COCO ground truth, the classes seen (None: all) and the class
-    groups reported beside the primary metric (name -> (classes, n images holding one))."""
+    groups reported beside the primary metric (name -> (classes, n images holding one)), and which of the split's
+    images it evaluates (None: all; bootstrap draws follow the images, so intervals stay paired across stages)."""
 
     batches: DataLoader
     coco: dict[str, Any] | None
     classes: tuple[int, ...] | None = None
     groups: dict[str, tuple[tuple[int, ...], int]] | None = None
+    images: tuple[tuple[int, ...], int] | None = None   # a subset of the split: (its positions, the split's size)
 
 
 def experiences_of(config: RunConfig, tasks: list[TaskData]) -> tuple[list[TaskData], list[Experience]]:

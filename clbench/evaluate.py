@@ -31,7 +31,8 @@ class TaskEval:
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)   # metric → class name → value
     detections: list[dict[str, Any]] | None = None
     pieces: Any = None                   # per-image pieces of the primary metric (``clbench.bootstrap``)
-    resampled: np.ndarray | None = None  # the primary metric per bootstrap resample (with a ``Bootstrap``)
+    resampled: dict[str, np.ndarray] | None = None  # metric -> its values per bootstrap resample (with a
+    #                                                  ``Bootstrap``): the primary metric and its class groups
 
 
 @torch.inference_mode()
@@ -41,19 +42,21 @@ def evaluate_task(model: nn.Module, task: TaskSpec, batches: Iterable, device: t
                   groups: dict[str, tuple[tuple[int, ...], int]] | None = None) -> TaskEval:
     """Primary and secondary metrics of ``task``, served with ``state`` (a strategy's ``evaluation_state``)
     loaded into the model for the duration; the model is left in eval mode. With ``bootstrap``, the primary metric
-    per resample of the images too (``TaskEval.resampled``). A class-incremental task (DESIGN.md §8): ``classes``
-    the classes seen so far (the others never predicted), ``groups`` name -> (classes, n images holding one): the
-    primary metric over each group's classes too, as ``metric[name]``."""
+    and each class group's per resample of the images too (``TaskEval.resampled``). A class-incremental task
+    (DESIGN.md §8): ``classes`` the classes seen so far (the others never predicted), ``groups`` name -> (classes,
+    n images holding one): the primary metric over each group's classes too, as ``metric[name]``."""
     model.eval()
     with swapped_state(model, state):
         result = _evaluate(model, task, batches, device, coco_gt, classes)
     for name, (members, support) in (groups or {}).items():
         result.metrics[f"{task.metric}[{name}]"] = (group_value(task, result, members), support)
     if bootstrap is not None and bootstrap.resamples:
-        pieces = CocoPieces.evaluate(coco_gt, result.detections or []) if task.kind == "det" else \
-            result.pieces[0] if task.kind == "cls" else result.pieces
-        n = result.metrics[task.metric][1]
-        result.resampled = resampled_metric(task.kind, pieces, bootstrap.counts(n))
+        pieces = CocoPieces.evaluate(coco_gt, result.detections or []) if task.kind == "det" else result.pieces
+        counts = bootstrap.counts(result.metrics[task.metric][1])
+        result.resampled = {task.metric: resampled_metric(task.kind, pieces, counts)}
+        for name, (members, _) in (groups or {}).items():
+            chosen = [task.category_ids[c] for c in members] if task.kind == "det" else members
+            result.resampled[f"{task.metric}[{name}]"] = resampled_metric(task.kind, pieces, counts, chosen)
     result.pieces = None
     return result
 

@@ -25,6 +25,7 @@ from clbench.recorder import (
     read_bootstrap,
     read_chance,
     read_curve,
+    read_per_class,
     read_resources,
     read_rows,
     read_tasks,
@@ -159,7 +160,8 @@ class ComparisonData:
         missing = [cell for cell, _ in cells or [] if cell not in done]
         joint = [read_rows(d) for d in finished_runs(path, "bounds")]
         joint_rows = group_tasks(pd.concat(joint, ignore_index=True), runs[0].class_tasks)[0] if joint else None
-        return cls(path, settings, runs, runs[0].tasks, _references(path), joint_rows, labels, missing,
+        return cls(path, settings, runs, runs[0].tasks, _references(path, TEST, runs[0].class_tasks), joint_rows,
+                   labels, missing,
                    _json(path / "failed.json", []), pd.concat([r.rows for r in runs], ignore_index=True),
                    pd.concat([r.validation for r in runs], ignore_index=True), _references(path, VALIDATION))
 
@@ -231,16 +233,40 @@ def load(folder: Path) -> Folder:
     raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
 
 
-def _references(folder: Path, split: str = TEST) -> dict[int, dict[str, float]]:
-    """seed -> task -> the single-task reference run's final primary metric on ``split``."""
+def _references(folder: Path, split: str = TEST, class_tasks: list[TaskSpec] = ()) -> dict[int, dict[str, float]]:
+    """seed -> task -> the single-task reference run's final primary metric on ``split``; for a class-incremental
+    task (``class_tasks``: the tasks as written) each class group's too, under its group task's name."""
+    incremental = {t.name: t for t in class_tasks if t.incremental}
     out: dict[int, dict[str, float]] = {}
     for d in finished_runs(folder, "reference"):
         rows = read_rows(d, split)
         if rows.empty:
             continue
         task = read_tasks(d, rows)[0]
-        final = rows[(rows.stage == rows.stage.max()) & (rows.eval_task == task.name) & (rows.metric == task.metric)]
-        out.setdefault(int(rows["seed"].iloc[0]), {})[task.name] = float(final["value"].iloc[0])
+        stage = int(rows.stage.max())
+        final = rows[(rows.stage == stage) & (rows.eval_task == task.name) & (rows.metric == task.metric)]
+        seed = out.setdefault(int(rows["seed"].iloc[0]), {})
+        seed[task.name] = float(final["value"].iloc[0])
+        if task.name in incremental and split == TEST:
+            seed.update(group_references(d, stage, incremental[task.name]))
+    return out
+
+
+def group_references(run_dir: Path, stage: int, task: TaskSpec) -> dict[str, float]:
+    """A class-incremental task's groups on a run that trained the task on every class at once (its single-task
+    reference): each group's mean IoU (AP) of its classes after ``stage``, from per_class.csv, as a group row's
+    value is computed (DESIGN.md §8). Classification groups have none: top-1 on a group's images is not in
+    per_class.csv."""
+    if task.kind == "cls":
+        return {}
+    table = read_per_class(run_dir)
+    chosen = table[(table.stage == stage) & (table.eval_task == task.name)
+                   & (table.metric == ("IoU" if task.kind == "seg" else "AP"))]
+    value = dict(zip(chosen["class"], chosen["value"].astype(float)))
+    out = {}
+    for step in task.steps:
+        members = [v for v in (value.get(task.classes[c], math.nan) for c in step) if not math.isnan(v)]
+        out[f"{task.name}[{group_name(step)}]"] = float(np.mean(members)) if members else math.nan
     return out
 
 

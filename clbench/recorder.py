@@ -158,14 +158,14 @@ class Recorder:
     def add_evaluation(self, stage: int, stage_task: str, task: TaskSpec, result: TaskEval, split: str = TEST) -> None:
         """A task's evaluation: its metrics (on ``split``); per-class values and predictions of the test set."""
         base = {**self.row_base(stage, stage_task), "eval_task": task.name}
-        low, high = interval(result.resampled) if result.resampled is not None else (math.nan, math.nan)
+        resampled = result.resampled or {}
         self._pending["rows"] += [{**base, "split": split, "metric": metric, "value": value,
-                                   "direction": task.direction, "n": n, "ci_low": low if metric == task.metric else
-                                   math.nan, "ci_high": high if metric == task.metric else math.nan}
+                                   "direction": task.direction, "n": n,
+                                   **dict(zip(("ci_low", "ci_high"), interval(resampled[metric]) if metric in resampled
+                                              else (math.nan, math.nan)))}
                                   for metric, (value, n) in result.metrics.items()]
-        if result.resampled is not None:
-            self._pending["bootstrap"].append({**base, "split": split, "metric": task.metric, "values": " ".join(
-                f"{v:.6g}" for v in result.resampled)})
+        self._pending["bootstrap"] += [{**base, "split": split, "metric": metric, "values": " ".join(
+            f"{v:.6g}" for v in values)} for metric, values in resampled.items()]
         if split != TEST:
             return
         self._pending["per_class"] += [{**base, "class": name, "metric": metric, "value": value}
@@ -291,6 +291,14 @@ def read_bn_drift(run_dir: Path) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame(columns=list(BN_COLUMNS))
     return read_table(path, BN_COLUMNS, ("stage", "reference_stage", "distance"), "BN-drift table")
+
+
+def read_per_class(run_dir: Path) -> pd.DataFrame:
+    """per_class.csv of a run (empty when it has none), checked like metrics.csv."""
+    path = Path(run_dir) / "per_class.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=list(PER_CLASS_COLUMNS))
+    return read_table(path, PER_CLASS_COLUMNS, ("stage", "value"), "per-class table")
 
 
 def read_bootstrap(run_dir: Path) -> pd.DataFrame:

@@ -260,6 +260,8 @@ def serve(setup: Setup, index: int, stage: int, extra: dict[str, torch.Tensor] |
     view = setup.view(index, stage, split)
     batches, coco = (probe.loader, probe.coco_gt) if probe else (view.batches, view.coco)
     bootstrap = setup.bootstrap if probe is None and extra is None else None   # intervals of the recorded values
+    if bootstrap is not None and view.images is not None:
+        bootstrap = bootstrap.subset(*view.images)
     return evaluate_task(setup.model, task.spec, batches, setup.device, coco, state, bootstrap, view.classes,
                          None if probe else view.groups)
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clbench.bootstrap import CocoPieces, interval, miou, resample_counts, top1
+from clbench.bootstrap import Bootstrap, CocoPieces, interval, miou, resample_counts, resampled_metric, top1
 from clbench.config import resolve
 from clbench.drop import change_within_noise, near_chance
 from clbench.metrics import coco_evaluation, iou_from_confusion
@@ -79,6 +79,38 @@ def test_coco_map_per_resample_equals_cocos_own_map_on_the_drawn_images():
     for counts in resample_counts(len(gt["images"]), 20, seed=2):
         assert pieces.map(counts[None])[0] == pytest.approx(coco_evaluation(*drawn(gt, dets, counts))[0]["mAP"],
                                                           abs=1e-12)
+
+
+def test_a_class_groups_metric_per_resample_equals_a_direct_computation_on_the_drawn_images():
+    """Top-1 on the group's images, the mean IoU of the group's classes, the mean AP of its categories."""
+    draws = resample_counts(20, 15, seed=2)
+    hits, labels = np.array([1.0, 0.0] * 10), np.arange(20) % 4
+    expected = [np.mean([h for h, y, k in zip(hits, labels, row) if y in (1, 3) for _ in range(k)] or [np.nan])
+                for row in draws]
+    assert resampled_metric("cls", (hits, labels), draws, (1, 3)) == pytest.approx(expected, abs=1e-12, nan_ok=True)
+    confusions = torch.randint(0, 20, (20, 4, 4), generator=torch.Generator().manual_seed(3))
+    confusions[:, 3] = 0
+    confusions[:, :, 3] = 0   # class 3 never present: left out of its group's mean
+    group = [float(np.nanmean(np.array(iou_from_confusion(sum(int(k) * confusions[i] for i, k in enumerate(row)))[1])
+                              [[1, 3]])) for row in draws]
+    assert resampled_metric("seg", confusions.numpy(), draws, (1, 3)) == pytest.approx(group, abs=1e-12)
+    gt, dets = coco_case()
+    pieces = CocoPieces.evaluate(gt, dets)
+    for row in draws[:4]:
+        per_category = coco_evaluation(*drawn(gt, dets, row))[1]
+        assert pieces.map(row[None], category_ids=(1, 7))[0] == pytest.approx(
+            np.nanmean([per_category[1], per_category[7]]), abs=1e-12)
+
+
+def test_a_subsets_draws_are_the_whole_sets_draws_at_its_images():
+    """A class-incremental view evaluates some of a split's images; each image is drawn as often as in the whole
+    set, so the same resample at two stages draws the same images (the drop stays paired)."""
+    whole = Bootstrap(30, seed=1)
+    sub = whole.subset([0, 2, 5], 8)
+    assert np.array_equal(sub.counts(3), whole.counts(8)[:, [0, 2, 5]])
+    assert np.array_equal(sub.subset([5], 8).counts(1), sub.counts(3)[:, [2]])
+    with pytest.raises(ValueError, match="subset has 3"):
+        sub.counts(4)
 
 
 def test_coco_map_without_detections_is_zero_in_every_resample_with_ground_truth():

@@ -21,10 +21,12 @@ from clbench import ClbenchError
 from clbench.benchmarks import load_task
 from clbench.benchmarks.steps import step_training_set
 from clbench.benchmarks.synthetic import SynthSpec, generate
+from clbench.bootstrap import interval
 from clbench.config import RunConfig, resolve
+from clbench.drop import change_within_noise
 from clbench.incremental import MASKED, restrict_logits
-from clbench.reader import RunData
-from clbench.recorder import read_rows
+from clbench.reader import RunData, load
+from clbench.recorder import read_bootstrap, read_rows
 from clbench.run import run
 
 VOC21 = SynthSpec(seed=0, n_train=30, n_val=12, min_side=40, max_side=56, variant="voc21")
@@ -143,7 +145,14 @@ def test_the_tables_apply_every_definition_per_class_group(overlapped_run):
     table, _ = run_table(data.rows, data.tasks)
     base = table[table.Task.str.startswith("seg[0-15]")].iloc[0]
     expected = 100 * (get(2, "mIoU[0-15]") - get(1, "mIoU[0-15]")) / get(1, "mIoU[0-15]")
-    assert base["Drop (%)"] == f"{expected:+.2f}%"
+    # group rows carry their own bootstrap values and interval, and the drop's noise flag is read from them
+    boot = read_bootstrap(overlapped_run)
+    drawn = {s: np.array(boot[(boot.stage == s) & (boot.metric == "mIoU[0-15]") & (boot.split == "test")]
+                         ["values"].iloc[0].split(), dtype=np.float64) for s in (1, 2)}
+    row = written[(written.stage == 2) & (written.metric == "mIoU[0-15]")].iloc[0]
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(interval(drawn[2]), abs=1e-5)
+    noise = change_within_noise(drawn[1], drawn[2])
+    assert base["Drop (%)"] == f"{expected:+.2f}%" + (" (within noise)" if noise else "")
     assert "trained last" in table[table.Task.str.startswith("seg[16-20]")].iloc[0]["Drop (%)"]
     papers, note = class_group_table(data.by_class, data.class_tasks)
     row = papers.iloc[0]
@@ -178,14 +187,28 @@ def yaml_config(folder: Path) -> dict:
 
 def test_a_comparison_on_a_detection_protocol_prints_the_papers_table(voc_root, tmp_path):
     out = subprocess.run([sys.executable, "-m", "clbench", "compare", "--protocol", "coco-5+5", "--strategies",
-                          "naive,lwf", "--seeds", "0", "--bounds", "joint", "--bootstrap", "0", "--out", str(tmp_path),
-                          "--name", "c", *[f"--{k.replace('_', '-')}={v}" for k, v in tiny_settings(voc_root).items()]],
+                          "naive,lwf", "--seeds", "0", "--bounds", "joint", "--reference", "single-task",
+                          "--bootstrap", "0", "--out", str(tmp_path), "--name", "c",
+                          *[f"--{k.replace('_', '-')}={v}" for k, v in tiny_settings(voc_root).items()]],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "det[0-4]" in out.stdout and "det[5-9]" in out.stdout
     assert "| Detection mAP@[.5:.95] | naive" in out.stdout
     joint = read_rows(tmp_path / "c" / "bounds" / "joint-seed0")
     assert set(joint[joint.stage == 1].metric) >= {"mAP", "mAP[0-4]", "mAP[5-9]"}   # every class at once
+    # drop vs single-task per group: the reference trained every class at once; its group value is the mean AP of
+    # the group's categories, read here straight from its per_class.csv
+    per_class = pd.read_csv(tmp_path / "c" / "reference" / "det-seed0" / "per_class.csv")
+    final = per_class[(per_class.stage == per_class.stage.max()) & (per_class.metric == "AP")]
+    names = json.loads((tmp_path / "c" / "reference" / "det-seed0" / "tasks.json").read_text())[0]["classes"]
+    ap = dict(zip(final["class"], final["value"]))
+    data = load(tmp_path / "c")
+    for group, members in (("det[0-4]", range(5)), ("det[5-9]", range(5, 10))):
+        values = [ap[names[c]] for c in members if not math.isnan(ap[names[c]])]
+        assert data.references[0][group] == pytest.approx(np.mean(values), abs=1e-12)
+    table = subprocess.run([sys.executable, "-m", "clbench", "table", str(tmp_path / "c"), "--definition",
+                            "reference"], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "Drop vs single-task" in table.stdout, table.stderr[-2000:]
 
 
 def test_protocol_errors():
