@@ -94,6 +94,10 @@ class Setup:
         """The last stage that trains task ``index``."""
         return max(stage for stage, e in enumerate(self.experiences, start=1) if e.task == index)
 
+    def step_stage(self, index: int, step: int) -> int:
+        """The stage that trains task ``index``'s class step ``step``."""
+        return next(stage for stage, e in enumerate(self.experiences, start=1) if e.task == index and e.step == step)
+
     def seen_step(self, index: int, stage: int) -> int:
         """Which of task ``index``'s class steps it has reached after stage ``stage`` (its first before any)."""
         return max((e.step for e in self.experiences[:stage] if e.task == index), default=0)

@@ -5,6 +5,7 @@ a runner). The per-file readers it builds on are ``clbench.recorder``'s (``read_
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -92,10 +93,10 @@ def group_tasks(rows: pd.DataFrame, tasks: list[TaskSpec]) -> tuple[pd.DataFrame
                                           mode=None, category_ids=tuple(task.category_ids[c] for c in step)
                                           if task.category_ids else ())
                       for name, step in zip(names, task.steps)]
-        for name, step in zip(names, task.steps):
-            chosen = (rows["eval_task"] == task.name) & (rows["metric"] == f"{task.metric}[{group_name(step)}]")
+        for (name, step), suffix in itertools.product(zip(names, task.steps), ("", "_own_bn")):
+            chosen = (rows["eval_task"] == task.name) & (rows["metric"] == f"{task.metric}[{group_name(step)}]{suffix}")
             rows.loc[chosen, "eval_task"] = name
-            rows.loc[chosen, "metric"] = task.metric
+            rows.loc[chosen, "metric"] = task.metric + suffix
         rows = rows[rows["eval_task"] != task.name]
     rows["stage_task"] = rows["stage"].map(renamed).where(rows["stage"] > 0, rows["stage_task"])
     return rows.reset_index(drop=True), out_tasks

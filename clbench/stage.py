@@ -20,6 +20,7 @@ from clbench.costs import StageCost
 from clbench.curve import due
 from clbench.evaluate import TaskEval, evaluate_task
 from clbench.freezing import batchnorm_state
+from clbench.incremental import group_name
 from clbench.loop import StageSettings, task_loss, train_stage
 from clbench.memory import MemoryLoader
 from clbench.recorder import Recorder, StageResources
@@ -230,16 +231,16 @@ def classes_seen(setup: Setup, stage: int) -> dict[str, Any]:
 
 
 def evaluate_all(recorder: Recorder, setup: Setup, *, stage: int, stage_task: str,
-                 seen_after: int | None = None) -> dict[str, tuple[float, int]]:
+                 seen_after: int | None = None) -> dict[str, dict[str, tuple[float, int]]]:
     """Every task's metrics into the recorder, on its test set and (``--val-fraction``) its validation split;
-    returns each task's primary (value, n) on the test set. ``seen_after``: evaluate class-incremental tasks with
-    the classes seen after that stage (default ``stage``; the joint bound: the last)."""
-    primary, validation_seconds = {}, 0.0
+    returns each task's metrics (metric -> (value, n)) on the test set. ``seen_after``: evaluate class-incremental
+    tasks with the classes seen after that stage (default ``stage``; the joint bound: the last)."""
+    metrics, validation_seconds = {}, 0.0
     seen_after = stage if seen_after is None else seen_after
     for index, task in enumerate(setup.tasks):
         result = serve(setup, index, seen_after)
         recorder.add_evaluation(stage, stage_task, task.spec, result)
-        primary[task.spec.name] = result.metrics[task.spec.metric]
+        metrics[task.spec.name] = result.metrics
         if task.validation is not None:
             start = time.perf_counter()
             recorder.add_evaluation(stage, stage_task, task.spec, serve(setup, index, seen_after, split=VALIDATION),
@@ -247,7 +248,7 @@ def evaluate_all(recorder: Recorder, setup: Setup, *, stage: int, stage_task: st
             validation_seconds += time.perf_counter() - start
     if stage in recorder.resources.stages:
         recorder.resources.stages[stage].validation_seconds = validation_seconds
-    return primary
+    return metrics
 
 
 def serve(setup: Setup, index: int, stage: int, extra: dict[str, torch.Tensor] | None = None,
@@ -271,24 +272,39 @@ def evaluation_states(setup: Setup) -> dict[str, dict[str, torch.Tensor]]:
     return {t.name: dict(setup.strategy.evaluation_state(setup.model, t) or {}) for t in setup.specs}
 
 
+def attribute_bn(recorder: Recorder, audit: BatchNormAudit, setup: Setup, stage: int, stage_task: str,
+                 metrics: dict[str, dict[str, tuple[float, int]]]) -> None:
+    """After the last stage: each task's primary metric (a class-incremental task: each class group's) again with
+    the BN statistics of the stage that trained it, its ``_own_bn`` row, where that stage is an earlier one."""
+    states = evaluation_states(setup)
+    for index, task in enumerate(setup.specs):
+        served = {**batchnorm_state(setup.model), **states[task.name]}
+        for metric, own_stage in own_stages(setup, index):
+            if own_stage == stage:
+                continue
+            value, n = audit.own_bn_metric(setup.model, own_stage, metrics[task.name][metric], served,
+                                           lambda own, i=index, m=metric: serve(setup, i, stage, own).metrics[m])
+            recorder.add_metric(stage, stage_task, task, f"{metric}_own_bn", value, n)
+
+
+def own_stages(setup: Setup, index: int) -> list[tuple[str, int]]:
+    """(metric, the stage that trained it) of task ``index``: its primary metric and its last stage, or for a
+    class-incremental task each group's metric and the stage that introduced the group."""
+    task = setup.specs[index]
+    if not task.incremental:
+        return [(task.metric, setup.own_stage(index))]
+    return [(f"{task.metric}[{group_name(step)}]", setup.step_stage(index, k)) for k, step in enumerate(task.steps)]
+
+
 def evaluate_stage(recorder: Recorder, audit: BatchNormAudit, setup: Setup, stage: int) -> None:
     """After a stage: every task evaluated, BN drift audited (and attributed after the last stage); timed."""
     stage_task = setup.stage_task(stage).name
     start_time = time.perf_counter()
-    primary = evaluate_all(recorder, setup, stage=stage, stage_task=stage_task)
+    metrics = evaluate_all(recorder, setup, stage=stage, stage_task=stage_task)
     audit_start = time.perf_counter()
     for reference_stage, drift in audit.record(setup.model, stage):
         recorder.add_bn_drift(stage, stage_task, reference_stage, drift)
     if stage == len(setup.experiences):
-        states = evaluation_states(setup)
-        for index, task in enumerate(setup.specs):
-            own_stage = setup.own_stage(index)
-            if own_stage == stage:
-                continue
-            served = {**batchnorm_state(setup.model), **states[task.name]}
-            value, n = audit.own_bn_metric(
-                setup.model, own_stage, primary[task.name], served,
-                lambda own, i=index: serve(setup, i, stage, own).metrics[setup.specs[i].metric])
-            recorder.add_metric(stage, stage_task, task, f"{task.metric}_own_bn", value, n)
+        attribute_bn(recorder, audit, setup, stage, stage_task, metrics)
     resources = recorder.resources.stages[stage]
     resources.eval_seconds, resources.bn_audit_seconds = audit_start - start_time, time.perf_counter() - audit_start

@@ -141,7 +141,7 @@ def test_the_tables_apply_every_definition_per_class_group(overlapped_run):
     assert [t.name for t in data.tasks] == ["seg[0-15]", "seg[16-20]"]
     written = data.by_class[data.by_class.eval_task == "seg"]
     get = lambda s, m: float(written[(written.stage == s) & (written.metric == m)]["value"].iloc[0])  # noqa: E731
-    from clbench.report import class_group_table, run_table
+    from clbench.report import BN_COLUMN, class_group_table, run_table
     table, _ = run_table(data.rows, data.tasks)
     base = table[table.Task.str.startswith("seg[0-15]")].iloc[0]
     expected = 100 * (get(2, "mIoU[0-15]") - get(1, "mIoU[0-15]")) / get(1, "mIoU[0-15]")
@@ -154,6 +154,14 @@ def test_the_tables_apply_every_definition_per_class_group(overlapped_run):
     noise = change_within_noise(drawn[1], drawn[2])
     assert base["Drop (%)"] == f"{expected:+.2f}%" + (" (within noise)" if noise else "")
     assert "trained last" in table[table.Task.str.startswith("seg[16-20]")].iloc[0]["Drop (%)"]
+    # BN attribution per group: the base group served at the end with stage 1's BN statistics (its own stage's);
+    # the added group was trained last and has none
+    own_bn = data.rows[(data.rows.eval_task == "seg[0-15]") & (data.rows.metric == "mIoU_own_bn")]
+    assert own_bn.stage.tolist() == [2]
+    assert data.rows[(data.rows.eval_task == "seg[16-20]") & (data.rows.metric == "mIoU_own_bn")].empty
+    own = float(own_bn["value"].iloc[0])
+    assert base[BN_COLUMN] == (f"{100 * (get(2, 'mIoU[0-15]') - own):+.2f} / "
+                               f"{100 * (own - get(1, 'mIoU[0-15]')):+.2f}")
     papers, note = class_group_table(data.by_class, data.class_tasks)
     row = papers.iloc[0]
     assert row.filter(like="0-15").iloc[0] == f"{get(2, 'mIoU[0-15]'):.3f}"
