@@ -13,7 +13,7 @@ from torch import nn
 from clbench.bootstrap import Bootstrap, CocoPieces, resampled_metric, stack_confusions
 from clbench.decode import boxes_to_original, decode_detections, seg_labels
 from clbench.freezing import swapped_state
-from clbench.incremental import restrict_logits
+from clbench.incremental import grouped, restrict_logits
 from clbench.metrics import chance_miou, chance_top1, coco_evaluation, confusion_matrix, iou_from_confusion, topk_correct
 from clbench.tasks import TaskSpec
 
@@ -48,15 +48,15 @@ def evaluate_task(model: nn.Module, task: TaskSpec, batches: Iterable, device: t
     model.eval()
     with swapped_state(model, state):
         result = _evaluate(model, task, batches, device, coco_gt, classes)
-    for name, (members, support) in (groups or {}).items():
-        result.metrics[f"{task.metric}[{name}]"] = (group_value(task, result, members), support)
+    for members, support in (groups or {}).values():
+        result.metrics[grouped(task.metric, members)] = (group_value(task, result, members), support)
     if bootstrap is not None and bootstrap.resamples:
         pieces = CocoPieces.evaluate(coco_gt, result.detections or []) if task.kind == "det" else result.pieces
         counts = bootstrap.counts(result.metrics[task.metric][1])
         result.resampled = {task.metric: resampled_metric(task.kind, pieces, counts)}
-        for name, (members, _) in (groups or {}).items():
+        for members, _ in (groups or {}).values():
             chosen = [task.category_ids[c] for c in members] if task.kind == "det" else members
-            result.resampled[f"{task.metric}[{name}]"] = resampled_metric(task.kind, pieces, counts, chosen)
+            result.resampled[grouped(task.metric, members)] = resampled_metric(task.kind, pieces, counts, chosen)
     result.pieces = None
     return result
 

@@ -116,6 +116,11 @@ def group_name(classes: Iterable[int]) -> str:
     return ",".join(str(c) for c in ordered)
 
 
+def grouped(name: str, classes: Iterable[int]) -> str:
+    """A task's or metric's name for one class group: ``mIoU[0-15]``, ``seg[16-20]``."""
+    return f"{name}[{group_name(classes)}]"
+
+
 MASKED = -1e4   # a logit no class reaches: its softmax share is 0 in float32, and 0 · log p stays finite
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 
 from clbench import ClbenchError
 from clbench.drop import DEFINITIONS
-from clbench.incremental import group_name
+from clbench.incremental import grouped
 from clbench.recorder import (
     Resources,
     read_bn_drift,
@@ -86,7 +87,7 @@ def group_tasks(rows: pd.DataFrame, tasks: list[TaskSpec]) -> tuple[pd.DataFrame
         if not task.incremental:
             out_tasks.append(task)
             continue
-        names = [f"{task.name}[{group_name(step)}]" for step in task.steps]
+        names = [grouped(task.name, step) for step in task.steps]
         for k, stage in enumerate(s for s in sorted(stage_task) if stage_task[s] == task.name):
             renamed[stage] = names[min(k, len(names) - 1)]
         out_tasks += [dataclasses.replace(task, name=name, classes=tuple(task.classes[c] for c in step), steps=(),
@@ -94,7 +95,7 @@ def group_tasks(rows: pd.DataFrame, tasks: list[TaskSpec]) -> tuple[pd.DataFrame
                                           if task.category_ids else ())
                       for name, step in zip(names, task.steps)]
         for (name, step), suffix in itertools.product(zip(names, task.steps), ("", "_own_bn")):
-            chosen = (rows["eval_task"] == task.name) & (rows["metric"] == f"{task.metric}[{group_name(step)}]{suffix}")
+            chosen = (rows["eval_task"] == task.name) & (rows["metric"] == grouped(task.metric, step) + suffix)
             rows.loc[chosen, "eval_task"] = name
             rows.loc[chosen, "metric"] = task.metric + suffix
         rows = rows[rows["eval_task"] != task.name]
@@ -234,7 +235,7 @@ def load(folder: Path) -> Folder:
     raise ClbenchError(f"{folder}: neither a run folder (metrics.csv) nor a comparison folder (compare.yaml)")
 
 
-def _references(folder: Path, split: str = TEST, class_tasks: list[TaskSpec] = ()) -> dict[int, dict[str, float]]:
+def _references(folder: Path, split: str = TEST, class_tasks: Sequence[TaskSpec] = ()) -> dict[int, dict[str, float]]:
     """seed -> task -> the single-task reference run's final primary metric on ``split``; for a class-incremental
     task (``class_tasks``: the tasks as written) each class group's too, under its group task's name."""
     incremental = {t.name: t for t in class_tasks if t.incremental}
@@ -267,7 +268,7 @@ def group_references(run_dir: Path, stage: int, task: TaskSpec) -> dict[str, flo
     out = {}
     for step in task.steps:
         members = [v for v in (value.get(task.classes[c], math.nan) for c in step) if not math.isnan(v)]
-        out[f"{task.name}[{group_name(step)}]"] = float(np.mean(members)) if members else math.nan
+        out[grouped(task.name, step)] = float(np.mean(members)) if members else math.nan
     return out
 
 

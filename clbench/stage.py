@@ -20,7 +20,7 @@ from clbench.costs import StageCost
 from clbench.curve import due
 from clbench.evaluate import TaskEval, evaluate_task
 from clbench.freezing import batchnorm_state
-from clbench.incremental import group_name
+from clbench.incremental import grouped
 from clbench.loop import StageSettings, task_loss, train_stage
 from clbench.memory import MemoryLoader
 from clbench.recorder import Recorder, StageResources
@@ -293,7 +293,7 @@ def own_stages(setup: Setup, index: int) -> list[tuple[str, int]]:
     task = setup.specs[index]
     if not task.incremental:
         return [(task.metric, setup.own_stage(index))]
-    return [(f"{task.metric}[{group_name(step)}]", setup.step_stage(index, k)) for k, step in enumerate(task.steps)]
+    return [(grouped(task.metric, step), setup.step_stage(index, k)) for k, step in enumerate(task.steps)]
 
 
 def evaluate_stage(recorder: Recorder, audit: BatchNormAudit, setup: Setup, stage: int) -> None:
